@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny models built from config, saved, and loaded back by path."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+from tests import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture
+def unet(tiny_dir):
+    return tiny.build_unet(tiny_dir / "unet")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_dir):
+    return tiny.write_clip_tokenizer(tiny_dir / "tokenizer")
+
+
+@pytest.fixture
+def text_encoder(tiny_dir, tokenizer):
+    return tiny.build_text_encoder(tiny_dir / "text_encoder", vocab_size=len(tokenizer))
+
+
+@pytest.fixture
+def scheduler(tiny_dir):
+    return tiny.build_scheduler(tiny_dir / "scheduler")
+
+
+@pytest.fixture
+def vae(tiny_dir):
+    return tiny.build_vae(tiny_dir / "vae")
+
+
+@pytest.fixture
+def pixart(tiny_dir):
+    return tiny.build_pixart(tiny_dir / "pixart")
+
+
+@pytest.fixture
+def sd3(tiny_dir):
+    return tiny.build_sd3(tiny_dir / "sd3")
+
+
+@pytest.fixture(scope="session")
+def sd_pipeline_path(tmp_path_factory):
+    """Folder of a tiny latent-space StableDiffusionPipeline (UNet, CLIP, tokenizer, DDPM, VAE)."""
+    return tiny.build_sd_pipeline(tmp_path_factory.mktemp("sdpipe"))
+
+
+@pytest.fixture(scope="session")
+def pixel_pipeline_path(tmp_path_factory):
+    """Folder of a tiny pixel-space StableDiffusionPipeline with no VAE (like the demo teacher)."""
+    return tiny.build_sd_pipeline(tmp_path_factory.mktemp("pixpipe"), with_vae=False)
