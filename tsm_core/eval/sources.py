@@ -1,0 +1,144 @@
+"""Where images come from: folders, webdataset shards, in-memory iterables and generator callables.
+
+Every source yields :class:`ImageItem` objects whose ``load()`` returns an H x W x 3 uint8 array, so
+decoding happens in the feature extractor's worker threads and a corrupt file fails in ``load()``,
+where the extractor can count it (or stop, as the caller chose).
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .preprocess import images_from_batch, to_rgb_uint8
+
+# The extensions clean-fid collects from a folder (cleanfid/utils.py), so both see the same files.
+EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp", "npy", "JPEG", "JPG", "PNG")
+# Keys that hold an image in a webdataset sample.
+SHARD_IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "ppm", "pgm")
+
+
+@dataclass
+class ImageItem:
+    """One image to evaluate: a display ``name`` and a ``load`` callable returning H x W x 3 uint8."""
+
+    name: str
+    load: Callable[[], np.ndarray]
+
+
+def list_image_files(folder: str | os.PathLike) -> list[str]:
+    """The image files under ``folder`` (recursive), sorted, exactly as clean-fid lists them.
+
+    Raises FileNotFoundError for a missing folder or one with no image files.
+    """
+    folder = str(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"Image folder {folder} does not exist (or is not a folder).")
+    files = sorted(
+        file for ext in EXTENSIONS for file in glob.glob(os.path.join(folder, f"**/*.{ext}"), recursive=True)
+    )
+    if not files:
+        raise FileNotFoundError(
+            f"No images found under {folder}: looked for files ending in {', '.join(sorted(set(EXTENSIONS)))} "
+            "(recursively). Point to the folder that holds the images."
+        )
+    return files
+
+
+def load_image_file(path: str) -> np.ndarray:
+    """Read one file the way clean-fid does: ``.npy`` with numpy, anything else via PIL ``convert('RGB')``."""
+    if ".npy" in path:
+        return to_rgb_uint8(np.load(path))
+    with Image.open(path) as img:
+        return np.array(img.convert("RGB"))
+
+
+def folder_items(folder: str | os.PathLike) -> list[ImageItem]:
+    """Items for every image file under ``folder``."""
+    return [ImageItem(path, lambda p=path: load_image_file(p)) for path in list_image_files(folder)]
+
+
+def iterable_items(images: Iterable, name: str = "image") -> Iterator[ImageItem]:
+    """Items for an iterable of PIL images or uint8 arrays (for example a built-in dataset)."""
+    for index, image in enumerate(images):
+        # (image, label) pairs from torchvision-style datasets: keep the image.
+        if isinstance(image, tuple) and len(image) >= 1 and not isinstance(image[0], (int, float)):
+            image = image[0]
+        yield ImageItem(f"{name}[{index}]", lambda im=image: to_rgb_uint8(im))
+
+
+def generator_items(generate: Callable[[int], object], n_images: int, batch_size: int) -> Iterator[ImageItem]:
+    """Items from ``generate(n)``, called with batch sizes that add up to ``n_images``.
+
+    ``generate(n)`` returns n images: uint8 N x H x W x 3, float N x 3 x H x W in [0, 1], or a list of
+    PIL images. It runs in the caller's thread (a model on the GPU should not be called from workers).
+    """
+    if n_images <= 0:
+        raise ValueError(f"n_images must be positive, got {n_images}.")
+    made = 0
+    while made < n_images:
+        want = min(batch_size, n_images - made)
+        images = images_from_batch(generate(want))
+        if len(images) != want:
+            raise ValueError(f"The generator returned {len(images)} images when asked for {want}.")
+        for image in images:
+            yield ImageItem(f"generated[{made}]", lambda im=image: im)
+            made += 1
+
+
+def _expand_shards(urls: str | os.PathLike | Iterable[str]) -> list[str]:
+    if isinstance(urls, (str, os.PathLike)):
+        urls = [str(urls)]
+    expanded: list[str] = []
+    for url in urls:
+        url = str(url)
+        if "{" in url or "://" in url:
+            expanded.append(url)  # brace patterns and remote URLs are webdataset's business
+            continue
+        matches = sorted(glob.glob(url)) if any(c in url for c in "*?[") else [url]
+        if not matches or not all(Path(m).is_file() for m in matches):
+            raise FileNotFoundError(f"Shard {url} does not exist. Give .tar files, a glob, or a brace pattern.")
+        expanded.extend(matches)
+    if not expanded:
+        raise FileNotFoundError("No shards given.")
+    return expanded
+
+
+def _decode_bytes(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        return np.array(img.convert("RGB"))
+
+
+def shard_items(urls, errors: list[tuple[str, str]] | None = None) -> Iterator[ImageItem]:
+    """Items for the images in webdataset shards (first image key of each sample).
+
+    A broken tar member or a sample with no image is recorded in ``errors`` (name, reason) when a list
+    is given, else raised as a ValueError.
+    """
+    import webdataset as wds
+
+    def handler(exn: Exception) -> bool:
+        if errors is None:
+            raise ValueError(f"Could not read shard data: {exn}") from exn
+        errors.append(("shard", repr(exn)))
+        return True  # continue with the next sample
+
+    dataset = wds.WebDataset(_expand_shards(urls), shardshuffle=False, handler=handler, empty_check=False)
+    for sample in dataset:
+        key = sample.get("__key__", "?")
+        name = f"{sample.get('__url__', 'shard')}:{key}"
+        data = next((sample[k] for k in SHARD_IMAGE_KEYS if k in sample), None)
+        if data is None:
+            reason = f"no image in sample (keys: {sorted(k for k in sample if not k.startswith('__'))})"
+            if errors is None:
+                raise ValueError(f"{name}: {reason}. Shards need a png/jpg/webp entry per sample.")
+            errors.append((name, reason))
+            continue
+        yield ImageItem(name, lambda d=data: _decode_bytes(d))
