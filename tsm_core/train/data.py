@@ -1,0 +1,354 @@
+"""Data sources shared by the trainers: prompt files, image-text folders, webdataset shards.
+
+Every image source yields ``{"pixel_values": (3, R, R) float tensor in [-1, 1], "text": str}``.
+Corrupt images are skipped and counted, never fatal: one bad file in a million must not stop a run.
+
+Where the counts live: a `ImageTextFolder` counts files it cannot open when it is built (``skipped``);
+files that open but fail to decode later, and every webdataset skip, are counted by the process that
+reads them. With ``DataLoader(num_workers > 0)`` those happen in worker processes, so each worker
+counts its own and logs a warning per skip; read the counter after iterating in-process to see totals.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import io
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+CAPTION_KEYS = ("text", "prompt", "caption")
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """Read prompts from a ``.txt`` file (one per line) or a ``.jsonl`` file (key "text", "prompt" or "caption").
+
+    Blank lines are ignored and prompts are stripped.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file has no prompts, or a JSON line is not an object with a caption key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    prompts: list[str] = []
+    if path.suffix.lower() == ".jsonl":
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+            text = _caption_of(row) if isinstance(row, dict) else None
+            if text is None:
+                raise ValueError(f"{path}:{n}: expected an object with one of the keys {list(CAPTION_KEYS)}")
+            if text.strip():
+                prompts.append(text.strip())
+    else:
+        prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {path} has no prompts (expected one per line, or JSON lines with 'text')")
+    return prompts
+
+
+def _caption_of(row: dict) -> str | None:
+    for key in CAPTION_KEYS:
+        if isinstance(row.get(key), str):
+            return row[key]
+    return None
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def image_transform(resolution: int, center_crop: bool = True, random_flip: bool = False) -> Callable:
+    """PIL image -> (3, R, R) tensor in [-1, 1]: resize the short side to R, crop (center or random), flip.
+
+    The same preprocessing as diffusers' text-to-image training scripts.
+    """
+    from torchvision import transforms
+
+    if not isinstance(resolution, int) or resolution <= 0:
+        raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
+    steps = [
+        transforms.Lambda(_to_rgb),
+        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
+        transforms.CenterCrop(resolution) if center_crop else transforms.RandomCrop(resolution),
+    ]
+    if random_flip:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Normalize([0.5], [0.5])]
+    return transforms.Compose(steps)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    # A module-level function (not a lambda) so transforms pickle into DataLoader workers.
+    return im.convert("RGB")
+
+
+def _open_rgb(source: str | os.PathLike | bytes) -> Image.Image:
+    """Fully decode an image (``Image.open`` is lazy; ``load`` finds truncated data)."""
+    im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    im.load()
+    return im.convert("RGB")
+
+
+# --------------------------------------------------------------------------- skip counting
+
+
+@dataclass
+class SkipCounter:
+    """How many samples were skipped, with the last few reasons (for logs and tests)."""
+
+    count: int = 0
+    reasons: list[str] = field(default_factory=list)
+    keep: int = 20
+
+    def add(self, reason: str) -> None:
+        """Count one skipped sample and log why."""
+        self.count += 1
+        self.reasons = (self.reasons + [reason])[-self.keep:]
+        log.warning("skipping sample (%d skipped so far): %s", self.count, reason)
+
+    def handler(self, exn: Exception) -> bool:
+        """A webdataset error handler: count the error and continue."""
+        self.add(f"{type(exn).__name__}: {exn}")
+        return True
+
+
+# --------------------------------------------------------------------------- image folder
+
+
+class ImageTextFolder(Dataset):
+    """Images with captions in the diffusers imagefolder layout.
+
+    ``root/metadata.jsonl`` has one JSON object per line with ``"file_name"`` (relative to root) and
+    ``"text"`` (the caption; ``caption_column`` picks another key). Items are
+    ``{"pixel_values": (3, R, R) in [-1, 1], "text": str}``.
+
+    Files that are missing or not images are dropped when the dataset is built and counted in
+    ``skipped`` (``skip_counter.reasons`` says why). An image that opens but fails to decode later is
+    counted too and replaced by the next good item, so a DataLoader never sees an error.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        resolution: int,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        caption_column: str = "text",
+    ):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root}")
+        meta = self.root / "metadata.jsonl"
+        if not meta.is_file():
+            raise FileNotFoundError(
+                f"{meta} not found: an image-text folder needs metadata.jsonl with one line per image, "
+                f'like {{"file_name": "0001.png", "text": "a photo of a cat"}}'
+            )
+        self.transform = image_transform(resolution, center_crop, random_flip)
+        self.skip_counter = SkipCounter()
+        self.items: list[tuple[Path, str]] = []
+        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{meta}:{n}: not valid JSON ({e})") from e
+            if not isinstance(row, dict) or "file_name" not in row or not isinstance(row.get(caption_column), str):
+                raise ValueError(f"{meta}:{n}: each line needs 'file_name' and a string {caption_column!r}")
+            file = self.root / row["file_name"]
+            try:
+                with Image.open(file) as im:  # header only: cheap, catches missing and non-image files
+                    im.size  # noqa: B018
+            except (OSError, ValueError) as e:
+                self.skip_counter.add(f"{file}: {e}")
+                continue
+            self.items.append((file, row[caption_column]))
+        if not self.items:
+            raise ValueError(f"image folder {self.root} has no readable images "
+                             f"({self.skip_counter.count} skipped: {self.skip_counter.reasons[:3]})")
+
+    @property
+    def skipped(self) -> int:
+        """Number of images skipped so far (unreadable at build time, or undecodable when loaded)."""
+        return self.skip_counter.count
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        for k in range(len(self.items)):
+            file, text = self.items[(index + k) % len(self.items)]
+            try:
+                image = _open_rgb(file)
+            except (OSError, ValueError) as e:
+                self.skip_counter.add(f"{file}: {e}")
+                continue
+            return {"pixel_values": self.transform(image), "text": text}
+        raise RuntimeError(f"no image in {self.root} could be decoded")
+
+
+# --------------------------------------------------------------------------- webdataset
+
+
+def expand_shards(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Expand brace patterns (``shard-{000..009}.tar``) and globs (``*.tar``) into a list of shards.
+
+    Local paths must exist; remote URLs (``http://``, ``pipe:``, ``s3://`` ...) pass through unchecked.
+
+    Raises:
+        FileNotFoundError: a local pattern or path matches no file.
+    """
+    import braceexpand
+
+    if isinstance(urls, (str, os.PathLike)):
+        urls = [urls]
+    out: list[str] = []
+    for pattern in urls:
+        pattern = os.fspath(pattern)
+        for url in braceexpand.braceexpand(pattern):
+            if "://" in url or url.startswith("pipe:"):
+                out.append(url)
+            elif glob.has_magic(url):
+                found = sorted(glob.glob(url))
+                if not found:
+                    raise FileNotFoundError(f"no shard matches {url!r} (from {pattern!r})")
+                out.extend(found)
+            elif not os.path.isfile(url):
+                raise FileNotFoundError(f"shard not found: {url!r} (from {pattern!r})")
+            else:
+                out.append(url)
+    if not out:
+        raise FileNotFoundError(f"no shards given: {urls!r}")
+    return out
+
+
+def _decode_samples(src: Iterable[dict], transform: Callable, counter: SkipCounter) -> Iterator[dict]:
+    """webdataset stage: raw samples (bytes per extension) -> {"pixel_values", "text"}; bad ones skipped."""
+    for sample in src:
+        key = sample.get("__key__", "?")
+        try:
+            image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+            if image_key is None:
+                raise ValueError(f"no image ({'/'.join(IMAGE_KEYS)}) in sample")
+            if "txt" in sample:
+                text = sample["txt"].decode("utf-8").strip()
+            elif "json" in sample:
+                text = _caption_of(json.loads(sample["json"]))
+                if text is None:
+                    raise ValueError(f"json has none of the keys {list(CAPTION_KEYS)}")
+            else:
+                raise ValueError("no caption (txt or json) in sample")
+            pixels = transform(_open_rgb(sample[image_key]))
+        except Exception as e:  # any decoding failure: count it and move on
+            counter.add(f"{sample.get('__url__', '?')}:{key}: {type(e).__name__}: {e}")
+            continue
+        yield {"pixel_values": pixels, "text": text}
+
+
+def webdataset_image_text(
+    urls: str | os.PathLike | Sequence[str | os.PathLike],
+    resolution: int,
+    center_crop: bool = True,
+    random_flip: bool = False,
+    shuffle: int = 1000,
+    resampled: bool = False,
+    counter: SkipCounter | None = None,
+    seed: int | None = None,
+):
+    """An iterable dataset of ``{"pixel_values", "text"}`` from webdataset tar shards.
+
+    Each sample has an image (``jpg``/``jpeg``/``png``/``webp``) and a caption (``txt``, or ``json``
+    with "text"/"prompt"/"caption"). Samples that fail to decode and unreadable shards are skipped and
+    counted in ``counter`` (also available as the returned dataset's ``skip_counter`` attribute).
+
+    Args:
+        urls: shard paths/URLs; brace patterns and globs are expanded (see `expand_shards`).
+        resolution, center_crop, random_flip: see `image_transform`.
+        shuffle: sample shuffle buffer size; 0 keeps shard order and sample order (deterministic).
+            When > 0, shard order is shuffled too (``shardshuffle`` = number of shards).
+        resampled: draw shards with replacement forever (for multi-process training; bound the
+            epoch with ``.with_epoch(n)``).
+        counter: where skips are counted; a new `SkipCounter` when None.
+        seed: seed for shard shuffling (webdataset picks one at random when None).
+
+    Shards are split across distributed processes (``split_by_node``) and DataLoader workers, so give
+    at least ``world_size * num_workers`` shards unless ``resampled``.
+    """
+    import webdataset as wds
+
+    if not isinstance(shuffle, int) or shuffle < 0:
+        raise ValueError(f"shuffle must be a buffer size >= 0, got {shuffle!r}")
+    shards = expand_shards(urls)
+    counter = counter if counter is not None else SkipCounter()
+    transform = image_transform(resolution, center_crop, random_flip)
+    ds = wds.WebDataset(
+        shards,
+        resampled=resampled,
+        # Set explicitly (webdataset warns otherwise); resampling draws shards at random by itself.
+        shardshuffle=False if (resampled or shuffle == 0) else len(shards),
+        handler=counter.handler,
+        nodesplitter=wds.split_by_node,
+        empty_check=False,  # all-corrupt shards must not raise: they are counted
+        seed=seed,
+    )
+    if shuffle > 0:
+        ds = ds.shuffle(shuffle)
+    ds = ds.compose(functools.partial(_decode_samples, transform=transform, counter=counter))
+    ds.skip_counter = counter
+    return ds
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def infinite(loader: Iterable) -> Iterator:
+    """Yield batches from ``loader`` forever, starting a new epoch each time it is exhausted.
+
+    Calls ``set_epoch(epoch)`` on the loader or its sampler when they have one (DistributedSampler,
+    accelerate's prepared loaders), so each epoch gets a new shuffle.
+
+    Raises:
+        ValueError: an epoch yielded no batches (an empty dataset would otherwise loop forever).
+    """
+    epoch = 0
+    while True:
+        for obj in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+            if obj is not None and callable(getattr(obj, "set_epoch", None)):
+                obj.set_epoch(epoch)
+                break
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError(f"data loader yielded no batches in epoch {epoch}: is the dataset empty, or "
+                             f"smaller than one batch with drop_last=True?")
+        epoch += 1
+
+
+def collate_image_text(batch: Sequence[dict]) -> dict[str, Any]:
+    """Collate items into ``{"pixel_values": (B, 3, R, R), "text": list[str]}``."""
+    return {"pixel_values": torch.stack([b["pixel_values"] for b in batch]), "text": [b["text"] for b in batch]}
