@@ -1,0 +1,266 @@
+"""attach(model, config) -> TSMAdapter: wrap target layers with timestep experts and drive them.
+
+The adapter is the one object trainers talk to: it switches modes (stage 1 ``expert``, stage 2
+``mixture``, the ``symmetric`` ablation, ``off``), owns the timestep context, lists trainable
+parameters, fuses weights for inference, and saves/loads/exports the experts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import TSMConfig
+from .context import TimestepContext
+from .intervals import TimestepIntervals
+from .layers import Mode, TSMLayer, expert_key
+
+_MODES = ("off", "expert", "mixture", "symmetric")
+
+
+def _matches(name: str, targets: list[str] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+class TSMAdapter:
+    """Handle on the TSM layers attached to one model. Create it with :func:`attach`."""
+
+    def __init__(self, model: nn.Module, config: TSMConfig, layers: dict[str, TSMLayer], context: TimestepContext):
+        self.model = model
+        self.config = config
+        self.layers = layers
+        self.context = context
+        self.intervals = context.intervals
+        self.mode: Mode = "off"
+        self.mode_args: dict = {}
+
+    # ------------------------------------------------------------------ modes
+    def set_mode(self, mode: Mode, scale: int | None = None, core_scale: int | None = None,
+                 context_scales: Iterable[int] | None = None, experts: Iterable[int] | None = None) -> TSMAdapter:
+        """Switch every layer's mode and which parameters are trainable.
+
+        * ``"expert"`` (stage 1, eq. 3-4): each sample uses its interval's expert at ``scale``. Only
+          that scale's experts are trainable, or only ``experts`` (indices) of it when given.
+        * ``"mixture"`` (stage 2, eq. 5-7): core = ``core_scale`` (the finest), gated contexts =
+          ``context_scales``. Only the router is trainable; experts are frozen.
+        * ``"symmetric"``: every listed scale gated (ablation baseline); only the router trains.
+        * ``"off"``: the base model exactly; nothing trainable.
+        """
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        cfg = self.config
+        for p in self.adapter_parameters():
+            p.requires_grad_(False)
+        args: dict = {}
+        if mode == "expert":
+            if scale is None:
+                scale = cfg.scales[0] if len(cfg.scales) == 1 else None
+            if scale not in cfg.scales:
+                raise ValueError(f"set_mode('expert') needs scale= one of the fostered scales {cfg.scales}, got {scale!r}")
+            train = list(range(scale)) if experts is None else sorted(set(int(e) for e in experts))
+            bad = [e for e in train if not 0 <= e < scale]
+            if bad:
+                raise ValueError(f"scale {scale} has experts 0..{scale - 1}; cannot train expert(s) {bad}")
+            for layer in self.layers.values():
+                layer.mode, layer.active_scale = "expert", scale
+                layer.core_scale, layer.gated_scales = None, ()
+                for e in train:
+                    layer.lora_A[expert_key(scale, e)].requires_grad_(True)
+                    layer.lora_B[expert_key(scale, e)].requires_grad_(True)
+            args = {"scale": scale, "experts": train}
+        elif mode in ("mixture", "symmetric"):
+            core, ctx = cfg.resolve_mixture(core_scale, None if context_scales is None else tuple(context_scales))
+            if mode == "mixture" and not ctx:
+                raise ValueError(f"mixture needs at least one context scale besides the core {core}; scales={cfg.scales}")
+            gated = ctx if mode == "mixture" else tuple(sorted((core, *ctx)))
+            for layer in self.layers.values():
+                if layer.router_scales != gated:  # keep a trained router across mode switches
+                    layer.init_router(gated, zero_init=cfg.router_zero_init)
+                layer.mode, layer.active_scale = mode, None
+                layer.core_scale = core if mode == "mixture" else None
+                layer.gated_scales = gated
+                for p in (layer.router_fc, layer.router_emb):
+                    if p is not None:
+                        p.requires_grad_(True)
+            args = {"core_scale": core, "context_scales": list(ctx)}
+        else:
+            for layer in self.layers.values():
+                layer.mode, layer.active_scale, layer.core_scale, layer.gated_scales = "off", None, None, ()
+        self.mode, self.mode_args = mode, args
+        return self
+
+    # ------------------------------------------------------------------ parameters
+    def adapter_parameters(self) -> Iterator[nn.Parameter]:
+        """Every expert and router parameter, trainable or not."""
+        for layer in self.layers.values():
+            yield from layer.lora_A.values()
+            yield from layer.lora_B.values()
+            for p in (layer.router_fc, layer.router_emb):
+                if p is not None:
+                    yield p
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters the current mode trains (pass these to the optimizer)."""
+        return (p for p in self.adapter_parameters() if p.requires_grad)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Expert and router tensors keyed ``<layer>.lora_A.s4_e3`` / ``<layer>.router_emb``."""
+        out = {}
+        for name, layer in self.layers.items():
+            for k, p in layer.lora_A.items():
+                out[f"{name}.lora_A.{k}"] = p.detach()
+            for k, p in layer.lora_B.items():
+                out[f"{name}.lora_B.{k}"] = p.detach()
+            for k in ("router_fc", "router_emb"):
+                p = getattr(layer, k)
+                if p is not None:
+                    out[f"{name}.{k}"] = p.detach()
+        return out
+
+    @torch.no_grad()
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy tensors from :meth:`state_dict` back in; every key must match a parameter of the same shape."""
+        own = {}
+        for name, layer in self.layers.items():
+            for k, p in layer.lora_A.items():
+                own[f"{name}.lora_A.{k}"] = p
+            for k, p in layer.lora_B.items():
+                own[f"{name}.lora_B.{k}"] = p
+        routers = {k for k in tensors if k.endswith((".router_fc", ".router_emb"))}
+        for key in routers:
+            name, attr = key.rsplit(".", 1)
+            if name not in self.layers:
+                raise ValueError(f"router tensor {key!r} names no TSM layer of this model")
+            layer = self.layers[name]
+            if getattr(layer, attr) is None:
+                raise ValueError(f"router tensor {key!r} has no router to load into: call set_mode('mixture', ...) "
+                                 "with the scales it was trained with first (load_adapter does this)")
+            own[key] = getattr(layer, attr)
+        missing = sorted(set(own) - set(tensors) - routers)
+        unexpected = sorted(set(tensors) - set(own))
+        if missing or unexpected:
+            raise ValueError(
+                f"adapter weights do not fit this model: {len(missing)} missing (e.g. {missing[:3]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}). Was it saved from a model with the same "
+                "architecture, target_modules and scales?"
+            )
+        for k, t in tensors.items():
+            if own[k].shape != t.shape:
+                raise ValueError(f"shape mismatch for {k}: saved {tuple(t.shape)}, model {tuple(own[k].shape)}")
+            own[k].copy_(t.to(own[k].dtype))
+
+    # ------------------------------------------------------------------ timesteps
+    @contextmanager
+    def timesteps(self, t):
+        """Route every sample by its own timestep until the block exits (keep ``backward()`` inside).
+
+        ``t`` is a scalar or a (B,) tensor of int timesteps in [0, T) or float timesteps in [0, T].
+        """
+        self.context.push(t)
+        try:
+            yield self
+        finally:
+            self.context.pop()
+
+    @contextmanager
+    def merged(self, t):
+        """Fuse the active experts into the base weights for a batch sharing one timestep ``t``.
+
+        Inside the block the model runs at base-model cost; on exit the original weights are restored
+        bit for bit. The timestep context is set to ``t`` inside the block as well.
+        """
+        tt = torch.as_tensor(t).reshape(-1)
+        if tt.numel() != 1 and not bool((tt == tt[0]).all()):
+            raise ValueError("merged(t) fuses one expert per layer, so t must be one timestep shared by the batch")
+        state = self.context.push(tt[:1])
+        try:
+            for layer in self.layers.values():
+                layer.merge(state)
+            yield self
+        finally:
+            for layer in self.layers.values():
+                layer.unmerge()
+            self.context.pop()
+
+    # ------------------------------------------------------------------ gates
+    @contextmanager
+    def record_gates(self):
+        """Collect per-sample mean gates of every routed layer: yields {layer: [(t, gate), ...]}."""
+        logs = {name: [] for name in self.layers}
+        for name, layer in self.layers.items():
+            layer.gate_log = logs[name]
+        try:
+            yield logs
+        finally:
+            for layer in self.layers.values():
+                layer.gate_log = None
+
+    # ------------------------------------------------------------------ I/O (see serialization.py / export.py)
+    def save(self, directory: str | Path) -> Path:
+        """Write ``tsm_adapter.safetensors`` with the config, intervals and mode in its metadata."""
+        from .serialization import save_adapter
+
+        return save_adapter(self, directory)
+
+    def export_lora(self, directory: str | Path, scale: int, expert: int = 0,
+                    format: str = "diffusers", prefix: str | None = None) -> Path:
+        """Write one expert as a standard LoRA file (diffusers/peft keys or kohya keys)."""
+        from .export import export_lora
+
+        return export_lora(self, directory, scale=scale, expert=expert, format=format, prefix=prefix)
+
+
+def attach(model: nn.Module, config: TSMConfig, context: TimestepContext | None = None) -> TSMAdapter:
+    """Wrap every layer of ``model`` matching ``config.target_modules`` with :class:`TSMLayer`.
+
+    The base model's own parameters are frozen; the adapter starts in mode ``"off"``. Pass the
+    ``context`` of another adapter (e.g. the UNet's, when attaching to the text encoder) to route
+    both models from one ``with tsm.timesteps(t):`` block.
+    """
+    if not isinstance(config, TSMConfig):
+        raise ValueError(f"attach() needs a TSMConfig, got {type(config).__name__}")
+    if any(isinstance(m, TSMLayer) for m in model.modules()):
+        raise ValueError("this model already has TSM layers attached; load into a fresh model instead")
+    if context is None:
+        context = TimestepContext(TimestepIntervals(config.num_timesteps, config.scales))
+    elif context.intervals.num_timesteps != config.num_timesteps or not set(config.scales) <= set(context.intervals.scales):
+        raise ValueError(f"a shared context must cover this config's scales {config.scales} and num_timesteps")
+    names = [n for n, m in model.named_modules() if n and _matches(n, config.target_modules)]
+    if not names:
+        sample = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))][:8]
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matched no layer of {type(model).__name__}. "
+            f"Linear/Conv2d layers look like: {sample}"
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers: dict[str, TSMLayer] = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child) if not child.isdigit() else parent[int(child)]
+        if not isinstance(base, (nn.Linear, nn.Conv2d)):
+            continue  # a container whose name ends like a target (e.g. "to_out"); its children may match
+        layer = TSMLayer(base, config, context, name=name)
+        if child.isdigit():
+            parent[int(child)] = layer
+        else:
+            setattr(parent, child, layer)
+        layers[name] = layer
+    if not layers:
+        raise ValueError(f"target_modules={config.target_modules!r} matched {names[:5]} but none is nn.Linear/nn.Conv2d")
+    return TSMAdapter(model, config, layers, context)
+
+
+def load_adapter(model: nn.Module, directory: str | Path, context: TimestepContext | None = None) -> TSMAdapter:
+    """Attach and load an adapter written by :meth:`TSMAdapter.save`, restoring its mode."""
+    from .serialization import load_adapter as _load
+
+    return _load(model, directory, context=context)

@@ -1,0 +1,83 @@
+"""Export one timestep expert as a standard LoRA file that stock tools load.
+
+* ``format="diffusers"``: peft-style keys ``<prefix>.<layer>.lora_A.weight`` / ``lora_B.weight`` in
+  ``pytorch_lora_weights.safetensors``, loadable with ``pipe.load_lora_weights(dir)``. The expert's
+  ``alpha / rank`` factor is folded into B, so it loads exactly with diffusers' default alpha = rank.
+* ``format="kohya"``: ``lora_unet_<layer_with_underscores>.lora_down.weight`` / ``lora_up.weight`` /
+  ``alpha`` keys, the layout ComfyUI and A1111 read (and diffusers converts on load).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .layers import expert_key
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+_PREFIXES = {
+    "UNet2DConditionModel": ("unet", "lora_unet"),
+    "CLIPTextModel": ("text_encoder", "lora_te"),
+    "CLIPTextModelWithProjection": ("text_encoder", "lora_te"),
+    "T5EncoderModel": ("text_encoder", "lora_te"),
+    "PixArtTransformer2DModel": ("transformer", "lora_transformer"),
+    "SD3Transformer2DModel": ("transformer", "lora_transformer"),
+}
+
+
+def _prefixes(model, prefix: str | None) -> tuple[str, str]:
+    if prefix is not None:
+        return prefix, {"unet": "lora_unet", "text_encoder": "lora_te"}.get(prefix, f"lora_{prefix}")
+    name = type(model).__name__
+    if name not in _PREFIXES:
+        raise ValueError(f"cannot tell which pipeline component a {name} is; pass prefix='unet'|'text_encoder'|'transformer'")
+    return _PREFIXES[name]
+
+
+def expert_lora_state_dict(tsm, scale: int, expert: int, format: str = "diffusers",
+                           prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of one expert in a standard LoRA layout (see module docstring)."""
+    if scale not in tsm.config.scales:
+        raise ValueError(f"scale {scale} is not one of the fostered scales {tsm.config.scales}")
+    if not 0 <= expert < scale:
+        raise ValueError(f"scale {scale} has experts 0..{scale - 1}, got expert {expert}")
+    if format not in ("diffusers", "kohya"):
+        raise ValueError(f"format must be 'diffusers' or 'kohya', got {format!r}")
+    peft_prefix, kohya_prefix = _prefixes(tsm.model, prefix)
+    out = {}
+    for name, layer in tsm.layers.items():
+        A = layer.lora_A[expert_key(scale, expert)].detach().float().cpu()
+        B = layer.lora_B[expert_key(scale, expert)].detach().float().cpu()
+        up = B[:, :, None, None] if layer.kind == "conv" else B  # conv LoRA-B is a 1x1 conv
+        if format == "diffusers":
+            out[f"{peft_prefix}.{name}.lora_A.weight"] = A.contiguous()
+            out[f"{peft_prefix}.{name}.lora_B.weight"] = (up * layer.scaling).contiguous()
+        else:
+            key = f"{kohya_prefix}_{name.replace('.', '_')}"
+            out[f"{key}.lora_down.weight"] = A.contiguous()
+            out[f"{key}.lora_up.weight"] = up.contiguous()
+            out[f"{key}.alpha"] = torch.tensor(float(tsm.config.alpha))
+    return out
+
+
+def export_lora(tsm, directory: str | Path, scale: int, expert: int = 0, format: str = "diffusers",
+                prefix: str | None = None) -> Path:
+    """Write ``directory/pytorch_lora_weights.safetensors`` for one expert (atomically)."""
+    tensors = expert_lora_state_dict(tsm, scale, expert, format=format, prefix=prefix)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", "tsm_scale": str(scale), "tsm_expert": str(expert), "tsm_layout": format}
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, directory / LORA_FILE)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return directory / LORA_FILE

@@ -1,0 +1,248 @@
+"""Timestep LoRA expert layers (paper eq. 3 and eq. 5-6).
+
+:class:`TSMLayer` wraps an ``nn.Linear`` or ``nn.Conv2d`` (kept as ``base_layer``, as in peft) and
+holds, for every scale n, n LoRA experts ``(A_k, B_k)``. A sample at timestep t uses the expert of
+its interval. Experts are separate parameters so an optimizer can own exactly the experts a phase
+trains (AdamW would otherwise decay untouched rows of a stacked bank). For a batch with mixed
+timesteps they are stacked and gathered so that every sample is routed in one batched matmul
+(``bmm`` for Linear, a grouped convolution for Conv2d), never a loop over samples. A batch that
+shares one expert (DMD2's case) takes a plain-matmul fast path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TSMConfig
+from .context import RoutingState, TimestepContext
+
+Mode = Literal["off", "expert", "mixture", "symmetric"]
+
+
+def expert_key(scale: int, expert: int) -> str:
+    return f"s{scale}_e{expert}"
+
+
+class TSMLayer(nn.Module):
+    """A Linear or Conv2d with timestep LoRA experts at several scales and an optional router.
+
+    Modes (set by :meth:`TSMAdapter.set_mode`):
+      * ``off``: ``base_layer(x)`` exactly.
+      * ``expert``: ``W x + s * B_k A_k x`` with k the sample's interval at one scale (eq. 3).
+      * ``mixture``: ``W x + s * core(x) + sum_j g_j(x, t) * s * context_j(x)`` (eq. 5), with the
+        gate ``g(x, t) = FC(x) + E[t]`` (eq. 6) computed per sample and per token.
+      * ``symmetric``: every scale gated, no ungated core (the paper's ablation baseline).
+    """
+
+    def __init__(self, base_layer: nn.Module, config: TSMConfig, context: TimestepContext, name: str = ""):
+        super().__init__()
+        if isinstance(base_layer, nn.Linear):
+            self.kind = "linear"
+            in_f, out_f = base_layer.in_features, base_layer.out_features
+            a_shape: tuple[int, ...] = (config.rank, in_f)
+        elif isinstance(base_layer, nn.Conv2d):
+            if base_layer.groups != 1 or base_layer.padding_mode != "zeros":
+                raise ValueError(f"{name}: only Conv2d with groups=1 and zero padding can carry TSM experts")
+            self.kind = "conv"
+            in_f, out_f = base_layer.in_channels, base_layer.out_channels
+            a_shape = (config.rank, in_f, *base_layer.kernel_size)
+        else:
+            raise ValueError(f"{name}: TSM experts wrap nn.Linear or nn.Conv2d, not {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.name = name
+        self.in_features, self.out_features = in_f, out_f
+        self.scaling = config.scaling
+        self.scales = config.scales
+        self.router_input = config.router_input
+        self.router_activation = config.router_activation
+        self.num_timesteps = config.num_timesteps
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        object.__setattr__(self, "context", context)  # shared, not a submodule
+        p = base_layer.weight
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        for n in config.scales:
+            for k in range(n):
+                A = torch.empty(a_shape, dtype=p.dtype, device=p.device)
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # peft's default for A; B starts at zero
+                self.lora_A[expert_key(n, k)] = nn.Parameter(A)
+                self.lora_B[expert_key(n, k)] = nn.Parameter(torch.zeros(out_f, config.rank, dtype=p.dtype, device=p.device))
+        self.router_fc: nn.Parameter | None = None  # (k, in): FC(x) of eq. 6, no bias (E[t] is the bias)
+        self.router_emb: nn.Parameter | None = None  # (T, k): E of eq. 6
+        self.router_scales: tuple[int, ...] = ()  # the scales the router's k gates belong to
+        self.mode: Mode = "off"
+        self.active_scale: int | None = None
+        self.core_scale: int | None = None
+        self.gated_scales: tuple[int, ...] = ()
+        self.merged = False
+        self._merged_backup: torch.Tensor | None = None
+        self.gate_log: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (t, mean gate) when recording
+
+    # ------------------------------------------------------------------ router
+    def init_router(self, gated_scales: tuple[int, ...], zero_init: bool = True) -> None:
+        """(Re)create the router of eq. 6 with one gate per gated scale."""
+        p = self.base_layer.weight
+        num_gates = len(gated_scales)
+        self.router_scales = tuple(gated_scales)
+        fc = emb = None
+        if self.router_input in ("features", "both"):
+            fc = torch.zeros(num_gates, self.in_features, dtype=p.dtype, device=p.device)
+        if self.router_input in ("timestep", "both"):
+            emb = torch.zeros(self.num_timesteps, num_gates, dtype=p.dtype, device=p.device)
+        if not zero_init:
+            for w in (fc, emb):
+                if w is not None:
+                    nn.init.normal_(w, std=0.02)
+        self.router_fc = nn.Parameter(fc) if fc is not None else None
+        self.router_emb = nn.Parameter(emb) if emb is not None else None
+
+    def _gate(self, x: torch.Tensor, state: RoutingState | None) -> torch.Tensor:
+        """g(x, t) = act(FC(x) + E[t]); (B, ..., k) for Linear, (B, k, H', W') for Conv2d."""
+        logits = None
+        if self.router_fc is not None:
+            w = self.router_fc.to(x.dtype)
+            if self.kind == "linear":
+                logits = F.linear(x, w)
+            else:  # 1x1 conv with the base stride, so the gate lives at the output resolution
+                logits = F.conv2d(x, w[:, :, None, None], stride=self.base_layer.stride)
+        if self.router_emb is not None:
+            e = self.router_emb[state.router_rows.to(self.router_emb.device)].to(x.dtype)  # (B_t, k)
+            e = e.view(e.shape[0], *([1] * (x.ndim - 2)), -1) if self.kind == "linear" else e[:, :, None, None]
+            logits = e if logits is None else logits + e
+        dim = -1 if self.kind == "linear" else 1
+        if self.router_activation == "sigmoid":
+            return torch.sigmoid(logits)
+        if self.router_activation == "softmax":
+            return torch.softmax(logits, dim=dim)
+        return logits
+
+    # ------------------------------------------------------------------ experts
+    def _expert_weights(self, scale: int, idx: torch.Tensor):
+        """Gather each sample's A and B: (B, r, in[, kh, kw]) and (B, out, r)."""
+        A = torch.stack([self.lora_A[expert_key(scale, k)] for k in range(scale)])
+        B = torch.stack([self.lora_B[expert_key(scale, k)] for k in range(scale)])
+        idx = idx.to(A.device)
+        return A[idx], B[idx]
+
+    def _expert_delta(self, x: torch.Tensor, scale: int, state: RoutingState | None) -> torch.Tensor:
+        """s * B_k A_k x with k each sample's interval at ``scale`` (eq. 3)."""
+        k = 0 if scale == 1 else state.shared[scale]
+        if k is not None:  # fast path: the whole batch shares one expert
+            A = self.lora_A[expert_key(scale, k)].to(x.dtype)
+            B = self.lora_B[expert_key(scale, k)].to(x.dtype)
+            if self.kind == "linear":
+                return F.linear(F.linear(x, A), B) * self.scaling
+            bl = self.base_layer
+            z = F.conv2d(x, A, None, bl.stride, bl.padding, bl.dilation)
+            return F.conv2d(z, B[:, :, None, None]) * self.scaling
+        A, B = self._expert_weights(scale, state.index[scale])
+        A, B = A.to(x.dtype), B.to(x.dtype)
+        n = x.shape[0]
+        if self.kind == "linear":
+            xb = x.reshape(n, -1, self.in_features)  # (B, tokens, in)
+            z = torch.bmm(xb, A.transpose(1, 2))  # (B, tokens, r)
+            y = torch.bmm(z, B.transpose(1, 2))  # (B, tokens, out)
+            return y.reshape(*x.shape[:-1], self.out_features) * self.scaling
+        bl = self.base_layer
+        # Grouped conv: sample b's channels only meet sample b's A, i.e. one gathered convolution.
+        z = F.conv2d(x.reshape(1, -1, *x.shape[2:]), A.reshape(-1, *A.shape[2:]), None,
+                     bl.stride, bl.padding, bl.dilation, groups=n)
+        z = z.reshape(n, -1, *z.shape[2:])  # (B, r, H', W')
+        return torch.einsum("brhw,bor->bohw", z, B) * self.scaling
+
+    def _needs_context(self) -> bool:
+        scales = (self.active_scale,) if self.mode == "expert" else (self.core_scale, *self.gated_scales)
+        uses_t = self.mode in ("mixture", "symmetric") and self.router_emb is not None
+        return uses_t or any(s is not None and s > 1 for s in scales)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.mode == "off" or self.merged:
+            return out
+        state = self.context.current(self.name) if self._needs_context() else (
+            self.context._stack[-1] if self.context.active else None)
+        if state is not None and state.batch not in (1, x.shape[0]):
+            raise ValueError(
+                f"TSM layer {self.name!r} got a batch of {x.shape[0]} but {state.batch} timesteps; pass one "
+                "timestep per sample (for classifier-free guidance, repeat t for the unconditional half)"
+            )
+        xd = self.dropout(x)
+        if self.mode == "expert":
+            delta = self._expert_delta(xd, self.active_scale, state)
+        else:
+            delta = self._expert_delta(xd, self.core_scale, state) if self.core_scale is not None else 0
+            if self.gated_scales:
+                g = self._gate(x, state)
+                if self.gate_log is not None:
+                    self._record_gate(g, state)
+                for j, s in enumerate(self.gated_scales):
+                    gj = g[..., j : j + 1] if self.kind == "linear" else g[:, j : j + 1]
+                    delta = delta + gj * self._expert_delta(xd, s, state)
+        return out + delta.to(out.dtype)
+
+    def _record_gate(self, g: torch.Tensor, state: RoutingState) -> None:
+        # Mean gate per sample (over tokens/pixels): feeds "gate vs timestep" logs and plots.
+        dims = tuple(range(1, g.ndim - 1)) if self.kind == "linear" else (2, 3)
+        mean = g.detach().float().mean(dim=dims) if dims else g.detach().float()
+        t = state.t.detach().float().cpu() if state is not None else torch.zeros(mean.shape[0])
+        self.gate_log.append((t.expand(mean.shape[0]) if t.numel() == 1 else t, mean.cpu()))
+
+    # ------------------------------------------------------------------ merge
+    def expert_weight(self, scale: int, expert: int) -> torch.Tensor:
+        """The dense update s * B A of one expert, shaped like the base weight."""
+        A = self.lora_A[expert_key(scale, expert)]
+        B = self.lora_B[expert_key(scale, expert)]
+        if self.kind == "linear":
+            return (B @ A) * self.scaling
+        return torch.einsum("or,rikl->oikl", B, A) * self.scaling
+
+    def merged_delta(self, state: RoutingState | None) -> torch.Tensor:
+        """Dense weight update for a batch that shares one timestep (used by ``TSMAdapter.merged``)."""
+        def shared(scale):
+            return 0 if scale == 1 else state.shared[scale]
+
+        if self.mode == "expert":
+            return self.expert_weight(self.active_scale, shared(self.active_scale))
+        delta = self.expert_weight(self.core_scale, shared(self.core_scale)) if self.core_scale is not None else 0
+        if self.gated_scales:
+            if self.router_fc is not None and bool(self.router_fc.detach().abs().sum() > 0):
+                raise ValueError(
+                    f"{self.name}: the router gate depends on the features x (FC(x) is non-zero), so the mixture "
+                    "cannot be fused into one weight. Run it unmerged, or train with router_input='timestep'."
+                )
+            p = self.base_layer.weight
+            if self.router_emb is not None:
+                logits = self.router_emb[state.router_rows[:1].to(p.device)][0]
+            else:
+                logits = torch.zeros(len(self.gated_scales), dtype=p.dtype, device=p.device)
+            g = {"sigmoid": torch.sigmoid, "softmax": lambda v: torch.softmax(v, -1)}.get(
+                self.router_activation, lambda v: v)(logits)
+            for j, s in enumerate(self.gated_scales):
+                delta = delta + g[j] * self.expert_weight(s, shared(s))
+        return delta
+
+    @torch.no_grad()
+    def merge(self, state: RoutingState | None) -> None:
+        if self.merged or self.mode == "off":
+            return
+        w = self.base_layer.weight
+        delta = self.merged_delta(state).to(w.dtype)
+        self._merged_backup = w.data.clone()  # restored bit for bit on unmerge
+        w.data += delta
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self.base_layer.weight.data.copy_(self._merged_backup)
+        self._merged_backup = None
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, scales={self.scales}, mode={self.mode}"

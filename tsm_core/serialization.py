@@ -1,0 +1,81 @@
+"""Save and load a TSM adapter as one safetensors file with its config in the metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import TSMConfig
+
+ADAPTER_FILE = "tsm_adapter.safetensors"
+FORMAT_VERSION = "1"
+
+
+def save_adapter(tsm, directory: str | Path) -> Path:
+    """Write ``directory/tsm_adapter.safetensors`` atomically (temp file + rename).
+
+    Metadata keys: ``tsm_config`` (TSMConfig JSON), ``intervals``, ``mode`` and ``mode_args``, so the file
+    alone is enough to rebuild the adapter on a fresh copy of the base model.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tsm.state_dict().items()}
+    meta = {
+        "format": "tsm",
+        "format_version": FORMAT_VERSION,
+        "tsm_config": tsm.config.to_json(),
+        "intervals": json.dumps(tsm.intervals.to_dict()),
+        "mode": tsm.mode,
+        "mode_args": json.dumps(tsm.mode_args),
+        # Every layer's router serves the same gated scales (set_mode sets them all at once).
+        "router_scales": json.dumps(list(next(iter(tsm.layers.values())).router_scales)),
+    }
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, directory / ADAPTER_FILE)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return directory / ADAPTER_FILE
+
+
+def read_adapter_file(directory: str | Path) -> tuple[dict, dict]:
+    """Return (tensors, metadata) of a saved adapter; FileNotFoundError/ValueError on bad input."""
+    path = Path(directory)
+    if path.is_dir():
+        path = path / ADAPTER_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no TSM adapter at {path}; expected a folder written by TSMAdapter.save()")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != "tsm":
+            raise ValueError(f"{path} is not a TSM adapter file (metadata format={meta.get('format')!r})")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, meta
+
+
+def load_adapter(model, directory: str | Path, context=None):
+    """Attach the saved config to ``model``, restore the router shapes and mode, and load the weights."""
+    from .adapter import attach
+
+    tensors, meta = read_adapter_file(directory)
+    config = TSMConfig.from_json(meta["tsm_config"])
+    tsm = attach(model, config, context=context)
+    router_scales = tuple(json.loads(meta.get("router_scales", "[]")))
+    if router_scales:
+        for layer in tsm.layers.values():
+            layer.init_router(router_scales)
+    tsm.load_state_dict(tensors)
+    mode, args = meta.get("mode", "off"), json.loads(meta.get("mode_args", "{}"))
+    if mode == "expert":
+        tsm.set_mode("expert", scale=args["scale"], experts=args.get("experts"))
+    elif mode in ("mixture", "symmetric"):
+        tsm.set_mode(mode, core_scale=args["core_scale"], context_scales=args["context_scales"])
+    return tsm
