@@ -93,6 +93,11 @@ def test_bad_values_raise_value_error_with_path(data, match):
         load_recipe(data, Recipe)
 
 
+def test_dict_recipe_may_hold_built_sections():
+    r = load_recipe({"model": "m", "phases": [Phase(steps=2)]}, Recipe)
+    assert r.phases == [Phase(steps=2)]
+
+
 def test_optional_accepts_null_and_value():
     assert load_recipe({"model": "m", "run_dir": None}, Recipe).run_dir is None
     assert load_recipe({"model": "m", "run_dir": "out"}, Recipe).run_dir == "out"

@@ -135,6 +135,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if tp is Any:
         return value
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if isinstance(value, tp):  # an already-built section passed in a dict recipe
+            return value
         if not isinstance(value, Mapping):
             raise ValueError(
                 f"{_fmt_path(path)}: expected a mapping of {tp.__name__} fields, got {value!r}; "
