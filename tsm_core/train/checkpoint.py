@@ -14,9 +14,9 @@ Why it is never half-written: everything goes into a hidden temporary sibling fo
 temporary folder, which `CheckpointManager.latest` ignores and the next save deletes.
 
 Scope: under DDP every process holds the same weights and optimizer state, so the main process
-writes them; each process adds its own ``rng_state_{rank}.pt``, so multi-node runs need a run folder
-on a shared file system (as ``accelerator.save_state`` does). Sharded training (FSDP / DeepSpeed ZeRO) holds shards per process; use
-``accelerator.save_state`` there instead.
+writes them; each process adds its own ``rng_state_{rank}.pt``, so multi-node runs need a run
+folder on a shared file system (as ``accelerator.save_state`` does). Sharded training (FSDP /
+DeepSpeed ZeRO) holds shards per process; use ``accelerator.save_state`` there instead.
 """
 
 from __future__ import annotations
