@@ -65,3 +65,17 @@ def clip_score_or_skip(images, captions, weights: str | os.PathLike | None = Non
     if found is None or importlib.util.find_spec("open_clip") is None:
         return SKIPPED
     return clip_score(images, captions, found, **kwargs)
+
+
+def clip_score_folder(folder: str | os.PathLike, weights: str | os.PathLike | None = None, **kwargs) -> float | str:
+    """CLIP score of a folder written by ``generate_to_folder`` (images + prompts.jsonl), or ``SKIPPED``."""
+    import json
+
+    from PIL import Image
+
+    folder = Path(folder)
+    if find_clip_weights(weights) is None or importlib.util.find_spec("open_clip") is None:
+        return SKIPPED
+    rows = [json.loads(line) for line in (folder / "prompts.jsonl").read_text().splitlines() if line.strip()]
+    images = [np.array(Image.open(folder / r["file"]).convert("RGB")) for r in rows]
+    return clip_score_or_skip(images, [r["prompt"] for r in rows], weights, **kwargs)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 
 from .features import FeatureExtractor, FeatureSet, OnError
 from .metrics import fid_from_stats, kid_from_features, stats
 from .reference import ReferenceStats
+from .sources import folder_items, shard_items
 
 KID_SKIPPED_NO_FEATURES = "skipped: reference statistics were saved without features"
 
@@ -26,11 +28,39 @@ def is_shard_source(source) -> bool:
     return "{" in text or text.endswith(".tar") or (any(c in text for c in "*?[") and ".tar" in text)
 
 
-def features_from_source(source, extractor: FeatureExtractor, on_error: OnError = "skip") -> FeatureSet:
-    """Features of a folder or of webdataset shards."""
+BUILTIN_DATASETS = ("fashion-mnist",)
+
+
+def builtin_images(source: str):
+    """uint8 images of a built-in dataset named ``fashion-mnist[:train|test]``, or None for other sources."""
+    name, _, split = str(source).partition(":")
+    if name not in BUILTIN_DATASETS:
+        return None
+    from tsm_core.train.fmnist import load_fashion_mnist
+
+    images, _labels = load_fashion_mnist(split or "test")
+    return images  # N x 28 x 28 uint8; grayscale becomes RGB like PIL's convert('RGB')
+
+
+def features_from_source(source, extractor: FeatureExtractor, on_error: OnError = "skip",
+                         limit: int | None = None) -> FeatureSet:
+    """Features of a folder, webdataset shards or a built-in dataset (``fashion-mnist:test``).
+
+    limit: use only the first ``limit`` images (in clean-fid's sorted order for folders).
+    """
+    if limit is not None and limit < 2:
+        raise ValueError(f"limit must be at least 2 images, got {limit}.")
+    builtin = builtin_images(source) if isinstance(source, str) else None
+    if builtin is not None:
+        return extractor.features_from_images(builtin[:limit], on_error=on_error)
     if is_shard_source(source):
-        return extractor.features_from_shards(source, on_error=on_error)
-    return extractor.features_from_folder(source, on_error=on_error)
+        errors: list[tuple[str, str]] | None = [] if on_error == "skip" else None
+        items = shard_items(source, errors)
+        fs = extractor.features_from_items(islice(items, limit), on_error=on_error, desc="features shards")
+        fs.skipped = (errors or []) + fs.skipped
+        return fs
+    items = folder_items(source)[:limit]
+    return extractor.features_from_items(items, total=len(items), on_error=on_error, desc=f"features {source}")
 
 
 def source_name(source) -> str:
@@ -42,9 +72,10 @@ def source_name(source) -> str:
 
 
 def compute_reference(source, extractor: FeatureExtractor, on_error: OnError = "skip",
-                      keep_features: bool = True, extra: dict | None = None) -> ReferenceStats:
-    """Reference statistics of a folder or shards, labelled with the extractor's settings."""
-    fs = features_from_source(source, extractor, on_error=on_error)
+                      keep_features: bool = True, extra: dict | None = None,
+                      limit: int | None = None) -> ReferenceStats:
+    """Reference statistics of a folder, shards or built-in dataset, labelled with the extractor's settings."""
+    fs = features_from_source(source, extractor, on_error=on_error, limit=limit)
     extra = dict(extra or {}, n_skipped=len(fs.skipped))
     return ReferenceStats.from_features(
         fs.features, source=source_name(source), mode=extractor.mode, resolution=extractor.pre_resize,
@@ -119,11 +150,11 @@ def score_features(fs: FeatureSet | object, reference: ReferenceStats, kid_seed:
 
 
 def score(source, reference, extractor: FeatureExtractor | None = None, on_error: OnError = "skip",
-          kid_seed: int = 0) -> ScoreResult:
+          kid_seed: int = 0, limit: int | None = None) -> ScoreResult:
     """FID/KID of a folder or shards against a folder, shards or a .npz, with one extractor."""
     extractor = extractor or FeatureExtractor()
     ref = reference if isinstance(reference, ReferenceStats) else load_reference(reference, extractor, on_error)
     if isinstance(reference, ReferenceStats):
         ref.check_compatible(mode=extractor.mode, resolution=extractor.pre_resize, network=extractor.network)
-    fs = features_from_source(source, extractor, on_error=on_error)
+    fs = features_from_source(source, extractor, on_error=on_error, limit=limit)
     return score_features(fs, ref, kid_seed=kid_seed)
