@@ -1,0 +1,112 @@
+"""Backbone adapters: each family loads from a saved folder, noises, targets, predicts and samples."""
+
+import pytest
+import torch
+
+from tests import tiny_dit
+from tests.test_core import perturb
+from tsm_core import TimestepContextError, TSMConfig, attach
+from tsm_core.train.backbones import cat_cond, load_backbone, route_by_timestep
+
+
+@pytest.fixture(scope="module")
+def pixart_path(tmp_path_factory):
+    return tiny_dit.build_pixart_pipeline(tmp_path_factory.mktemp("pixart"))
+
+
+@pytest.fixture(scope="module")
+def sd3_path(tmp_path_factory):
+    return tiny_dit.build_sd3_pipeline(tmp_path_factory.mktemp("sd3"), with_t5=True)
+
+
+def _roundtrip(bb):
+    size = bb.denoiser.config.sample_size * bb.vae_scale
+    x0 = bb.vae_encode(torch.rand(2, 3, size, size) * 2 - 1)
+    cond = bb.encode_prompts(["a cat", "a red dog"])
+    t = bb.sample_timesteps(2, 100, 300, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn_like(x0)
+    out = bb.predict(bb.add_noise(x0, noise, t), t, cond)
+    return x0, noise, t, out
+
+
+def test_unet_latent_epsilon(sd_pipeline_path):
+    bb = load_backbone("unet", sd_pipeline_path)
+    assert bb.vae is not None and bb.prediction_type == "epsilon"
+    x0, noise, t, out = _roundtrip(bb)
+    assert out.shape == x0.shape == (2, 4, 8, 8)
+    assert ((t >= 100) & (t < 300)).all() and t.dtype == torch.long
+    assert torch.equal(bb.target(x0, noise, t), noise)
+    assert not any(p.requires_grad for m in bb.modules() for p in m.parameters())
+
+
+def test_unet_pixel_v_prediction(tmp_path):
+    from tests import tiny
+
+    bb = load_backbone("unet", tiny.build_sd_pipeline(tmp_path, with_vae=False, prediction_type="v_prediction"))
+    assert bb.vae is None and bb.prediction_type == "v_prediction"
+    x0, noise, t, out = _roundtrip(bb)
+    assert torch.equal(bb.vae_encode(x0), x0)  # pixel space: identity
+    a = bb.scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    s = (1 - bb.scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    torch.testing.assert_close(bb.target(x0, noise, t), a * noise - s * x0)
+    torch.testing.assert_close(bb.add_noise(x0, noise, t), a * x0 + s * noise)
+
+
+def test_pixart_drops_variance_channels(pixart_path):
+    bb = load_backbone("pixart", pixart_path, max_sequence_length=12)
+    x0, noise, t, out = _roundtrip(bb)
+    assert bb.denoiser.config.out_channels == 8 and out.shape == x0.shape
+    assert bb.encode_prompts(["a cat"])["encoder_attention_mask"].shape == (1, 12)
+
+
+def test_sd3_flow_matching(sd3_path):
+    bb = load_backbone("sd3", sd3_path, max_sequence_length=8)
+    assert len(bb.text_encoders) == 3
+    x0, noise, t, out = _roundtrip(bb)
+    assert t.is_floating_point() and ((t >= 100) & (t < 300)).all()
+    s = (t / 1000).view(-1, 1, 1, 1)
+    torch.testing.assert_close(bb.add_noise(x0, noise, t), (1 - s) * x0 + s * noise)
+    torch.testing.assert_close(bb.target(x0, noise, t), noise - x0)
+    cond = cat_cond([bb.encode_prompts(["a"]), bb.encode_prompts(["b"])])
+    assert cond["encoder_hidden_states"].shape == (2, 16 + 8, 32)  # 16 CLIP tokens + 8 T5 tokens
+    assert cond["pooled_projections"].shape == (2, 16)
+
+
+def test_sd3_without_t5(tmp_path):
+    bb = load_backbone("sd3", tiny_dit.build_sd3_pipeline(tmp_path), max_sequence_length=4)
+    assert len(bb.text_encoders) == 2
+    assert bb.encode_prompts(["a"])["encoder_hidden_states"][:, 16:].abs().sum() == 0
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="backbone kind"):
+        load_backbone("gan", tmp_path)
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        load_backbone("unet", tmp_path / "nope")
+
+
+def test_sampler_switches_experts_and_stock_pipeline_hook(sd_pipeline_path):
+    from diffusers import StableDiffusionPipeline
+
+    bb = load_backbone("unet", sd_pipeline_path)
+    tsm = attach(bb.denoiser, TSMConfig(rank=2, scales=(4,)))
+    perturb(tsm)
+    tsm.set_mode("expert", scale=4)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    with_experts = bb.sample(["a cat"], tsm=tsm, steps=3, generator=g())
+    tsm.set_mode("off")
+    base = bb.sample(["a cat"], steps=3, generator=g())
+    assert with_experts.shape == (1, 3, 16, 16) and not torch.allclose(with_experts, base)
+
+    tsm.set_mode("expert", scale=4)
+    pipe = StableDiffusionPipeline.from_pretrained(sd_pipeline_path, unet=bb.denoiser, safety_checker=None)
+    with pytest.raises(TimestepContextError):
+        pipe(["a cat"], num_inference_steps=2, output_type="latent")
+    calls = []
+    bb.denoiser.register_forward_pre_hook(lambda m, a, k: calls.append(tsm.context.current().index[4].tolist()),
+                                          with_kwargs=True)
+    with route_by_timestep(pipe.unet, tsm):
+        pipe(["a cat"], num_inference_steps=2, guidance_scale=1.0, output_type="latent")
+    assert not tsm.context.active
+    # two steps from the top and the middle: experts 3 then 1 (timesteps 999 / 500 region)
+    assert calls[0][0] > calls[-1][0]

@@ -1,0 +1,468 @@
+"""Diffusion backbones behind one interface, so one trainer (and one sampler) serves every family.
+
+A `Backbone` hides how a model family encodes prompts, noises its inputs and computes its training
+target:
+
+- ``"unet"``: Stable Diffusion 1.x / 2.x folders (UNet2DConditionModel + CLIP text encoder), DDPM
+  noise, epsilon or v prediction (read from the scheduler config). Pixel-space pipelines without a
+  VAE (the embedded Fashion-MNIST teacher) work too: `Backbone.vae_encode` is then the identity.
+- ``"pixart"``: PixArt-alpha (PixArtTransformer2DModel + T5 encoder), DDPM noise, epsilon target;
+  the learned-variance half of the output is dropped, as in diffusers' PixArt LoRA scripts.
+- ``"sd3"``: SD3 (SD3Transformer2DModel + two CLIPTextModelWithProjection + optional T5), rectified
+  flow ``x_t = (1 - s) x0 + s noise`` with target ``noise - x0``. The timestep is ``t = s * 1000``,
+  a float in ``[0, 1000]``, which is what the transformer and the TSM intervals receive.
+
+Everything loads with ``from_pretrained(path_or_hub_id, subfolder=...)``; nothing else downloads.
+The DMD2 trainer can reuse the UNet backbone: it only needs ``denoiser``, ``encode_prompts``,
+``add_noise``, ``predict`` and the scheduler.
+
+    bb = load_backbone("unet", "path/to/sd15")
+    cond = bb.encode_prompts(["a photo of a cat"])
+    x0 = bb.vae_encode(pixels)
+    t = bb.sample_timesteps(len(x0), 0, 1000)
+    noise = torch.randn_like(x0)
+    loss = F.mse_loss(bb.predict(bb.add_noise(x0, noise, t), t, cond), bb.target(x0, noise, t))
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+KINDS = ("unet", "pixart", "sd3")
+_HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+
+Cond = dict[str, torch.Tensor]
+
+
+def cat_cond(conds: list[Cond]) -> Cond:
+    """Concatenate prompt conditionings (dicts of batch-first tensors) along the batch."""
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+def repeat_cond(cond: Cond, n: int) -> Cond:
+    """Repeat a one-prompt conditioning ``n`` times along the batch."""
+    return {k: v.expand(n, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in cond.items()}
+
+
+def _check_source(path: str | os.PathLike) -> str:
+    """Local folders must exist; hub ids ("org/name") pass through to ``from_pretrained``."""
+    text = os.fspath(path)
+    if Path(text).exists():
+        return text
+    if _HUB_ID.match(text) and not text.startswith((".", "/")):
+        return text
+    raise FileNotFoundError(f"model folder not found: {text!r}; give a diffusers pipeline folder "
+                            f"(with model_index.json) or a hub id like 'org/name'")
+
+
+def _load(cls, path: str, subfolder: str, **kw):
+    try:
+        return cls.from_pretrained(path, subfolder=subfolder, **kw)
+    except OSError as e:
+        raise FileNotFoundError(f"could not load {cls.__name__} from {path!r}/{subfolder}: {e}. Is it a "
+                                f"complete pipeline folder? Downloads are impossible offline.") from e
+
+
+def _component_present(path: str, name: str) -> bool:
+    """Whether the pipeline's model_index.json names a component ``name`` (False when it is null)."""
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(path)
+    entry = index.get(name)
+    return isinstance(entry, (list, tuple)) and entry[0] is not None
+
+
+class Backbone:
+    """One diffusion model family: denoiser, text encoder(s), tokenizer(s), optional VAE, scheduler.
+
+    Subclasses implement `encode_prompts`, `predict`, `add_noise`, `target`, `sample_timesteps`
+    and `sampling_scheduler`. Attributes:
+
+    - ``denoiser``: the UNet / transformer (attach TSM here);
+    - ``text_encoders``: list of text encoders (attach text-encoder experts here);
+    - ``vae``: AutoencoderKL or None (pixel space);
+    - ``scheduler``: the noise scheduler used for training (DDPM or flow matching);
+    - ``num_timesteps``: T (1000), the range the TSM intervals split.
+    """
+
+    kind: str = ""
+    num_timesteps: int = 1000
+    prediction_type: str = "epsilon"
+
+    def __init__(self, denoiser: nn.Module, text_encoders: list[nn.Module], tokenizers: list[Any],
+                 vae: nn.Module | None, scheduler: Any, path: str = ""):
+        self.denoiser = denoiser
+        self.text_encoders = text_encoders
+        self.tokenizers = tokenizers
+        self.vae = vae
+        self.scheduler = scheduler
+        self.path = path
+        for m in self.modules():
+            m.requires_grad_(False)
+            m.eval()
+
+    # ------------------------------------------------------------------ modules
+    def modules(self) -> list[nn.Module]:
+        """Every network of the backbone (denoiser, text encoders, VAE)."""
+        return [m for m in (self.denoiser, *self.text_encoders, self.vae) if m is not None]
+
+    def to(self, device, dtype: torch.dtype | None = None) -> Backbone:
+        """Move every network to ``device`` (and the frozen VAE / text encoders to ``dtype``)."""
+        for m in self.modules():
+            m.to(device)
+        if dtype is not None and self.vae is not None:
+            self.vae.to(dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    def enable_gradient_checkpointing(self, text_encoders: bool = False) -> None:
+        """Turn on activation checkpointing in the denoiser (and the text encoders when asked)."""
+        self.denoiser.enable_gradient_checkpointing()
+        if text_encoders:
+            for te in self.text_encoders:
+                te.gradient_checkpointing_enable()
+
+    # ------------------------------------------------------------------ latents
+    @property
+    def latent_channels(self) -> int:
+        return self.denoiser.config.in_channels
+
+    @property
+    def vae_scale(self) -> int:
+        """How many pixels one latent covers per side (1 in pixel space)."""
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def vae_encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pixels in [-1, 1] -> model inputs (scaled latents; the pixels themselves without a VAE).
+
+        With ``generator=None`` the latent is the distribution mean (deterministic, used for caching).
+        """
+        if self.vae is None:
+            return pixels
+        with torch.no_grad():
+            dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+            z = dist.mean if generator is None else dist.sample(generator)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return ((z - shift) * self.vae.config.scaling_factor).float()
+
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Model inputs -> pixels in [-1, 1] (identity without a VAE)."""
+        if self.vae is None:
+            return latents.clamp(-1, 1)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        z = latents / self.vae.config.scaling_factor + shift
+        with torch.no_grad():
+            return self.vae.decode(z.to(self.vae.dtype)).sample.float().clamp(-1, 1)
+
+    # ------------------------------------------------------------------ diffusion
+    def sample_timesteps(self, batch: int, lo: int = 0, hi: int | None = None,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+        """Uniform training timesteps in ``[lo, hi)`` (default the whole ``[0, T)``), one per sample."""
+        hi = self.num_timesteps if hi is None else hi
+        if not 0 <= lo < hi <= self.num_timesteps:
+            raise ValueError(f"timestep range [{lo}, {hi}) must lie inside [0, {self.num_timesteps})")
+        return torch.randint(lo, hi, (batch,), generator=generator)
+
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """Prompts -> conditioning dict passed to `predict` (gradients flow when encoders train)."""
+        raise NotImplementedError
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The denoiser's output in the parameterisation of `target`."""
+        raise NotImplementedError
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The noisy input x_t at per-sample timesteps ``t``."""
+        raise NotImplementedError
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The regression target of the diffusion loss."""
+        raise NotImplementedError
+
+    def sampling_scheduler(self):
+        """A fresh scheduler for inference (DDIM for DDPM models, the flow-matching Euler scheduler for SD3)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(self, prompts: list[str], tsm=None, steps: int = 20, guidance_scale: float = 1.0,
+               generator: torch.Generator | None = None, size: int | None = None,
+               reencode_prompts: bool = False) -> torch.Tensor:
+        """Generate images (B, 3, H, W) in [-1, 1] with the TSM experts switched per step.
+
+        Every denoiser call runs inside ``tsm.timesteps(t)`` with the step's timestep, so stage-1
+        experts switch per step and the stage-2 router sees t. ``reencode_prompts`` re-encodes the
+        prompts under each step's timestep, needed when the text encoders carry experts too.
+        ``guidance_scale > 1`` uses classifier-free guidance with the "" prompt.
+        """
+        device = self.device
+        n = len(prompts)
+        size = size or self.denoiser.config.sample_size * self.vae_scale
+        if size % self.vae_scale:
+            raise ValueError(f"image size {size} must be a multiple of the VAE factor {self.vae_scale}")
+        scheduler = self.sampling_scheduler()
+        scheduler.set_timesteps(steps, device=device)
+        side = size // self.vae_scale
+        x = torch.randn((n, self.latent_channels, side, side), generator=generator).to(device)
+        x = x * getattr(scheduler, "init_noise_sigma", 1.0)
+        cfg = guidance_scale > 1.0
+        texts = ([""] * n + list(prompts)) if cfg else list(prompts)
+
+        def encode(t_batch):
+            with (tsm.timesteps(t_batch) if (tsm is not None and reencode_prompts) else nullcontext()):
+                return self.encode_prompts(texts)
+
+        cond = None if reencode_prompts else encode(None)
+        for t in scheduler.timesteps:
+            tb = t.reshape(1).expand(len(texts)).cpu()
+            if reencode_prompts:
+                cond = encode(tb)
+            xin = torch.cat([x, x]) if cfg else x
+            if hasattr(scheduler, "scale_model_input"):
+                xin = scheduler.scale_model_input(xin, t)
+            with (tsm.timesteps(tb) if tsm is not None else nullcontext()):
+                out = self.predict(xin, tb.to(device), cond)
+            if cfg:
+                u, c = out.chunk(2)
+                out = u + guidance_scale * (c - u)
+            x = scheduler.step(out, t, x).prev_sample
+        return self.vae_decode(x)
+
+
+# ----------------------------------------------------------------------------- UNet (SD1.5 / SD2)
+
+
+class UNetBackbone(Backbone):
+    """Stable Diffusion 1.x/2.x: UNet2DConditionModel, CLIP text encoder, DDPM noise (eps or v)."""
+
+    kind = "unet"
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.num_timesteps = int(self.scheduler.config.num_train_timesteps)
+        self.prediction_type = self.scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"UNet backbones train epsilon or v_prediction models; the scheduler config says "
+                             f"{self.prediction_type!r}")
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **_) -> UNetBackbone:
+        """Load ``unet``, ``text_encoder``, ``tokenizer``, ``scheduler`` and (if present) ``vae`` subfolders."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        path = _check_source(path)
+        unet = _load(UNet2DConditionModel, path, "unet")
+        te = _load(CLIPTextModel, path, "text_encoder")
+        tok = _load(AutoTokenizer, path, "tokenizer")
+        # Whatever scheduler the pipeline ships (PNDM for SD1.5), training noise is DDPM with its betas.
+        sched = _load(DDPMScheduler, path, "scheduler")
+        vae = _load(AutoencoderKL, path, "vae") if _component_present(path, "vae") else None
+        return cls(unet, [te], [tok], vae, sched, path=path)
+
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        tok, te = self.tokenizers[0], self.text_encoders[0]
+        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(self.device)
+        return {"encoder_hidden_states": te(ids)[0]}
+
+    def predict(self, x_t, t, cond):
+        return self.denoiser(x_t, t.to(x_t.device), encoder_hidden_states=cond["encoder_hidden_states"]).sample
+
+    def add_noise(self, x0, noise, t):
+        return self.scheduler.add_noise(x0, noise, t.to(x0.device))
+
+    def target(self, x0, noise, t):
+        if self.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(x0, noise, t.to(x0.device))
+        return noise
+
+    def sampling_scheduler(self):
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(self.scheduler.config, timestep_spacing="trailing",
+                                         set_alpha_to_one=False)
+
+
+# ----------------------------------------------------------------------------- PixArt-alpha
+
+
+class PixArtBackbone(UNetBackbone):
+    """PixArt-alpha: PixArtTransformer2DModel + T5 encoder, DDPM noise, epsilon target."""
+
+    kind = "pixart"
+
+    def __init__(self, *a, max_sequence_length: int = 120, **kw):
+        super().__init__(*a, **kw)
+        self.max_sequence_length = max_sequence_length
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, max_sequence_length: int | None = None, **_) -> PixArtBackbone:
+        """Load ``transformer``, ``text_encoder`` (T5), ``tokenizer``, ``scheduler`` and ``vae`` subfolders."""
+        from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        path = _check_source(path)
+        return cls(_load(PixArtTransformer2DModel, path, "transformer"),
+                   [_load(T5EncoderModel, path, "text_encoder")], [_load(AutoTokenizer, path, "tokenizer")],
+                   _load(AutoencoderKL, path, "vae"), _load(DDPMScheduler, path, "scheduler"), path=path,
+                   max_sequence_length=max_sequence_length or 120)
+
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        tok, te = self.tokenizers[0], self.text_encoders[0]
+        enc = tok(list(prompts), padding="max_length", max_length=self.max_sequence_length, truncation=True,
+                  return_tensors="pt")
+        ids, mask = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
+        return {"encoder_hidden_states": te(ids, attention_mask=mask)[0], "encoder_attention_mask": mask}
+
+    def predict(self, x_t, t, cond):
+        out = self.denoiser(x_t, encoder_hidden_states=cond["encoder_hidden_states"],
+                            encoder_attention_mask=cond["encoder_attention_mask"], timestep=t.to(x_t.device),
+                            added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        c = x_t.shape[1]
+        return out[:, :c] if out.shape[1] == 2 * c else out  # drop the learned-variance channels
+
+
+# ----------------------------------------------------------------------------- SD3 (MM-DiT)
+
+
+class SD3Backbone(Backbone):
+    """SD3: SD3Transformer2DModel, two CLIP encoders with projection, optional T5; rectified flow."""
+
+    kind = "sd3"
+    prediction_type = "flow"
+
+    def __init__(self, *a, max_sequence_length: int = 256, **kw):
+        super().__init__(*a, **kw)
+        self.max_sequence_length = max_sequence_length
+        self.num_timesteps = int(self.scheduler.config.num_train_timesteps)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, max_sequence_length: int | None = None, **_) -> SD3Backbone:
+        """Load ``transformer``, ``text_encoder``/``_2`` (CLIP), optional ``text_encoder_3`` (T5), tokenizers,
+        ``scheduler`` and ``vae`` subfolders."""
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+
+        path = _check_source(path)
+        tes = [_load(CLIPTextModelWithProjection, path, "text_encoder"),
+               _load(CLIPTextModelWithProjection, path, "text_encoder_2")]
+        toks = [_load(AutoTokenizer, path, "tokenizer"), _load(AutoTokenizer, path, "tokenizer_2")]
+        if _component_present(path, "text_encoder_3"):
+            tes.append(_load(T5EncoderModel, path, "text_encoder_3"))
+            toks.append(_load(AutoTokenizer, path, "tokenizer_3"))
+        return cls(_load(SD3Transformer2DModel, path, "transformer"), tes, toks, _load(AutoencoderKL, path, "vae"),
+                   _load(FlowMatchEulerDiscreteScheduler, path, "scheduler"), path=path,
+                   max_sequence_length=max_sequence_length or 256)
+
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        prompts = list(prompts)
+        hidden, pooled = [], []
+        for tok, te in zip(self.tokenizers[:2], self.text_encoders[:2]):
+            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(self.device)
+            out = te(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])  # the penultimate layer, as SD3 was trained
+            pooled.append(out.text_embeds)
+        clip = torch.cat(hidden, dim=-1)
+        joint = self.denoiser.config.joint_attention_dim
+        clip = nn.functional.pad(clip, (0, joint - clip.shape[-1]))
+        if len(self.text_encoders) == 3:
+            ids = self.tokenizers[2](prompts, padding="max_length", max_length=self.max_sequence_length,
+                                     truncation=True, return_tensors="pt").input_ids.to(self.device)
+            t5 = self.text_encoders[2](ids)[0]
+        else:  # no T5: zeros, as diffusers' SD3 pipeline does
+            t5 = torch.zeros(len(prompts), self.max_sequence_length, joint, device=self.device, dtype=clip.dtype)
+        return {"encoder_hidden_states": torch.cat([clip, t5], dim=-2), "pooled_projections": torch.cat(pooled, -1)}
+
+    def sample_timesteps(self, batch, lo=0, hi=None, generator=None):
+        """Continuous ``t = sigma * T`` uniform in ``[lo, hi)`` (floats, routed onto the same intervals)."""
+        hi = self.num_timesteps if hi is None else hi
+        if not 0 <= lo < hi <= self.num_timesteps:
+            raise ValueError(f"timestep range [{lo}, {hi}) must lie inside [0, {self.num_timesteps})")
+        u = torch.rand(batch, generator=generator)
+        return (lo + u * (hi - lo)).clamp(max=hi - 1e-3)
+
+    def _sigma(self, t, x):
+        return (t.float() / self.num_timesteps).to(x.device).view(-1, *([1] * (x.ndim - 1)))
+
+    def add_noise(self, x0, noise, t):
+        s = self._sigma(t, x0)
+        return (1 - s) * x0 + s * noise
+
+    def target(self, x0, noise, t):
+        return noise - x0
+
+    def predict(self, x_t, t, cond):
+        return self.denoiser(hidden_states=x_t, timestep=t.float().to(x_t.device),
+                             encoder_hidden_states=cond["encoder_hidden_states"],
+                             pooled_projections=cond["pooled_projections"]).sample
+
+    def sampling_scheduler(self):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
+
+
+_CLASSES = {"unet": UNetBackbone, "pixart": PixArtBackbone, "sd3": SD3Backbone}
+
+
+def load_backbone(kind: str, path: str | os.PathLike, max_sequence_length: int | None = None) -> Backbone:
+    """Load a diffusers pipeline folder (or hub id) as a `Backbone` of family ``kind``.
+
+    Args:
+        kind: "unet" (SD1.5 / SD2, also pixel-space pipelines without a VAE), "pixart" or "sd3".
+        path: the pipeline folder or hub id.
+        max_sequence_length: T5 prompt length (PixArt default 120, SD3 default 256).
+
+    Raises:
+        ValueError: an unknown kind.
+        FileNotFoundError: the folder (or one of its components) is missing.
+    """
+    if kind not in _CLASSES:
+        raise ValueError(f"backbone kind must be one of {list(KINDS)}, got {kind!r}")
+    return _CLASSES[kind].from_pretrained(path, max_sequence_length=max_sequence_length)
+
+
+@contextmanager
+def route_by_timestep(denoiser: nn.Module, tsm):
+    """Make a stock diffusers pipeline TSM-aware: each denoiser call enters ``tsm.timesteps(t)``.
+
+    The timestep the pipeline passes (positional argument 1, or ``timestep=``) is broadcast to the
+    batch, so experts switch per step and the stage-2 router sees t. Use it when text encoders carry
+    no experts (the pipeline encodes prompts once, outside any timestep).
+
+        with route_by_timestep(pipe.unet, tsm):
+            images = pipe(prompts, num_inference_steps=20).images
+    """
+
+    def pre(module, args, kwargs):
+        t = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        x = kwargs.get("hidden_states", kwargs.get("sample", args[0] if args else None))
+        t = torch.as_tensor(t).reshape(-1).cpu()
+        if t.numel() == 1:
+            t = t.expand(x.shape[0])
+        tsm.context.push(t)
+
+    def post(module, args, kwargs, output):
+        tsm.context.pop()
+
+    h1 = denoiser.register_forward_pre_hook(pre, with_kwargs=True, prepend=True)  # before other hooks
+    h2 = denoiser.register_forward_hook(post, with_kwargs=True)
+    try:
+        yield denoiser
+    finally:
+        h1.remove()
+        h2.remove()
