@@ -97,42 +97,33 @@ class TSMAdapter:
         return self
 
     # ------------------------------------------------------------------ parameters
+    def named_adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(key, parameter) for every expert and router, keyed ``<layer>.lora_A.s4_e3`` / ``<layer>.router_emb``."""
+        for name, layer in self.layers.items():
+            for k, p in layer.lora_A.items():
+                yield f"{name}.lora_A.{k}", p
+            for k, p in layer.lora_B.items():
+                yield f"{name}.lora_B.{k}", p
+            for k in ("router_fc", "router_emb"):
+                if getattr(layer, k) is not None:
+                    yield f"{name}.{k}", getattr(layer, k)
+
     def adapter_parameters(self) -> Iterator[nn.Parameter]:
         """Every expert and router parameter, trainable or not."""
-        for layer in self.layers.values():
-            yield from layer.lora_A.values()
-            yield from layer.lora_B.values()
-            for p in (layer.router_fc, layer.router_emb):
-                if p is not None:
-                    yield p
+        return (p for _, p in self.named_adapter_parameters())
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """The parameters the current mode trains (pass these to the optimizer)."""
         return (p for p in self.adapter_parameters() if p.requires_grad)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Expert and router tensors keyed ``<layer>.lora_A.s4_e3`` / ``<layer>.router_emb``."""
-        out = {}
-        for name, layer in self.layers.items():
-            for k, p in layer.lora_A.items():
-                out[f"{name}.lora_A.{k}"] = p.detach()
-            for k, p in layer.lora_B.items():
-                out[f"{name}.lora_B.{k}"] = p.detach()
-            for k in ("router_fc", "router_emb"):
-                p = getattr(layer, k)
-                if p is not None:
-                    out[f"{name}.{k}"] = p.detach()
-        return out
+        """Expert and router tensors (detached views that share storage with the parameters)."""
+        return {k: p.detach() for k, p in self.named_adapter_parameters()}
 
     @torch.no_grad()
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy tensors from :meth:`state_dict` back in; every key must match a parameter of the same shape."""
-        own = {}
-        for name, layer in self.layers.items():
-            for k, p in layer.lora_A.items():
-                own[f"{name}.lora_A.{k}"] = p
-            for k, p in layer.lora_B.items():
-                own[f"{name}.lora_B.{k}"] = p
+        own = {k: p for k, p in self.named_adapter_parameters() if not k.endswith((".router_fc", ".router_emb"))}
         routers = {k for k in tensors if k.endswith((".router_fc", ".router_emb"))}
         for key in routers:
             name, attr = key.rsplit(".", 1)
@@ -188,6 +179,22 @@ class TSMAdapter:
             for layer in self.layers.values():
                 layer.unmerge()
             self.context.pop()
+
+    @contextmanager
+    def bypass(self):
+        """Run the base model inside the block, leaving modes and trainable flags untouched.
+
+        DMD2 uses this to evaluate the frozen teacher (the *real* score) with the generator's own
+        weights, so the teacher is not held in memory twice.
+        """
+        saved = {name: layer.mode for name, layer in self.layers.items()}
+        for layer in self.layers.values():
+            layer.mode = "off"
+        try:
+            yield self
+        finally:
+            for name, layer in self.layers.items():
+                layer.mode = saved[name]
 
     # ------------------------------------------------------------------ gates
     @contextmanager

@@ -1,0 +1,133 @@
+"""The DMD2 distillation recipe: nested dataclasses loaded from YAML by ``tsm_core.train.recipe``.
+
+One recipe = one run. ``phases`` lists the schedule; the paper's A.3 schedule is
+``recipes/sd15_dmd2_tsm.yaml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+A3_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+              "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+
+
+@dataclass
+class ExpertsConfig:
+    """The generator's TSM experts (tsm_core.TSMConfig fields)."""
+
+    rank: int = 64
+    alpha: float = 8.0
+    scales: list[int] = field(default_factory=lambda: [1, 4])
+    target_modules: list[str] = field(default_factory=lambda: list(A3_TARGETS))
+    dropout: float = 0.0
+    router_input: Literal["features", "timestep", "both"] = "both"
+    router_activation: Literal["none", "sigmoid", "softmax"] = "none"
+    init_from: str | None = None
+    """A saved TSM adapter (e.g. the vanilla-LoRA run's final adapter) to copy experts from."""
+    init_scales: list[int] = field(default_factory=list)
+    """Which scales to copy from ``init_from`` (e.g. [1]: the LoRA run as the n = 1 context expert)."""
+
+
+@dataclass
+class CriticConfig:
+    """The fake score model and GAN head."""
+
+    lora_rank: int | None = None
+    """None: train a full copy of the teacher (DMD2's default); int: a peft LoRA of that rank."""
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    diffusion_gan: bool = False
+    """Noise real and fake inputs of D at a random timestep (DMD2's diffusion-GAN option)."""
+    diffusion_gan_max_timestep: int = 1000
+
+
+@dataclass
+class DataConfig:
+    prompts: str = ""
+    """Prompt file (.txt, one per line, or .jsonl with text/prompt/caption), or 'builtin:fmnist'."""
+    real_images: str | None = None
+    """Real images for the GAN: a .pt/.safetensors latent cache, an image folder with metadata.jsonl,
+    webdataset shards (.tar pattern), or 'builtin:fmnist'. Needed only by GAN phases."""
+    resolution: int = 512
+    sample_prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a red car on a road"])
+
+
+@dataclass
+class PhaseConfig:
+    """One phase of the schedule (paper A.3: each expert without, then with, the GAN; then the router)."""
+
+    name: str
+    iterations: int
+    mode: Literal["expert", "mixture"] = "expert"
+    scale: int | None = None
+    """Expert mode: the scale whose experts route the generator."""
+    experts: list[int] | None = None
+    """Expert mode: the experts of ``scale`` this phase trains (None: all)."""
+    student_steps: list[int] | None = None
+    """Student step indices k trained in this phase (None: those whose timestep falls in a trained
+    expert's interval; every step in mixture mode)."""
+    core_scale: int | None = None
+    context_scales: list[int] | None = None
+    gan: bool = False
+    batch_size: int = 32
+    lr_generator: float = 1e-5
+    lr_critic: float = 1e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 500
+    fake_updates_per_generator_update: int = 10
+    gan_generator_weight: float = 1e-3
+    gan_critic_weight: float = 1e-2
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    ema_decay: float | None = None
+    max_grad_norm: float = 10.0
+    real_guidance_scale: float = 1.75
+    min_step_percent: float = 0.02
+    max_step_percent: float = 0.98
+    checkpoint_every: int = 500
+    keep_last: int = 3
+    log_every: int = 10
+    sample_every: int = 1000
+    sample_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    threads: int | None = None
+
+
+@dataclass
+class DistillRecipe:
+    teacher: str
+    """A diffusers pipeline folder or hub id (SD1.5 family; a pixel-space pipeline without VAE works too)."""
+    phases: list[PhaseConfig]
+    student_timesteps: list[int] = field(default_factory=lambda: [999, 749, 499, 249])
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        from .rollout import check_student_timesteps
+
+        check_student_timesteps(self.student_timesteps)
+        if not self.phases:
+            raise ValueError("a recipe needs at least one phase")
+        scales = set(self.experts.scales)
+        for i, ph in enumerate(self.phases):
+            where = f"phases[{i}] ({ph.name!r})"
+            if ph.iterations < 0 or ph.batch_size < 1 or ph.fake_updates_per_generator_update < 1:
+                raise ValueError(f"{where}: iterations >= 0, batch_size >= 1 and fake_updates_per_generator_update >= 1")
+            if ph.mode == "expert":
+                if ph.scale not in scales:
+                    raise ValueError(f"{where}: scale {ph.scale!r} is not one of experts.scales {sorted(scales)}")
+                bad = [e for e in (ph.experts or []) if not 0 <= e < ph.scale]
+                if bad:
+                    raise ValueError(f"{where}: scale {ph.scale} has experts 0..{ph.scale - 1}; no expert {bad}")
+            if ph.student_steps is not None:
+                bad = [k for k in ph.student_steps if not 0 <= k < len(self.student_timesteps)]
+                if bad or not ph.student_steps:
+                    raise ValueError(f"{where}: student_steps must be non-empty indices into "
+                                     f"{self.student_timesteps}; bad: {bad}")

@@ -1,0 +1,89 @@
+"""Prompt and real-image sources for distillation, sampled with an explicit generator.
+
+Batches are drawn by index with a ``torch.Generator`` whose state lives in the checkpoint, so a
+resumed run sees exactly the prompts an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+BUILTIN_FMNIST = "builtin:fmnist"
+
+
+class PromptSource:
+    """Prompts from a .txt/.jsonl file, or the Fashion-MNIST class prompts (``builtin:fmnist``)."""
+
+    def __init__(self, spec: str):
+        if not spec:
+            raise ValueError("data.prompts is empty: give a prompt file (.txt or .jsonl) or 'builtin:fmnist'")
+        if spec == BUILTIN_FMNIST:
+            from tsm_core.train.fmnist import CLASS_NAMES, TEMPLATES, prompt_for
+
+            self.prompts = [prompt_for(c, k) for c in range(len(CLASS_NAMES)) for k in range(len(TEMPLATES))]
+        else:
+            from tsm_core.train.data import read_prompts
+
+            self.prompts = read_prompts(spec)
+
+    def sample(self, n: int, generator: torch.Generator) -> list[str]:
+        idx = torch.randint(len(self.prompts), (n,), generator=generator)
+        return [self.prompts[i] for i in idx.tolist()]
+
+
+class RealSource:
+    """Real samples in model space (VAE latents, or pixels for a pixel-space teacher) for D.
+
+    ``spec`` is a latent cache (``.pt`` tensor or ``.safetensors`` with key ``latents``), ``builtin:fmnist``,
+    an image folder with ``metadata.jsonl``, or webdataset shards (``*.tar`` pattern). Folders and
+    shards are VAE-encoded on the fly by ``encode`` (the teacher's ``encode_images``).
+    """
+
+    def __init__(self, spec: str, resolution: int, encode=None):
+        self.cache: torch.Tensor | None = None
+        self._iter = None
+        self.encode = encode
+        if spec == BUILTIN_FMNIST:
+            from tsm_core.train.fmnist import load_fashion_mnist, to_model_space
+
+            images, _ = load_fashion_mnist("train")
+            self.cache = to_model_space(images)
+            return
+        path = Path(spec)
+        if spec.endswith((".pt", ".safetensors")):
+            if not path.exists():
+                raise FileNotFoundError(f"real-latent cache {path} does not exist")
+            if spec.endswith(".pt"):
+                self.cache = torch.load(path, map_location="cpu", weights_only=True)
+            else:
+                from safetensors.torch import load_file
+
+                self.cache = load_file(path)["latents"]
+            if self.cache.ndim != 4 or len(self.cache) == 0:
+                raise ValueError(f"{path} must hold a non-empty (N, C, H, W) tensor, got {tuple(self.cache.shape)}")
+            return
+        if ".tar" in spec:
+            from tsm_core.train.data import webdataset_image_text
+
+            self.dataset = webdataset_image_text(spec, resolution, shuffle=1000)
+        else:
+            from tsm_core.train.data import ImageTextFolder
+
+            self.dataset = ImageTextFolder(spec, resolution)
+        if encode is None:
+            raise ValueError("image folders and shards need an encoder (the teacher's VAE) to make latents")
+
+    def sample(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
+        if self.cache is not None:
+            idx = torch.randint(len(self.cache), (n,), generator=generator)
+            return self.cache[idx].to(device)
+        from tsm_core.train.data import collate_image_text, infinite
+
+        if self._iter is None:
+            loader = torch.utils.data.DataLoader(self.dataset, batch_size=n, collate_fn=collate_image_text,
+                                                 drop_last=True)
+            self._iter = infinite(loader)
+        batch = next(self._iter)
+        return self.encode(batch["pixel_values"].to(device))

@@ -1,0 +1,57 @@
+"""Backward simulation and few-step sampling through the student's timesteps (DMD2 section 4.5).
+
+The student denoises at fixed timesteps, e.g. [999, 749, 499, 249]. To train step k on the inputs it
+meets at inference, steps 0..k-1 are run first, without grad: predict x0, re-noise it with fresh noise
+to the next student timestep. ``predict_x0(x, t)`` must route the generator by ``t`` (each step's own
+expert, or the mixture), which it does when it runs inside ``tsm.timesteps(t)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .schedule import NoiseSchedule
+
+PredictX0 = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def check_student_timesteps(timesteps: Sequence[int], num_timesteps: int = 1000) -> list[int]:
+    """Student timesteps must be distinct ints in [0, T), in decreasing order."""
+    ts = list(timesteps)
+    if not ts:
+        raise ValueError("student_timesteps is empty; the paper's 4-step student uses [999, 749, 499, 249]")
+    for t in ts:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < num_timesteps:
+            raise ValueError(f"student timestep {t!r} is out of range: each must be an int in [0, {num_timesteps})")
+    if any(a <= b for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"student_timesteps must strictly decrease (noisiest first), got {ts}")
+    return ts
+
+
+def renoise(x0: torch.Tensor, t: int, schedule: NoiseSchedule, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fresh-noise ``x0`` to timestep ``t`` (the forward process q(x_t | x0))."""
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    return schedule.add_noise(x0, noise, torch.full((x0.shape[0],), t, device=x0.device))
+
+
+@torch.no_grad()
+def backward_simulation(predict_x0: PredictX0, noise: torch.Tensor, k: int, timesteps: Sequence[int],
+                        schedule: NoiseSchedule, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The student's input at step ``k``: pure noise for k = 0, else the rollout of steps 0..k-1."""
+    if not 0 <= k < len(timesteps):
+        raise ValueError(f"student step k={k} is outside 0..{len(timesteps) - 1}")
+    x = noise
+    for i in range(k):
+        x0 = predict_x0(x, timesteps[i])
+        x = renoise(x0, timesteps[i + 1], schedule, generator)
+    return x
+
+
+@torch.no_grad()
+def sample(predict_x0: PredictX0, noise: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Few-step sampling: the rollout through every student step, returning the last x0 estimate."""
+    x = backward_simulation(predict_x0, noise, len(timesteps) - 1, timesteps, schedule, generator)
+    return predict_x0(x, timesteps[-1])

@@ -1,0 +1,81 @@
+"""Few-step sampling with a trained student, and its use in a stock diffusers pipeline.
+
+* :func:`generate` runs the student exactly as it was trained (``rollout.sample``): predict x0 at each
+  student timestep through that step's expert (or the mixture), re-noise to the next one.
+* :func:`use_student_in_pipeline` plugs the same student into a stock ``StableDiffusionPipeline``:
+  it swaps in an ``LCMScheduler`` (predict x0, re-noise to the next timestep: the student's
+  sampler) and routes every UNet call by the timestep the pipeline passes to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .rollout import sample
+
+
+@torch.no_grad()
+def generate(teacher, tsm, prompts: Sequence[str], seeds: Sequence[int], timesteps: Sequence[int] = (999, 749, 499, 249),
+             batch_size: int = 16) -> torch.Tensor:
+    """Images in [-1, 1], (N, 3, H, W), one per (prompt, seed) pair, with the student's few-step sampler."""
+    from .student import Student
+
+    if len(prompts) != len(seeds):
+        raise ValueError(f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
+    student = Student(teacher.unet, tsm, teacher.schedule)
+    device = next(teacher.unet.parameters()).device
+    shape = (teacher.latent_channels, teacher.latent_size, teacher.latent_size)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ps, ss = list(prompts[i:i + batch_size]), list(seeds[i:i + batch_size])
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in ss]).to(device)
+        renoise_gen = torch.Generator(device=device).manual_seed(ss[0])
+        x0 = sample(student.predict_x0(teacher.encode_prompts(ps)), noise, timesteps, teacher.schedule, renoise_gen)
+        out.append(teacher.decode(x0).float().cpu())
+    return torch.cat(out)
+
+
+class TimestepRouting:
+    """Forward hooks that enter ``tsm.timesteps(t)`` around every call of ``unet`` with its own ``t``.
+
+    Inference only: the context lives for the forward call (no backward runs through it). Remove with
+    :meth:`remove`.
+    """
+
+    def __init__(self, unet, tsm):
+        self.tsm = tsm
+        self._handles = [unet.register_forward_pre_hook(self._enter, with_kwargs=True),
+                         unet.register_forward_hook(self._exit)]
+
+    def _enter(self, module, args, kwargs):
+        sample_ = args[0] if args else kwargs["sample"]
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        t = torch.as_tensor(t, device=sample_.device).reshape(-1)
+        self.tsm.context.push(t.expand(sample_.shape[0]) if t.numel() == 1 else t)
+
+    def _exit(self, module, args, output):
+        self.tsm.context.pop()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def use_student_in_pipeline(pipe, tsm, timesteps: Sequence[int] = (999, 749, 499, 249)) -> dict:
+    """Make a stock ``StableDiffusionPipeline`` sample with the student.
+
+    Returns the keyword arguments to call the pipeline with (``timesteps`` and ``guidance_scale=1``:
+    the student was distilled with the teacher's guidance built in)::
+
+        kwargs = use_student_in_pipeline(pipe, tsm)
+        image = pipe("a photo of a cat", **kwargs).images[0]
+    """
+    from diffusers import LCMScheduler
+
+    # LCM's step is the student's sampler: x0 from the model, then fresh noise to the next timestep.
+    # A huge timestep_scaling makes its boundary condition c_skip vanish at every student step.
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, timestep_scaling=1e6)
+    pipe._tsm_routing = TimestepRouting(pipe.unet, tsm)
+    return {"timesteps": list(timesteps), "guidance_scale": 1.0}

@@ -1,0 +1,396 @@
+"""DMD2 distillation of a few-step student with timestep LoRA experts (paper section 4.3, A.3).
+
+Each iteration: draw the student step k (shared by every process), roll the student out to step k
+(each earlier step through its own expert), then
+  * ``generator_step`` (every ``fake_updates_per_generator_update`` iterations): DMD loss (+ GAN) on
+    the trained experts or router only;
+  * ``critic_step`` (every iteration): fake-score denoising loss (+ GAN D loss) on fake and D only.
+Phases (``recipe.phases``) switch which experts train, whether the GAN is on, and the router phase.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+
+from tsm_core import TSMConfig, attach, load_adapter
+from tsm_core.train.checkpoint import CheckpointManager
+from tsm_core.train.ema import EMA
+from tsm_core.train.logging import RunLogger, progress, save_image_grid
+from tsm_core.train.recipe import save_recipe
+
+from . import losses
+from .config import DistillRecipe, PhaseConfig
+from .critic import Critic
+from .data import PromptSource, RealSource
+from .rollout import backward_simulation, sample
+from .student import Student
+from .teacher import load_teacher
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN/inf: the run stops and keeps its last good checkpoint."""
+
+
+def _seeded(*parts: int) -> torch.Generator:
+    # Stateless per-iteration randomness (k, prompts, real batches): a resumed run draws the same.
+    return torch.Generator().manual_seed(hash(tuple(parts)) & 0x7FFF_FFFF_FFFF)
+
+
+class DMD2Trainer:
+    """Runs a :class:`DistillRecipe` in ``run_dir``. Pass an ``accelerate.Accelerator`` to scale out."""
+
+    def __init__(self, recipe: DistillRecipe, run_dir: str | Path, accelerator=None):
+        from tsm_core.train.accel import make_accelerator
+
+        self.recipe, self.run_dir = recipe, Path(run_dir)
+        tc = recipe.train
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        self.acc = accelerator or make_accelerator(mixed_precision=tc.mixed_precision, run_dir=self.run_dir, seed=tc.seed)
+        self.device = self.acc.device
+        self.teacher = load_teacher(recipe.teacher)
+        T = self.teacher.schedule.num_timesteps
+        uses_gan = any(ph.gan for ph in recipe.phases)
+        # The fake score is copied from the clean teacher before the experts are attached.
+        self.critic = Critic(self.teacher.unet, recipe.critic.lora_rank, tuple(recipe.critic.lora_targets), uses_gan)
+        ec = recipe.experts
+        self.tsm = attach(self.teacher.unet, TSMConfig(
+            rank=ec.rank, alpha=ec.alpha, scales=tuple(ec.scales), target_modules=list(ec.target_modules),
+            dropout=ec.dropout, num_timesteps=T, router_input=ec.router_input, router_activation=ec.router_activation))
+        if ec.init_from:
+            self._init_experts(ec.init_from, ec.init_scales)
+        self.teacher.to(self.device)
+        self.critic.to(self.device)
+        if tc.gradient_checkpointing:
+            self.teacher.unet.enable_gradient_checkpointing()
+            self.critic.fake.enable_gradient_checkpointing()
+        self.student = Student(self.teacher.unet, self.tsm, self.teacher.schedule)
+        self.timesteps = list(recipe.student_timesteps)
+        if max(self.timesteps) >= T:
+            raise ValueError(f"student timestep {max(self.timesteps)} >= the teacher's {T} training timesteps")
+        self.uncond = self.teacher.encode_prompts([""])
+        self.prompts = PromptSource(recipe.data.prompts)
+        self.real = (RealSource(recipe.data.real_images, recipe.data.resolution, self.teacher.encode_images)
+                     if uses_gan else None)
+        if uses_gan and not recipe.data.real_images:
+            raise ValueError("a GAN phase needs data.real_images (latent cache, image folder, shards or builtin:fmnist)")
+        self.ema = EMA(self.tsm.state_dict(), tc.ema_decay) if tc.ema_decay else None
+        self.ckpt = CheckpointManager(self.run_dir, keep_last=tc.keep_last, accelerator=self.acc)
+        self.logger = RunLogger(self.run_dir, enabled=self.acc.is_main_process)
+        self.global_step = 0
+        self.phase_index = 0
+        self.phase_step = 0
+        self.seconds = {}
+
+    # ------------------------------------------------------------------ set-up
+    def _init_experts(self, path: str, scales: list[int]) -> None:
+        """Copy the experts of ``scales`` from a saved adapter (e.g. the LoRA run as the n = 1 context)."""
+        from tsm_core.serialization import read_adapter_file
+
+        tensors, _ = read_adapter_file(path)
+        own = self.tsm.state_dict()
+        keys = [k for k in tensors if any(f".s{s}_e" in k for s in scales)]
+        if not keys:
+            raise ValueError(f"{path} holds no experts at scales {scales}")
+        missing = [k for k in keys if k not in own]
+        if missing:
+            raise ValueError(f"{path} does not fit this generator (e.g. {missing[:2]}): same teacher and targets?")
+        with torch.no_grad():
+            for k in keys:
+                own[k].copy_(tensors[k])
+
+    def _phase_steps(self, ph: PhaseConfig) -> list[int]:
+        """Student steps trained in a phase: given, or those inside the trained experts' intervals."""
+        if ph.student_steps is not None:
+            return list(ph.student_steps)
+        if ph.mode == "mixture" or ph.scale == 1:
+            return list(range(len(self.timesteps)))
+        experts = set(ph.experts if ph.experts is not None else range(ph.scale))
+        idx = self.tsm.intervals.index(torch.tensor(self.timesteps), ph.scale).tolist()
+        steps = [k for k, e in enumerate(idx) if e in experts]
+        if not steps:
+            raise ValueError(f"phase {ph.name!r}: no student timestep of {self.timesteps} falls in experts "
+                             f"{sorted(experts)} of scale {ph.scale}; set student_steps explicitly")
+        return steps
+
+    def _enter_phase(self, index: int) -> None:
+        ph = self.recipe.phases[index]
+        if ph.mode == "expert":
+            self.tsm.set_mode("expert", scale=ph.scale, experts=ph.experts)
+        else:
+            self.tsm.set_mode("mixture", core_scale=ph.core_scale, context_scales=ph.context_scales)
+        self.phase, self.steps = ph, self._phase_steps(ph)
+        self.gen_params = list(self.tsm.trainable_parameters())
+        self.critic_params = [p for p in self.critic.parameters() if p.requires_grad]
+
+        def adamw(params, lr):
+            return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=ph.weight_decay)
+
+        def warmup(opt):
+            w = max(1, ph.warmup_steps)
+            return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / w))
+
+        self.gen_opt = self.acc.prepare(adamw(self.gen_params, ph.lr_generator))
+        self.critic_opt = self.acc.prepare(adamw(self.critic_params, ph.lr_critic))
+        self.gen_sched, self.critic_sched = warmup(self.gen_opt), warmup(self.critic_opt)
+
+    # ------------------------------------------------------------------ one iteration
+    def _sync_and_clip(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
+        """Average gradients over processes (no DDP wrapper: the trained set changes per phase), then clip."""
+        if self.acc.num_processes > 1:
+            import torch.distributed as dist
+
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+                p.grad.div_(self.acc.num_processes)
+        return self.acc.clip_grad_norm_(params, self.recipe.train.max_grad_norm)
+
+    def _d_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What D sees: x noised at t = 0, or at a random t with the diffusion-GAN option."""
+        B = x.shape[0]
+        cc = self.recipe.critic
+        if cc.diffusion_gan:
+            t = torch.randint(0, cc.diffusion_gan_max_timestep, (B,), device=x.device)
+        else:
+            t = torch.zeros(B, dtype=torch.long, device=x.device)
+        return self.teacher.schedule.add_noise(x, torch.randn_like(x), t), t
+
+    def generator_step(self, x_in: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> dict:
+        """DMD (+ GAN) update of the generator's trainable experts/router only. Returns detached x0 and logs."""
+        tc, ph, sched = self.recipe.train, self.phase, self.teacher.schedule
+        B = x_in.shape[0]
+        self.critic.requires_grad_(False)  # D's and fake's weights are constants in this step
+        logs = {}
+        try:
+            record = self.tsm.record_gates() if ph.mode == "mixture" else contextlib.nullcontext(None)
+            with self.tsm.timesteps(t), self.acc.autocast():
+                with record as gates:  # forward only: checkpoint recomputes in backward are not recorded
+                    x0 = self.student.x0(x_in, t, cond)
+                T = sched.num_timesteps
+                s = torch.randint(int(tc.min_step_percent * T), int(tc.max_step_percent * T) + 1, (B,), device=x0.device)
+                x_s = sched.add_noise(x0.detach(), torch.randn_like(x0), s)
+                with torch.no_grad():
+                    x0_fake = sched.to_x0(x_s, self.critic.predict(x_s, s, cond), s)
+                    x0_real = self.student.real_x0(x_s, s, cond, self.uncond, tc.real_guidance_scale)
+                loss = losses.dmd_loss(x0, x0_real, x0_fake)
+                logs["loss_dmd"] = loss.detach()
+                if ph.gan:
+                    d_in, d_t = self._d_input(x0)
+                    g_gan = losses.gan_generator_loss(self.critic.discriminate(d_in, d_t, self.uncond.expand_as(cond)))
+                    logs["loss_gan_generator"] = g_gan.detach()
+                    loss = loss + ph.gan_generator_weight * g_gan
+                self._check_finite(loss, "generator")
+                self.acc.backward(loss)  # inside tsm.timesteps: checkpoint recomputes route correctly
+        finally:
+            for p in self.critic_params:
+                p.requires_grad_(True)
+        logs["grad_norm_generator"] = self._sync_and_clip(self.gen_params)
+        self.gen_opt.step()
+        self.gen_sched.step()
+        self.gen_opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update({k: p for k, p in self.tsm.named_adapter_parameters() if p.requires_grad})
+        if gates:
+            logs.update(self._gate_stats(gates))
+        logs["x0"] = x0.detach()
+        return logs
+
+    def critic_step(self, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator) -> dict:
+        """Fake-score denoising (+ GAN D) update of fake and D only, on the generator's samples."""
+        ph, sched = self.phase, self.teacher.schedule
+        B = x0.shape[0]
+        x0 = x0.detach()
+        logs = {}
+        with self.acc.autocast():
+            t = torch.randint(0, sched.num_timesteps, (B,), device=x0.device)
+            noise = torch.randn_like(x0)
+            pred = self.critic.predict(sched.add_noise(x0, noise, t), t, cond)
+            loss = losses.fake_score_loss(pred, sched.target(x0, noise, t))
+            logs["loss_fake"] = loss.detach()
+            if ph.gan:
+                real = self.real.sample(B, generator, x0.device).to(x0.dtype)
+                uncond = self.uncond.expand_as(cond)
+                fake_logits = self.critic.discriminate(*self._d_input(x0), uncond)
+                real_logits = self.critic.discriminate(*self._d_input(real), uncond)
+                d_loss = losses.gan_discriminator_loss(fake_logits, real_logits)
+                logs["loss_gan_critic"] = d_loss.detach()
+                logs["d_accuracy"] = losses.discriminator_accuracy(fake_logits, real_logits)
+                loss = loss + ph.gan_critic_weight * d_loss
+        self._check_finite(loss, "critic")
+        self.acc.backward(loss)
+        logs["grad_norm_critic"] = self._sync_and_clip(self.critic_params)
+        self.critic_opt.step()
+        self.critic_sched.step()
+        self.critic_opt.zero_grad(set_to_none=True)
+        return logs
+
+    def iteration(self) -> dict:
+        """One DMD2 iteration of the current phase (student step k shared across processes)."""
+        ph, tc = self.phase, self.recipe.train
+        k = self.steps[int(torch.randint(len(self.steps), (1,), generator=_seeded(tc.seed, self.global_step)))]
+        data_gen = _seeded(tc.seed, self.global_step, self.acc.process_index, 1)
+        cond = self.teacher.encode_prompts(self.prompts.sample(ph.batch_size, data_gen))
+        shape = (ph.batch_size, self.teacher.latent_channels, self.teacher.latent_size, self.teacher.latent_size)
+        noise = torch.randn(shape, device=self.device)
+        x_in = backward_simulation(self.student.predict_x0(cond), noise, k, self.timesteps, self.teacher.schedule)
+        t = torch.full((ph.batch_size,), self.timesteps[k], device=self.device, dtype=torch.long)
+        if self.phase_step % ph.fake_updates_per_generator_update == 0:
+            logs = self.generator_step(x_in, t, cond)
+        else:
+            with torch.no_grad(), self.tsm.timesteps(t), self.acc.autocast():
+                logs = {"x0": self.student.x0(x_in, t, cond)}
+        logs.update(self.critic_step(logs.pop("x0"), cond, data_gen))
+        logs["student_step"] = k
+        return logs
+
+    # ------------------------------------------------------------------ helpers
+    def _gate_stats(self, gates: dict) -> dict:
+        """Mean gate per context expert over all layers, keyed by the student timestep."""
+        out = {}
+        means = [torch.cat([g for _, g in recs]).mean(0) for recs in gates.values() if recs]
+        ts = [torch.cat([t for t, _ in recs]) for recs in gates.values() if recs]
+        if means:
+            g = torch.stack(means).mean(0)
+            t = int(ts[0][0])
+            for j, s in enumerate(self.tsm.layers[next(iter(self.tsm.layers))].gated_scales):
+                out[f"gate/t{t}/scale{s}"] = g[j]
+        return out
+
+    def _check_finite(self, loss: torch.Tensor, which: str) -> None:
+        if not bool(torch.isfinite(loss)):
+            last = self.ckpt.latest()
+            raise NonFiniteLossError(
+                f"{which} loss is {loss.item()} at step {self.global_step} (phase {self.phase.name!r}); stopping. "
+                f"The last good checkpoint is {last or 'none (no checkpoint written yet)'}; lower the learning rate "
+                "or enable gradient clipping, then --resume."
+            )
+
+    def _state(self) -> dict:
+        return {"phase": self.phase_index, "phase_step": self.phase_step, "global_step": self.global_step,
+                "seconds": self.seconds}
+
+    def save_checkpoint(self, with_optimizers: bool = True) -> Path:
+        modules = {"generator": self.tsm.state_dict(),
+                   "critic": {k: v.detach() for k, v in self.critic.trainable_state().items()}}
+        if self.ema is not None:
+            modules["ema"] = self.ema.state_dict()
+        opts = {"generator": self.gen_opt, "critic": self.critic_opt} if with_optimizers else {}
+        scheds = {"generator": self.gen_sched, "critic": self.critic_sched} if with_optimizers else {}
+        return self.ckpt.save(self.global_step, modules, opts, scheds, self._state())
+
+    def _resume(self) -> None:
+        import json
+
+        path = self.ckpt.latest()
+        if path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+        state = json.loads((path / "trainer_state.json").read_text())
+        self.phase_index, self.phase_step, self.global_step = state["phase"], state["phase_step"], state["global_step"]
+        self.seconds = state.get("seconds", {})
+        if self.phase_index < len(self.recipe.phases):
+            self._enter_phase(self.phase_index)
+        mid_phase = self.phase_step > 0
+        modules = {"generator": self.tsm.state_dict(),
+                   "critic": {k: v.detach() for k, v in self.critic.trainable_state().items()}}
+        if self.ema is not None:
+            modules["ema"] = self.ema.state_dict()
+        self.ckpt.load(path, modules,
+                       {"generator": self.gen_opt, "critic": self.critic_opt} if mid_phase else {},
+                       {"generator": self.gen_sched, "critic": self.critic_sched} if mid_phase else {})
+
+    # ------------------------------------------------------------------ samples
+    @torch.no_grad()
+    def sample_grid(self, tag: str) -> Path | None:
+        """Images for the recipe's fixed prompts and seeds with the current student (rows = prompts)."""
+        tc, dc = self.recipe.train, self.recipe.data
+        prompts = [p for p in dc.sample_prompts for _ in tc.sample_seeds]
+        seeds = [s for _ in dc.sample_prompts for s in tc.sample_seeds]
+        cond = self.teacher.encode_prompts(prompts)
+        shape = (self.teacher.latent_channels, self.teacher.latent_size, self.teacher.latent_size)
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(self.device)
+        state = torch.get_rng_state()
+        x0 = sample(self.student.predict_x0(cond), noise, self.timesteps, self.teacher.schedule,
+                    generator=torch.Generator(device=self.device).manual_seed(tc.seed))
+        torch.set_rng_state(state)  # sampling must not change the training run's random stream
+        if not self.acc.is_main_process:
+            return None
+        path = save_image_grid(self.teacher.decode(x0).float().cpu(), self.run_dir / "samples" / f"{tag}.png",
+                               nrow=len(tc.sample_seeds))
+        self.logger.log_image(self.global_step, "samples", path)
+        return path
+
+    # ------------------------------------------------------------------ the run
+    def train(self, resume: bool = False) -> Path:
+        """Run every phase; returns the folder of the final adapter (``run_dir/adapter``)."""
+        tc, phases = self.recipe.train, self.recipe.phases
+        if self.acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_recipe(self.recipe, self.run_dir / "recipe.yaml")
+        if resume:
+            self._resume()
+        total = sum(ph.iterations for ph in phases)
+        bar = progress(total, desc="distill", disable=not self.acc.is_main_process)
+        bar.update(self.global_step)
+        while self.phase_index < len(phases):
+            if not (resume and self.phase_step > 0):
+                self._enter_phase(self.phase_index)
+            resume = False
+            ph = self.phase
+            start = time.perf_counter()
+            while self.phase_step < ph.iterations:
+                logs = self.iteration()
+                self.phase_step += 1
+                self.global_step += 1
+                bar.update(1)
+                if self.global_step % tc.log_every == 0 or self.phase_step == ph.iterations:
+                    scalars = {k: v for k, v in logs.items() if not isinstance(v, dict)}
+                    scalars["lr_generator"] = self.gen_sched.get_last_lr()[0]
+                    shown = self.logger.log(self.global_step, scalars)
+                    bar.set_postfix(phase=ph.name, **{k: f"{v:.4g}" for k, v in shown.items() if k.startswith("loss")})
+                if tc.sample_every and self.global_step % tc.sample_every == 0:
+                    self.sample_grid(f"step_{self.global_step:08d}")
+                if self.global_step % tc.checkpoint_every == 0 and self.phase_step < ph.iterations:
+                    self._add_seconds(ph.name, start)
+                    start = time.perf_counter()
+                    self.save_checkpoint()
+            self._add_seconds(ph.name, start)
+            if self.acc.is_main_process:
+                self.tsm.save(self.run_dir / "phases" / f"{self.phase_index:02d}_{ph.name}")
+            self.phase_index += 1
+            self.phase_step = 0
+            self.save_checkpoint(with_optimizers=False)  # phase boundary: the next phase starts fresh optimizers
+        bar.close()
+        out = self.run_dir / "adapter"
+        if self.acc.is_main_process:
+            self.tsm.save(out)
+            if self.ema is not None:
+                live = self.tsm.state_dict()
+                backup = {k: v.clone() for k, v in live.items()}
+                self.ema.copy_to(live)
+                self.tsm.save(self.run_dir / "adapter_ema")
+                with torch.no_grad():
+                    for k, v in live.items():
+                        v.copy_(backup[k])
+            self.sample_grid("final")
+        self.logger.close()
+        self.acc.wait_for_everyone()
+        return out
+
+    def _add_seconds(self, name: str, start: float) -> None:
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
+def load_student(teacher_path: str | Path, adapter_dir: str | Path):
+    """A trained student for inference: (teacher parts, adapter) with the adapter's saved mode."""
+    teacher = load_teacher(teacher_path)
+    tsm = load_adapter(teacher.unet, adapter_dir)
+    return teacher, tsm
+
+
+__all__ = ["DMD2Trainer", "NonFiniteLossError", "load_student"]
