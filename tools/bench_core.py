@@ -15,8 +15,10 @@ Groups (targets from issue 2):
   * the same three on one SD1.5-sized attention projection: Linear 320->320 over 4096 tokens, batch 2.
 
 The tiny UNet is the test fixture's (tests/tiny.py), batch 8 at 16x16, experts on
-to_q/to_k/to_v/to_out.0 at rank 4. ``--proto`` adds prototypes of other mixed-batch routings
-(see ``PROTOTYPES``), timed in the same rounds, to show what a change to layers.py would buy.
+to_q/to_k/to_v/to_out.0 at rank 4. Prototypes of other layer forwards (``PROTOTYPES``: stacked
+expert banks; a "fused" forward that scales and gates the rank-r intermediate and folds the add into
+addmm/baddbmm) are checked against the library's outputs and gradients, then timed in the same
+rounds to show what a change to tsm_core/layers.py would buy (``--no-proto`` skips them).
 
 Run: ``python tools/bench_core.py`` (a few minutes), ``--quick`` (about a minute). One thread by
 default because the machine is shared: the ratios matter, not the absolute times.
@@ -443,7 +445,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer rounds: about a minute")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds per group (default 150, quick 40)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per group (default 120, quick 40)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per candidate first (default 5, quick 2)")
     p.add_argument("--batch", type=int, default=8, help="tiny-UNet batch size (default 8)")
     p.add_argument("--proto", action=argparse.BooleanOptionalAction, default=True,
@@ -463,7 +465,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    rounds = args.rounds or (40 if args.quick else 150)
+    rounds = args.rounds or (40 if args.quick else 120)
     warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
     import diffusers
     import peft
