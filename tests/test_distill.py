@@ -1,0 +1,235 @@
+"""DMD2 distillation trainer on a tiny pixel-space pipeline (CPU, deterministic)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests import tiny
+from tests.test_core import perturb
+from tsm_core import TSMConfig, attach
+from tsm_core.train.recipe import load_recipe
+from tsm_distill import DistillRecipe, DMD2Trainer, NonFiniteLossError
+from tsm_distill.rollout import backward_simulation, renoise
+from tsm_distill.student import Student
+from tsm_distill.teacher import load_teacher
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("distill")
+    pipe = tiny.build_sd_pipeline(d, with_vae=False)
+    (d / "prompts.txt").write_text("a cat\na dog\na red cat\na big dog\n")
+    torch.save(torch.rand(16, 3, 16, 16) * 2 - 1, d / "real.pt")
+    return d, pipe
+
+
+def recipe(env, phases, **train):
+    d, pipe = env
+    r = {"teacher": str(pipe),
+         "experts": {"rank": 2, "alpha": 2, "scales": [1, 4], "target_modules": ["to_q", "to_v", "conv1"]},
+         "data": {"prompts": str(d / "prompts.txt"), "real_images": str(d / "real.pt"), "sample_prompts": ["a cat"]},
+         "train": {"checkpoint_every": 1000, "sample_every": 0, "sample_seeds": [0], "log_every": 1, **train},
+         "phases": phases}
+    return load_recipe(r, DistillRecipe)
+
+
+def phase(name, iterations=1, **kw):
+    return {"name": name, "iterations": iterations, "batch_size": 2, "warmup_steps": 1,
+            "fake_updates_per_generator_update": 1, "lr_generator": 1e-3, "lr_critic": 1e-3, **kw}
+
+
+def params(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def changed(before, module):
+    return {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
+
+
+# ---------------------------------------------------------------------------- rollout
+def test_rollout_uses_each_steps_own_expert(env):
+    teacher = load_teacher(env[1])
+    tsm = attach(teacher.unet, TSMConfig(scales=(4,), target_modules=["to_q", "to_v", "conv1", "conv2"]))
+    perturb(tsm)
+    tsm.set_mode("expert", scale=4)
+    student = Student(teacher.unet, tsm, teacher.schedule)
+    cond = teacher.encode_prompts(["a cat", "a dog"])
+    ts = [999, 749, 499, 249]
+    noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    got = backward_simulation(student.predict_x0(cond), noise, 3, ts, teacher.schedule, torch.Generator().manual_seed(1))
+
+    def manual(expert_t):
+        # An independent composition: each step's expert fused into the weights (tsm.merged), not routed.
+        g, x = torch.Generator().manual_seed(1), noise
+        for i in range(3):
+            t = torch.full((2,), ts[i])
+            with tsm.merged(expert_t(i)), torch.no_grad():
+                x0 = teacher.schedule.to_x0(x, teacher.unet(x, t, encoder_hidden_states=cond).sample, t)
+            x = renoise(x0, ts[i + 1], teacher.schedule, g)
+        return x
+
+    assert torch.allclose(got, manual(lambda i: ts[i]), atol=1e-5)
+    # Negative control: using step k's expert (t = 249) for every earlier step gives another input.
+    assert not torch.allclose(got, manual(lambda i: ts[3]), atol=1e-3)
+
+
+# ---------------------------------------------------------------------------- steps change only their own params
+def test_generator_and_critic_steps_touch_only_their_parameters(env, tmp_path):
+    tr = DMD2Trainer(recipe(env, [phase("e3gan", scale=4, experts=[3], gan=True)]), tmp_path / "run")
+    tr._enter_phase(0)
+    cond = tr.teacher.encode_prompts(["a cat", "a dog"])
+    x_in = torch.randn(2, 3, 16, 16)
+    t = torch.full((2,), 999)
+    gen0, crit0 = params(tr.teacher.unet), params(tr.critic)
+    logs = tr.generator_step(x_in, t, cond)
+    gen_changed = changed(gen0, tr.teacher.unet)
+    assert gen_changed and all(".s4_e3" in n for n in gen_changed), sorted(gen_changed)[:5]
+    assert not changed(crit0, tr.critic)
+    assert {"loss_dmd", "loss_gan_generator"} <= set(logs)
+    gen1, crit1 = params(tr.teacher.unet), params(tr.critic)
+    logs = tr.critic_step(logs["x0"], cond, torch.Generator().manual_seed(0))
+    assert not changed(gen1, tr.teacher.unet)
+    crit_changed = changed(crit1, tr.critic)
+    assert any(n.startswith("head.") for n in crit_changed) and any(n.startswith("fake.") for n in crit_changed)
+    assert {"loss_fake", "loss_gan_critic", "d_accuracy"} <= set(logs)
+
+
+# ---------------------------------------------------------------------------- every phase kind
+def test_every_phase_kind_runs_and_saves(env, tmp_path):
+    phases = [phase("lora", scale=1), phase("e3", scale=4, experts=[3]),
+              phase("e3gan", scale=4, experts=[3], gan=True), phase("router", mode="mixture", gan=True)]
+    run = tmp_path / "run"
+    out = DMD2Trainer(recipe(env, phases, sample_every=2), run).train()
+    stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in stats] == [1, 2, 3, 4]
+    assert "loss_gan_generator" not in stats[1] and "loss_gan_generator" in stats[2]
+    assert stats[1]["student_step"] == 0  # expert 3 of scale 4 owns t = 999, student step 0
+    assert any(k.startswith("gate/t") for k in stats[3])  # router phase logs gate statistics
+    saved = [load_file(run / "phases" / p / "tsm_adapter.safetensors") for p in sorted(os.listdir(run / "phases"))]
+    lora_keys = [k for k in saved[0] if ".s1_e0" in k]
+    e3_keys = [k for k in saved[0] if ".s4_e3" in k]
+    assert any(not torch.equal(saved[0][k], saved[1][k]) for k in e3_keys)  # e3 phase trained expert 3
+    assert all(torch.equal(saved[0][k], saved[1][k]) for k in lora_keys)  # ... and left the LoRA alone
+    router_keys = [k for k in saved[3] if "router" in k]
+    assert router_keys and all(torch.equal(saved[2][k], saved[3][k]) for k in e3_keys + lora_keys)
+    assert any(saved[3][k].abs().sum() > 0 for k in router_keys)  # the router phase trained the router
+    assert (run / "samples" / "final.png").exists() and (run / "samples" / "step_00000002.png").exists()
+    assert (run / "recipe.yaml").exists() and (out / "tsm_adapter.safetensors").exists()
+    assert list((run / "tb").iterdir())
+
+
+# ---------------------------------------------------------------------------- resume
+def _final_state(run):
+    ckpt = sorted((run / "checkpoints").iterdir())[-1]
+    return load_file(ckpt / "generator.safetensors"), load_file(ckpt / "critic.safetensors")
+
+
+def test_kill_and_resume_equals_uninterrupted(env, tmp_path, monkeypatch):
+    phases = [phase("e3", iterations=3, scale=4, experts=[3], fake_updates_per_generator_update=2),
+              phase("router", iterations=2, mode="mixture", gan=True)]
+    DMD2Trainer(recipe(env, phases, checkpoint_every=2), tmp_path / "a").train()
+    ref_gen, ref_critic = _final_state(tmp_path / "a")
+
+    calls = {"n": 0}
+    original = DMD2Trainer.iteration
+
+    def dies_at_step_4(self):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("killed")
+        return original(self)
+
+    monkeypatch.setattr(DMD2Trainer, "iteration", dies_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        DMD2Trainer(recipe(env, phases, checkpoint_every=2), tmp_path / "b").train()
+    monkeypatch.setattr(DMD2Trainer, "iteration", original)
+    DMD2Trainer(recipe(env, phases, checkpoint_every=2), tmp_path / "b").train(resume=True)
+    gen, critic = _final_state(tmp_path / "b")
+    assert gen.keys() == ref_gen.keys() and critic.keys() == ref_critic.keys()
+    assert all(torch.equal(gen[k], ref_gen[k]) for k in gen)
+    assert all(torch.equal(critic[k], ref_critic[k]) for k in critic)
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_bad_inputs_get_clear_errors(env, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_teacher(tmp_path / "no_such_teacher")
+    with pytest.raises(ValueError, match="no expert"):
+        recipe(env, [phase("bad", scale=4, experts=[5])])
+    with pytest.raises(ValueError, match="scale 8 is not one of"):
+        recipe(env, [phase("bad", scale=8)])
+    d, pipe = env
+    base = {"teacher": str(pipe), "phases": [phase("p", scale=1)], "experts": {"scales": [1]}}
+    with pytest.raises(ValueError, match="out of range"):
+        load_recipe({**base, "student_timesteps": [1000, 500]}, DistillRecipe)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="no prompts"):
+        DMD2Trainer(load_recipe({**base, "data": {"prompts": str(tmp_path / "empty.txt")}}, DistillRecipe), tmp_path / "r")
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(env, tmp_path, monkeypatch):
+    import tsm_distill.losses as L
+
+    real = L.dmd_loss
+    calls = {"n": 0}
+
+    def poisoned(*a):
+        calls["n"] += 1
+        out = real(*a)
+        return out * float("nan") if calls["n"] == 3 else out
+
+    monkeypatch.setattr(L, "dmd_loss", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="at step 2") as e:
+        DMD2Trainer(recipe(env, [phase("e", iterations=5, scale=4)], checkpoint_every=1), run).train()
+    assert "step_00000002" in str(e.value)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
+
+
+# ---------------------------------------------------------------------------- scale-out
+def test_two_process_run_keeps_weights_in_sync(env, tmp_path):
+    d, pipe = env
+    r = {"teacher": str(pipe), "experts": {"rank": 2, "alpha": 2, "scales": [4], "target_modules": ["to_q", "to_v"]},
+         "data": {"prompts": str(d / "prompts.txt")}, "train": {"sample_every": 0, "checkpoint_every": 2},
+         "phases": [phase("e", iterations=2, scale=4, experts=[3])]}
+    (tmp_path / "recipe.json").write_text(json.dumps(r))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "distill_worker.py"), str(tmp_path / "recipe.json"), str(tmp_path / "run")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w0, w1 = (load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert any(".s4_e3" in k and "lora_B" in k and w0[k].abs().sum() > 0 for k in w0)  # it trained
+    # the two ranks drew different prompts (so the sync is what keeps them equal)
+    p0, p1 = (json.loads((tmp_path / f"prompts{r}.json").read_text()) for r in (0, 1))
+    assert p0 != p1
+
+
+# ---------------------------------------------------------------------------- recipes
+def test_every_distill_recipe_loads_and_a3_schedule_is_exact():
+    recipes = sorted((REPO / "recipes").glob("*dmd2*.yaml"))
+    assert {p.name for p in recipes} >= {"sd15_dmd2_lora.yaml", "sd15_dmd2_tsm.yaml"}
+    for p in recipes:
+        load_recipe(p, DistillRecipe)
+    tsm = load_recipe(REPO / "recipes" / "sd15_dmd2_tsm.yaml", DistillRecipe)
+    assert tsm.experts.rank == 64 and tsm.experts.alpha == 8 and len(tsm.experts.target_modules) == 14
+    sched = [(p.mode, p.scale, p.experts, p.gan, p.iterations, p.batch_size) for p in tsm.phases]
+    assert sched == [
+        ("expert", 4, [3], False, 20000, 32), ("expert", 4, [3], True, 5000, 16),
+        ("expert", 4, [2], False, 20000, 32), ("expert", 4, [2], True, 5000, 16),
+        ("expert", 4, [1], False, 5000, 32), ("expert", 4, [1], True, 20000, 16),
+        ("expert", 4, [0], False, 5000, 32), ("expert", 4, [0], True, 40000, 16),
+        ("mixture", None, None, True, 2000, 16),
+    ]
+    assert tsm.phases[-1].core_scale == 4 and tsm.phases[-1].context_scales == [1]
+    lora = load_recipe(REPO / "recipes" / "sd15_dmd2_lora.yaml", DistillRecipe)
+    assert [(p.scale, p.gan, p.iterations, p.batch_size) for p in lora.phases] == [(1, False, 40000, 32), (1, True, 5000, 16)]
