@@ -30,15 +30,26 @@ def check_student_timesteps(timesteps: Sequence[int], num_timesteps: int = 1000)
     return ts
 
 
-def renoise(x0: torch.Tensor, t: int, schedule: NoiseSchedule, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Fresh-noise ``x0`` to timestep ``t`` (the forward process q(x_t | x0))."""
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def renoise(x0: torch.Tensor, t: int, schedule: NoiseSchedule, generator: Generators = None) -> torch.Tensor:
+    """Fresh-noise ``x0`` to timestep ``t`` (the forward process q(x_t | x0)).
+
+    ``generator`` may be one generator for the batch, or one per sample (so a sample's noise does not
+    depend on which batch it was drawn in).
+    """
+    if isinstance(generator, Sequence):
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g, device=g.device, dtype=x0.dtype)
+                             for g in generator]).to(x0.device)
+    else:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     return schedule.add_noise(x0, noise, torch.full((x0.shape[0],), t, device=x0.device))
 
 
 @torch.no_grad()
 def backward_simulation(predict_x0: PredictX0, noise: torch.Tensor, k: int, timesteps: Sequence[int],
-                        schedule: NoiseSchedule, generator: torch.Generator | None = None) -> torch.Tensor:
+                        schedule: NoiseSchedule, generator: Generators = None) -> torch.Tensor:
     """The student's input at step ``k``: pure noise for k = 0, else the rollout of steps 0..k-1."""
     if not 0 <= k < len(timesteps):
         raise ValueError(f"student step k={k} is outside 0..{len(timesteps) - 1}")
@@ -51,7 +62,7 @@ def backward_simulation(predict_x0: PredictX0, noise: torch.Tensor, k: int, time
 
 @torch.no_grad()
 def sample(predict_x0: PredictX0, noise: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+           generator: Generators = None) -> torch.Tensor:
     """Few-step sampling: the rollout through every student step, returning the last x0 estimate."""
     x = backward_simulation(predict_x0, noise, len(timesteps) - 1, timesteps, schedule, generator)
     return predict_x0(x, timesteps[-1])

@@ -30,9 +30,10 @@ def generate(teacher, tsm, prompts: Sequence[str], seeds: Sequence[int], timeste
     out = []
     for i in range(0, len(prompts), batch_size):
         ps, ss = list(prompts[i:i + batch_size]), list(seeds[i:i + batch_size])
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in ss]).to(device)
-        renoise_gen = torch.Generator(device=device).manual_seed(ss[0])
-        x0 = sample(student.predict_x0(teacher.encode_prompts(ps)), noise, timesteps, teacher.schedule, renoise_gen)
+        # One generator per sample: its image depends on its seed only, not on the batch it lands in.
+        gens = [torch.Generator().manual_seed(s) for s in ss]
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+        x0 = sample(student.predict_x0(teacher.encode_prompts(ps)), noise, timesteps, teacher.schedule, gens)
         out.append(teacher.decode(x0).float().cpu())
     return torch.cat(out)
 
