@@ -1,0 +1,108 @@
+"""Training batches for the fine-tuner: a resumable, step-indexed stream over an image-text source.
+
+Folders are read in an order fixed by (seed, epoch), and the items of global batch b are a pure
+function of b, so a resumed run sees exactly the batches an uninterrupted one would. Webdataset
+shards are streamed (resume continues with a fresh shuffle, not the same samples).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..train.data import (
+    ImageTextFolder,
+    SkipCounter,
+    collate_image_text,
+    image_transform,
+    infinite,
+    webdataset_image_text,
+)
+from .recipe import DataSection
+
+
+class _Indexed(Dataset):
+    """Adds each item's dataset index (the key of the latent cache)."""
+
+    def __init__(self, ds: Dataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.ds[i], "index": i}
+
+
+def _collate(items: list[dict]) -> dict:
+    out = collate_image_text(items)
+    if "index" in items[0]:
+        out["index"] = [it["index"] for it in items]
+    return out
+
+
+class StepSampler(Sampler):
+    """Infinite index stream: global batch b holds positions ``b*B .. b*B+B-1`` of the sequence
+    ``perm_0 + perm_1 + ...`` (perm_e a permutation seeded by (seed, e)); process ``rank`` of ``world``
+    takes batches ``rank, rank + world, ...`` starting at its batch ``start_batch``."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, world: int = 1):
+        self.size, self.batch, self.seed = size, batch_size, seed
+        self.start, self.rank, self.world = start_batch, rank, world
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _at(self, pos: int) -> int:
+        epoch, i = divmod(pos, self.size)
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.size, generator=torch.Generator().manual_seed(
+                self.seed * 100_003 + epoch))}
+        return int(self._perms[epoch][i])
+
+    def __iter__(self) -> Iterator[int]:
+        for b in itertools.count(self.start):
+            g = b * self.world + self.rank
+            for j in range(self.batch):
+                yield self._at(g * self.batch + j)
+
+
+def build_dataset(cfg: DataSection):
+    """The image-text source of a recipe, with a ``skip_counter`` (a `SkipCounter`).
+
+    Raises:
+        FileNotFoundError: the folder or shards do not exist.
+        ValueError: ``crop: resize`` or ``cache_latents`` with webdataset shards.
+    """
+    if cfg.source == "folder":
+        ds = ImageTextFolder(cfg.path, cfg.resolution, center_crop=cfg.crop != "random",
+                             random_flip=cfg.random_flip, caption_column=cfg.caption_column)
+        if cfg.crop == "resize":
+            ds.transform = _resize_transform(cfg.resolution, cfg.random_flip)
+        return ds
+    if cfg.crop == "resize" or cfg.cache_latents:
+        raise ValueError("data.crop 'resize' and data.cache_latents are supported for image folders only; "
+                         "use crop 'center' or 'random' and cache_latents false with webdataset shards")
+    return webdataset_image_text(cfg.path, cfg.resolution, center_crop=cfg.crop == "center",
+                                 random_flip=cfg.random_flip, shuffle=cfg.shuffle_buffer, counter=SkipCounter())
+
+
+def _resize_transform(resolution: int, flip: bool):
+    from torchvision import transforms
+
+    base = image_transform(resolution, True, flip)  # to RGB, resize, crop (a no-op after the square resize)
+    square = transforms.Resize((resolution, resolution), antialias=True)
+    return transforms.Compose([square, base])
+
+
+def batch_stream(ds, cfg: DataSection, batch_size: int, seed: int, start_batch: int, rank: int = 0,
+                 world: int = 1) -> Iterator[dict]:
+    """Infinite batches ``{"pixel_values", "text"[, "index"]}``; see the module docstring for resume."""
+    if isinstance(ds, torch.utils.data.IterableDataset) or not hasattr(ds, "__len__"):
+        loader = DataLoader(ds, batch_size=batch_size, num_workers=cfg.num_workers, collate_fn=_collate)
+        return infinite(loader)
+    sampler = StepSampler(len(ds), batch_size, seed, start_batch, rank, world)
+    loader = DataLoader(_Indexed(ds), batch_size=batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                        collate_fn=_collate)
+    return iter(loader)

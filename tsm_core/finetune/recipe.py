@@ -1,0 +1,211 @@
+"""The fine-tuning recipe (one YAML file = one run) and its expansion into training phases.
+
+A recipe lists ``stages`` run in order:
+
+- ``foster`` (stage 1) at one ``scale``: ``schedule: joint`` draws t uniformly and routes each sample
+  to its interval's expert, so all n experts train in ``steps`` steps; ``schedule: sequential`` trains
+  expert k alone for ``steps`` steps on timesteps of its own interval, k = 0..n-1 (paper Tab. 8).
+  ``scale: 1`` is vanilla LoRA.
+- ``assemble`` (stage 2): experts frozen, only the router trains (core = finest scale, contexts from
+  the stage or the default: every other fostered scale).
+
+Each stage becomes one or more `Phase` objects; the trainer runs the phases back to back on one
+global step counter, which is what checkpoints and ``--resume`` count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..intervals import TimestepIntervals
+
+
+@dataclass
+class ModelSection:
+    """Which diffusers pipeline to adapt."""
+
+    kind: Literal["unet", "pixart", "sd3"]
+    """Backbone family: "unet" (SD1.5 / SD2 / pixel-space SD), "pixart" (PixArt-alpha), "sd3"."""
+    path: str
+    """Pipeline folder or hub id (loaded with from_pretrained)."""
+    max_sequence_length: int | None = None
+    """T5 prompt length (PixArt default 120, SD3 default 256)."""
+
+
+@dataclass
+class LoRASection:
+    """Expert (LoRA) settings shared by every stage."""
+
+    rank: int = 4
+    alpha: float = 4.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """Denoiser layers that get experts (peft-style suffixes)."""
+    text_encoder_targets: list[str] = field(default_factory=list)
+    """Text-encoder layers that get experts (e.g. [q_proj, v_proj] for CLIP, [q, v] for T5); empty: none."""
+    router_input: Literal["features", "timestep", "both"] = "both"
+    router_activation: Literal["none", "sigmoid", "softmax"] = "none"
+
+
+@dataclass
+class DataSection:
+    """Training images with captions."""
+
+    source: Literal["folder", "webdataset"]
+    """"folder": an imagefolder with metadata.jsonl; "webdataset": tar shards of (image, caption)."""
+    path: str
+    """The folder, or a shard pattern like data/shard-{000..009}.tar."""
+    resolution: int = 512
+    crop: Literal["center", "random", "resize"] = "center"
+    """Resize the short side then crop (center/random), or resize to a square (folders only)."""
+    random_flip: bool = False
+    caption_column: str = "text"
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    """Sample shuffle buffer for webdataset shards."""
+    cache_latents: bool = False
+    """Encode each image with the VAE once (its mean latent) and reuse it (folders only)."""
+    cache_text: bool = False
+    """Encode each caption once; not allowed with text-encoder experts (their output changes)."""
+
+
+@dataclass
+class StageSection:
+    """One stage: fostering at one scale, or assembling."""
+
+    type: Literal["foster", "assemble"]
+    steps: int
+    """Optimizer steps: for the whole stage (joint, assemble) or per expert (sequential)."""
+    scale: int = 1
+    schedule: Literal["joint", "sequential"] = "joint"
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    text_encoder_lr: float | None = None
+    """Learning rate of the text-encoder experts (default: lr)."""
+    text_encoder_weight_decay: float | None = None
+    core_scale: int | None = None
+    """assemble: the core (finest) scale; default the finest fostered scale."""
+    context_scales: list[int] | None = None
+    """assemble: the gated context scales; default every other fostered scale."""
+    lr_warmup_steps: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"stage steps must be >= 1, got {self.steps}")
+        if self.scale < 1:
+            raise ValueError(f"stage scale must be >= 1, got {self.scale}")
+        if self.lr <= 0:
+            raise ValueError(f"stage lr must be positive, got {self.lr}")
+
+
+@dataclass
+class TrainSection:
+    """Run settings (accelerate, optimizer, checkpoints, logging, samples)."""
+
+    run_dir: str = "runs/finetune"
+    seed: int = 0
+    batch_size: int = 64
+    """Samples per optimizer step on each process (x gradient_accumulation_steps)."""
+    gradient_accumulation_steps: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    checkpoint_every: int = 500
+    keep_last: int | None = 2
+    """Complete checkpoints to keep (null: all)."""
+    log_every: int = 10
+    tensorboard: bool = True
+    sample_every: int = 0
+    """Write a sample grid every N steps (0: only at the end); needs sample_prompts."""
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_steps: int = 20
+    guidance_scale: float = 1.0
+    sample_size: int | None = None
+    """Sample image size (default: the model's native size)."""
+
+
+@dataclass
+class FinetuneRecipe:
+    """A whole fine-tuning run: model, experts, data, stages and run settings."""
+
+    model: ModelSection
+    data: DataSection
+    stages: list[StageSection]
+    lora: LoRASection = field(default_factory=LoRASection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def __post_init__(self):
+        if not self.stages:
+            raise ValueError("a recipe needs at least one stage, e.g. stages: [{type: foster, scale: 4, steps: 1000}]")
+        fostered: list[int] = []
+        for i, st in enumerate(self.stages):
+            if st.type == "foster":
+                fostered.append(st.scale)
+            elif len(set(fostered)) < 2:
+                raise ValueError(f"stages[{i}] assembles, but it needs experts of at least two scales fostered "
+                                 f"before it (core and context); fostered so far: {fostered}")
+        if self.data.cache_text and self.lora.text_encoder_targets:
+            raise ValueError("data.cache_text cannot be used with lora.text_encoder_targets: text-encoder experts "
+                             "change the embeddings every step; turn one of them off")
+
+    @property
+    def scales(self) -> tuple[int, ...]:
+        """Every fostered scale."""
+        return tuple(sorted({s.scale for s in self.stages if s.type == "foster"}))
+
+
+@dataclass
+class Phase:
+    """A stretch of steps with one mode, one trainable set and one timestep range."""
+
+    index: int
+    stage: int
+    mode: Literal["expert", "mixture"]
+    start: int
+    """Global step before this phase's first step."""
+    steps: int
+    scale: int | None = None
+    experts: list[int] | None = None
+    t_range: tuple[int, int] = (0, 1000)
+    core_scale: int | None = None
+    context_scales: tuple[int, ...] | None = None
+
+    @property
+    def end(self) -> int:
+        return self.start + self.steps
+
+    @property
+    def name(self) -> str:
+        if self.mode == "mixture":
+            return f"stage{self.stage}_assemble"
+        sub = "" if self.experts is None else f"_expert{self.experts[0]}"
+        return f"stage{self.stage}_foster_n{self.scale}{sub}"
+
+
+def plan_phases(recipe: FinetuneRecipe, num_timesteps: int = 1000) -> list[Phase]:
+    """Expand the recipe's stages into phases (sequential fostering: one phase per expert)."""
+    intervals = TimestepIntervals(num_timesteps, recipe.scales)
+    phases: list[Phase] = []
+    start = 0
+
+    def add(**kw):
+        nonlocal start
+        ph = Phase(index=len(phases), start=start, **kw)
+        phases.append(ph)
+        start = ph.end
+
+    for i, st in enumerate(recipe.stages):
+        if st.type == "assemble":
+            add(stage=i, mode="mixture", steps=st.steps, t_range=(0, num_timesteps), core_scale=st.core_scale,
+                context_scales=None if st.context_scales is None else tuple(st.context_scales))
+        elif st.schedule == "joint":
+            add(stage=i, mode="expert", steps=st.steps, scale=st.scale, t_range=(0, num_timesteps))
+        else:
+            for k in range(st.scale):
+                add(stage=i, mode="expert", steps=st.steps, scale=st.scale, experts=[k],
+                    t_range=intervals.bounds(st.scale, k))
+    return phases
