@@ -129,31 +129,51 @@ class TSMLayer(nn.Module):
         idx = idx.to(A.device)
         return A[idx], B[idx]
 
-    def _expert_delta(self, x: torch.Tensor, scale: int, state: RoutingState | None) -> torch.Tensor:
-        """s * B_k A_k x with k each sample's interval at ``scale`` (eq. 3)."""
+    def _down(self, x: torch.Tensor, scale: int, state: RoutingState | None):
+        """First half of each sample's expert at ``scale`` (eq. 3): ``z = s * A_k x`` and its ``B_k``.
+
+        Returns ``(z, B)``: for a batch sharing one expert, ``z`` keeps x's layout with r channels and
+        ``B`` is (out, r); otherwise ``z`` is (batch, tokens, r) for Linear / (batch, r, H', W') for
+        Conv2d and ``B`` is gathered per sample, (batch, out, r). Scaling and gates act on the small
+        ``z``, and all up-projections are summed into the base output in one pass (``_up``).
+        """
         k = 0 if scale == 1 else state.shared[scale]
-        if k is not None:  # fast path: the whole batch shares one expert
+        bl = self.base_layer
+        if k is not None:  # fast path: the whole batch shares one expert, plain matmuls
             A = self.lora_A[expert_key(scale, k)].to(x.dtype)
-            B = self.lora_B[expert_key(scale, k)].to(x.dtype)
+            B = self.lora_B[expert_key(scale, k)]
             if self.kind == "linear":
-                return F.linear(F.linear(x, A), B) * self.scaling
-            bl = self.base_layer
-            z = F.conv2d(x, A, None, bl.stride, bl.padding, bl.dilation)
-            return F.conv2d(z, B[:, :, None, None]) * self.scaling
+                return F.linear(x, A) * self.scaling, B
+            return F.conv2d(x, A, None, bl.stride, bl.padding, bl.dilation) * self.scaling, B
         A, B = self._expert_weights(scale, state.index[scale])
-        A, B = A.to(x.dtype), B.to(x.dtype)
+        A = A.to(x.dtype)
         n = x.shape[0]
         if self.kind == "linear":
-            xb = x.reshape(n, -1, self.in_features)  # (B, tokens, in)
-            z = torch.bmm(xb, A.transpose(1, 2))  # (B, tokens, r)
-            y = torch.bmm(z, B.transpose(1, 2))  # (B, tokens, out)
-            return y.reshape(*x.shape[:-1], self.out_features) * self.scaling
-        bl = self.base_layer
+            return torch.bmm(x.reshape(n, -1, self.in_features), A.transpose(1, 2)) * self.scaling, B
         # Grouped conv: sample b's channels only meet sample b's A, i.e. one gathered convolution.
         z = F.conv2d(x.reshape(1, -1, *x.shape[2:]), A.reshape(-1, *A.shape[2:]), None,
                      bl.stride, bl.padding, bl.dilation, groups=n)
-        z = z.reshape(n, -1, *z.shape[2:])  # (B, r, H', W')
-        return torch.einsum("brhw,bor->bohw", z, B) * self.scaling
+        return z.reshape(n, -1, *z.shape[2:]) * self.scaling, B
+
+    def _up(self, out: torch.Tensor, terms: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """``out + sum_j B_j z_j``: shared experts in one concatenated matmul fused with the add."""
+        shared = [(z, B) for z, B in terms if B.ndim == 2]
+        gathered = [(z, B) for z, B in terms if B.ndim == 3]
+        dt = out.dtype
+        if shared:
+            Z = torch.cat([z for z, _ in shared], dim=-1 if self.kind == "linear" else 1).to(dt)
+            Bc = torch.cat([B for _, B in shared], dim=1).to(dt)  # (out, sum of ranks)
+            if self.kind == "linear":
+                out = torch.addmm(out.reshape(-1, self.out_features), Z.reshape(-1, Z.shape[-1]), Bc.t()).view(out.shape)
+            else:
+                out = out + F.conv2d(Z, Bc[:, :, None, None])
+        for z, B in gathered:
+            if self.kind == "linear":
+                n = out.shape[0]
+                out = torch.baddbmm(out.reshape(n, -1, self.out_features), z.to(dt), B.transpose(1, 2).to(dt)).view(out.shape)
+            else:
+                out = out + torch.einsum("brhw,bor->bohw", z.to(dt), B.to(dt))
+        return out
 
     def _needs_context(self) -> bool:
         scales = (self.active_scale,) if self.mode == "expert" else (self.core_scale, *self.gated_scales)
@@ -173,17 +193,19 @@ class TSMLayer(nn.Module):
             )
         xd = self.dropout(x)
         if self.mode == "expert":
-            delta = self._expert_delta(xd, self.active_scale, state)
-        else:
-            delta = self._expert_delta(xd, self.core_scale, state) if self.core_scale is not None else 0
-            if self.gated_scales:
-                g = self._gate(x, state)
-                if self.gate_log is not None:
-                    self._record_gate(g, state)
-                for j, s in enumerate(self.gated_scales):
-                    gj = g[..., j : j + 1] if self.kind == "linear" else g[:, j : j + 1]
-                    delta = delta + gj * self._expert_delta(xd, s, state)
-        return out + delta.to(out.dtype)
+            return self._up(out, [self._down(xd, self.active_scale, state)])
+        terms = [self._down(xd, self.core_scale, state)] if self.core_scale is not None else []
+        if self.gated_scales:
+            g = self._gate(x, state)
+            if self.gate_log is not None:
+                self._record_gate(g, state)
+            for j, s in enumerate(self.gated_scales):
+                z, B = self._down(xd, s, state)
+                gj = g[..., j : j + 1] if self.kind == "linear" else g[:, j : j + 1]
+                if B.ndim == 3 and self.kind == "linear":
+                    gj = gj.reshape(gj.shape[0], -1, 1)  # z is (batch, tokens, r) on the gathered path
+                terms.append((z * gj, B))
+        return self._up(out, terms)
 
     def _record_gate(self, g: torch.Tensor, state: RoutingState) -> None:
         # Mean gate per sample (over tokens/pixels): feeds "gate vs timestep" logs and plots.
