@@ -53,7 +53,8 @@ class FinetuneTrainer:
         self.recipe = recipe
         tr = recipe.train
         self.run_dir = Path(run_dir if run_dir is not None else tr.run_dir)
-        self.accelerator = make_accelerator(tr.mixed_precision, 1, self.run_dir)
+        # Seeded before attach(), so the experts start from the same random A matrices every run.
+        self.accelerator = make_accelerator(tr.mixed_precision, 1, self.run_dir, seed=tr.seed)
         self.backbone: Backbone = load_backbone(recipe.model.kind, recipe.model.path,
                                                 recipe.model.max_sequence_length)
         self.backbone.to(self.accelerator.device)
