@@ -9,10 +9,15 @@ from cleanfid import fid as cleanfid
 from PIL import Image
 
 from tools import fid as fid_cli
-from tsm_core.eval import FeatureExtractor, ReferenceStats, fid_from_features, kid_from_features, score
+from tsm_core.eval import (
+    FeatureExtractor,
+    ReferenceStats,
+    kid_from_features,
+    score_features,
+)
 from tsm_core.eval.evaluate import compute_reference
 
-N = 12
+N = 10
 CPU = torch.device("cpu")
 
 
@@ -49,24 +54,35 @@ def feats(folders, extractor):
     return [extractor.features_from_folder(f).features for f in folders]
 
 
-def test_fid_of_a_folder_with_itself_is_about_zero(feats):
-    a, _ = feats
-    assert abs(fid_from_features(a, a)) < 1e-3
+@pytest.fixture(scope="module")
+def cli_score(folders, tmp_path_factory):
+    """`stats` of folder b cached to .npz, then `score` of folder a against it, through the CLI.
+
+    scipy's sqrtm of a 2048 x 2048 matrix dominates these tests' time, so this FID is computed once and
+    compared with clean-fid's folder-vs-folder number (which uses no cache).
+    """
+    tmp = tmp_path_factory.mktemp("cli")
+    common = ["--batch-size", "10", "--device", "cpu", "--quiet"]
+    assert fid_cli.main(["stats", str(folders[1]), "--out", str(tmp / "b.npz"), *common]) == 0
+    assert fid_cli.main(["score", str(folders[0]), "--ref", str(tmp / "b.npz"), *common,
+                         "--json", str(tmp / "r.json")]) == 0
+    return tmp / "b.npz", json.loads((tmp / "r.json").read_text())
 
 
-def test_fid_and_kid_equal_cleanfid_with_the_same_extractor(folders, extractor, feats):
+def test_cached_stats_score_equals_cleanfid_compute_fid_and_kid(folders, extractor, feats, cli_score):
     a, b = feats
-    ours_fid = fid_from_features(a, b)
+    _, result = cli_score
     theirs_fid = cleanfid.compute_fid(str(folders[0]), str(folders[1]), mode="clean", custom_feat_extractor=extractor,
                                       device=CPU, num_workers=0, batch_size=10, verbose=False)
-    assert ours_fid > 1.0
-    assert ours_fid == pytest.approx(theirs_fid, abs=1e-6)
+    assert result["fid"] > 1.0
+    assert result["fid"] == pytest.approx(theirs_fid, abs=1e-6)
     # KID: clean-fid's kernel_distance on clean-fid's own folder features, same seed.
     cf_a = cleanfid.get_folder_features(str(folders[0]), extractor, num_workers=0, batch_size=7, device=CPU,
                                         mode="clean", verbose=False)
     assert np.array_equal(cf_a, a)  # identical features, whatever the batch size
     np.random.seed(0)
     theirs_kid = cleanfid.kernel_distance(a, b)
+    assert result["kid_mean"] == pytest.approx(theirs_kid, abs=1e-6)
     assert kid_from_features(a, b, seed=0)[0] == pytest.approx(theirs_kid, abs=1e-6)
 
 
@@ -91,31 +107,23 @@ def test_images_in_memory_and_shards_equal_the_folder(folders, extractor, feats,
     assert np.array_equal(extractor.features_from_shards(str(tmp_path / "s.tar")).features, feats[0])
 
 
-def test_stats_cache_round_trip_gives_the_same_score(tmp_path, capsys):
-    # Small folders of their own: this test runs the CLI (and so the network) four times.
-    folders = _write(tmp_path / "a", _smooth_images(2, 6)), _write(tmp_path / "b", _smooth_images(3, 6, shift=0.3))
-    common = ["--batch-size", "6", "--device", "cpu", "--quiet"]
-    assert fid_cli.main(["stats", str(folders[1]), "--out", str(tmp_path / "b.npz"), *common]) == 0
-    assert fid_cli.main(["score", str(folders[0]), "--ref", str(tmp_path / "b.npz"), *common,
-                         "--json", str(tmp_path / "r1.json")]) == 0
-    assert fid_cli.main(["score", str(folders[0]), "--ref", str(folders[1]), *common,
-                         "--json", str(tmp_path / "r2.json")]) == 0
-    r1, r2 = (json.loads((tmp_path / f"r{i}.json").read_text()) for i in (1, 2))
-    assert r1["fid"] == r2["fid"] and r1["kid_mean"] == r2["kid_mean"] and r1["fid"] > 1
-    assert r1["reference_hash"] == r2["reference_hash"] == ReferenceStats.load(tmp_path / "b.npz").hash
-    assert r1["n_images"] == 6 and r1["mode"] == "clean" and r1["feature_network"].startswith("inception")
-    assert r1["clip_score"] == "skipped: no CLIP weights found"
-    assert "FID" in capsys.readouterr().err
+def test_stats_cache_records_metadata_and_refuses_other_settings(folders, cli_score, capsys):
+    path, result = cli_score
+    cached = ReferenceStats.load(path)
+    assert cached.n_images == N and cached.mode == "clean" and cached.resolution is None
+    assert cached.image_size == "32x32" and cached.source == str(folders[1].resolve())
+    assert result["reference_hash"] == cached.hash and result["n_images"] == N
+    assert result["mode"] == "clean" and result["feature_network"].startswith("inception")
+    assert result["kid_std"] > 0 and result["clip_score"] == "skipped: no CLIP weights found"
+    common = ["--batch-size", "10", "--device", "cpu", "--quiet"]
     # The same .npz asked for with another mode or resolution is refused, with the reason.
-    assert fid_cli.main(["score", str(folders[0]), "--ref", str(tmp_path / "b.npz"), *common,
-                         "--resolution", "16"]) == 2
+    assert fid_cli.main(["score", str(folders[0]), "--ref", str(path), *common, "--resolution", "16"]) == 2
     assert "resolution None (requested 16)" in capsys.readouterr().err
-    assert fid_cli.main(["score", str(folders[0]), "--ref", str(tmp_path / "b.npz"), *common,
-                         "--mode", "legacy_tensorflow"]) == 2
+    assert fid_cli.main(["score", str(folders[0]), "--ref", str(path), *common, "--mode", "legacy_tensorflow"]) == 2
     assert "mode 'clean' (requested 'legacy_tensorflow')" in capsys.readouterr().err
 
 
-def test_corrupt_image_is_skipped_and_counted_or_raises(folders, extractor, tmp_path):
+def test_fid_with_itself_is_zero_and_corrupt_images_are_skipped_or_raise(extractor, tmp_path):
     bad = _write(tmp_path / "bad", _smooth_images(0, 3))
     (bad / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     fs = extractor.features_from_folder(bad, on_error="skip")
@@ -124,8 +132,8 @@ def test_corrupt_image_is_skipped_and_counted_or_raises(folders, extractor, tmp_
         extractor.features_from_folder(bad, on_error="raise")
     ref = compute_reference(bad, extractor)
     assert ref.extra["n_skipped"] == 1 and ref.n_images == 3
-    result = score(bad, ref, extractor)
-    assert result.n_skipped == 1 and abs(result.fid) < 1e-3
+    result = score_features(fs, ref)
+    assert result.n_skipped == 1 and result.n_images == 3 and abs(result.fid) < 1e-3
 
 
 def test_empty_folder_via_cli_is_a_clear_error(tmp_path, capsys):

@@ -1,5 +1,7 @@
 """FID/KID arithmetic, preprocessing and reference files against clean-fid, without the Inception network."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -151,3 +153,21 @@ def test_clip_score_is_skipped_without_weights(monkeypatch):
     monkeypatch.delenv("TSM_CLIP_WEIGHTS", raising=False)
     assert clip_score_or_skip([np.zeros((4, 4, 3), np.uint8)], ["a cat"]) == CLIP_SKIPPED == (
         "skipped: no CLIP weights found")
+
+
+def test_score_result_json_and_summary_line(feats):
+    from tsm_core.eval import score_features
+
+    a, b = feats
+    ref = ReferenceStats.from_features(b, source="ref", mode="clean", resolution=None, network="net")
+    result = score_features(a, ref)
+    data = json.loads(result.to_json())
+    for key in ("fid", "kid_mean", "kid_std", "n_images", "feature_network", "mode", "reference_hash"):
+        assert key in data
+    assert data["fid"] == pytest.approx(fid_from_stats(*stats(a), *stats(b)), abs=1e-9)
+    assert data["n_images"] == 40 and data["reference_hash"] == ref.hash
+    line = result.summary()
+    assert "\n" not in line and line.startswith(f"FID {result.fid:.4f}, KID ")
+    no_feats = ReferenceStats.from_features(b, source="ref", mode="clean", resolution=None, network="net",
+                                            keep_features=False)
+    assert score_features(a, no_feats).kid_mean is None  # no made-up KID without reference features
