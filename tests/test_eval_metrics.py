@@ -171,3 +171,15 @@ def test_score_result_json_and_summary_line(feats):
     no_feats = ReferenceStats.from_features(b, source="ref", mode="clean", resolution=None, network="net",
                                             keep_features=False)
     assert score_features(a, no_feats).kid_mean is None  # no made-up KID without reference features
+
+
+def test_legacy_pytorch_without_its_weights_is_a_clear_error(tmp_path):
+    from tsm_core.eval.weights import load_legacy_pytorch_inception
+
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path))  # an empty hub cache
+    try:
+        with pytest.raises(InceptionWeightsError, match="legacy_pytorch.*use mode 'clean'"):
+            load_legacy_pytorch_inception(allow_download=False)
+    finally:
+        torch.hub.set_dir(old)
