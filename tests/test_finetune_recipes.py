@@ -51,7 +51,7 @@ def test_paper_values():
 
 
 def test_cli_runs_a_recipe_with_overrides(tmp_path, pixel_pipeline_path):
-    from tools.finetune import main
+    from tsm_core.finetune.cli import main
 
     data = tmp_path / "data"
     data.mkdir()
