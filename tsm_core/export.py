@@ -9,14 +9,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .layers import expert_key
+from .serialization import atomic_save_file
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -69,15 +67,5 @@ def export_lora(tsm, directory: str | Path, scale: int, expert: int = 0, format:
                 prefix: str | None = None) -> Path:
     """Write ``directory/pytorch_lora_weights.safetensors`` for one expert (atomically)."""
     tensors = expert_lora_state_dict(tsm, scale, expert, format=format, prefix=prefix)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "tsm_scale": str(scale), "tsm_expert": str(expert), "tsm_layout": format}
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, directory / LORA_FILE)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return directory / LORA_FILE
+    return atomic_save_file(tensors, Path(directory) / LORA_FILE, meta)

@@ -35,15 +35,21 @@ def save_adapter(tsm, directory: str | Path) -> Path:
         # Every layer's router serves the same gated scales (set_mode sets them all at once).
         "router_scales": json.dumps(list(next(iter(tsm.layers.values())).router_scales)),
     }
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".safetensors")
+    return atomic_save_file(tensors, directory / ADAPTER_FILE, meta)
+
+
+def atomic_save_file(tensors: dict, path: Path, metadata: dict) -> Path:
+    """``safetensors.save_file`` into a temporary sibling, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=".safetensors")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, directory / ADAPTER_FILE)
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return directory / ADAPTER_FILE
+    return path
 
 
 def read_adapter_file(directory: str | Path) -> tuple[dict, dict]:
