@@ -95,3 +95,23 @@ def test_coco_captions_one_per_image_seeded(tmp_path):
     assert picked == select_coco_captions(path, n=3, seed=0)
     with pytest.raises(ValueError, match="only 5 images"):
         select_coco_captions(path, n=6)
+
+
+def test_generate_with_a_tsm_adapter_routes_each_step(pixel_pipeline_path, tmp_path):
+    from tests.test_core import perturb
+    from tsm_core import TSMConfig, attach
+    from tsm_core.eval.generate import generate_batch, load_pipeline
+
+    pipe = load_pipeline(pixel_pipeline_path)
+    tsm = attach(pipe.unet, TSMConfig(scales=(4,), target_modules=["to_q", "to_v", "conv1"]))
+    perturb(tsm)
+    tsm.set_mode("expert", scale=4)
+    tsm.save(tmp_path / "adapter")
+    base = generate_batch(load_pipeline(pixel_pipeline_path), ["a cat"], [0], steps=4)
+    routed = load_pipeline(pixel_pipeline_path, adapter=tmp_path / "adapter")
+    seen = []
+    push = routed._tsm_routing.tsm.context.push
+    routed._tsm_routing.tsm.context.push = lambda t: (seen.append(int(t[0])), push(t))[1]
+    with_adapter = generate_batch(routed, ["a cat"], [0], steps=4)
+    assert len(seen) == 4 and seen == sorted(seen, reverse=True)  # one routed call per step, noisiest first
+    assert not (base == with_adapter).all()

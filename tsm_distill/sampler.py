@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from tsm_core.routing import route_by_timestep
+
 from .rollout import sample
 
 
@@ -38,32 +40,6 @@ def generate(teacher, tsm, prompts: Sequence[str], seeds: Sequence[int], timeste
     return torch.cat(out)
 
 
-class TimestepRouting:
-    """Forward hooks that enter ``tsm.timesteps(t)`` around every call of ``unet`` with its own ``t``.
-
-    Inference only: the context lives for the forward call (no backward runs through it). Remove with
-    :meth:`remove`.
-    """
-
-    def __init__(self, unet, tsm):
-        self.tsm = tsm
-        self._handles = [unet.register_forward_pre_hook(self._enter, with_kwargs=True),
-                         unet.register_forward_hook(self._exit)]
-
-    def _enter(self, module, args, kwargs):
-        sample_ = args[0] if args else kwargs["sample"]
-        t = args[1] if len(args) > 1 else kwargs["timestep"]
-        t = torch.as_tensor(t, device=sample_.device).reshape(-1)
-        self.tsm.context.push(t.expand(sample_.shape[0]) if t.numel() == 1 else t)
-
-    def _exit(self, module, args, output):
-        self.tsm.context.pop()
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-
-
 def use_student_in_pipeline(pipe, tsm, timesteps: Sequence[int] = (999, 749, 499, 249)) -> dict:
     """Make a stock ``StableDiffusionPipeline`` sample with the student.
 
@@ -78,5 +54,5 @@ def use_student_in_pipeline(pipe, tsm, timesteps: Sequence[int] = (999, 749, 499
     # LCM's step is the student's sampler: x0 from the model, then fresh noise to the next timestep.
     # A huge timestep_scaling makes its boundary condition c_skip vanish at every student step.
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, timestep_scaling=1e6)
-    pipe._tsm_routing = TimestepRouting(pipe.unet, tsm)
+    pipe._tsm_routing = route_by_timestep(pipe.unet, tsm)
     return {"timesteps": list(timesteps), "guidance_scale": 1.0}

@@ -55,37 +55,15 @@ def pipeline_has_vae(path: str | os.PathLike) -> bool:
     return bool(entry) and entry[0] is not None and (Path(path) / "vae").is_dir()
 
 
-def route_timesteps(unet: torch.nn.Module, tsm) -> None:
-    """Make every UNet call run inside ``tsm.timesteps(t)`` so each step uses its interval's expert."""
-    original = unet.forward
-
-    def forward(sample, timestep, *args, **kwargs):
-        t = torch.as_tensor(timestep, device=sample.device)
-        if t.ndim == 0:
-            t = t.expand(sample.shape[0])
-        with tsm.timesteps(t):
-            return original(sample, timestep, *args, **kwargs)
-
-    unet.forward = forward
-
-
 def attach_tsm_adapter(pipe, adapter_dir: str | os.PathLike):
-    """HOOK (TSM adapter): load a saved TSM adapter into ``pipe.unet`` and route it by timestep.
+    """Load a saved TSM adapter into ``pipe.unet`` and route every UNet call by its timestep."""
+    from tsm_core import load_adapter
+    from tsm_core.routing import route_by_timestep
 
-    Uses the public contract ``tsm_core.load_adapter(model, dir)``. Until that module exists this raises
-    a clear error; LoRA files work through :func:`load_pipeline`'s ``lora`` argument meanwhile.
-    """
     if not Path(adapter_dir).is_dir():
         raise FileNotFoundError(f"TSM adapter folder {adapter_dir} does not exist.")
-    try:
-        from tsm_core import load_adapter
-    except ImportError as err:
-        raise NotImplementedError(
-            "Loading a TSM adapter needs tsm_core.load_adapter, which is not available in this install yet. "
-            "Export the expert as a LoRA file (tsm.export_lora) and pass --lora instead."
-        ) from err
     tsm = load_adapter(pipe.unet, str(adapter_dir))
-    route_timesteps(pipe.unet, tsm)
+    pipe._tsm_routing = route_by_timestep(pipe.unet, tsm)
     return tsm
 
 

@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import os
 import re
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from tsm_core.routing import route_by_timestep  # noqa: F401  (re-exported: samplers use it)
 
 KINDS = ("unet", "pixart", "sd3")
 _HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
@@ -434,35 +436,3 @@ def load_backbone(kind: str, path: str | os.PathLike, max_sequence_length: int |
     if kind not in _CLASSES:
         raise ValueError(f"backbone kind must be one of {list(KINDS)}, got {kind!r}")
     return _CLASSES[kind].from_pretrained(path, max_sequence_length=max_sequence_length)
-
-
-@contextmanager
-def route_by_timestep(denoiser: nn.Module, tsm):
-    """Make a stock diffusers pipeline TSM-aware: each denoiser call enters ``tsm.timesteps(t)``.
-
-    The timestep the pipeline passes (positional argument 1, or ``timestep=``) is broadcast to the
-    batch, so experts switch per step and the stage-2 router sees t. Use it when text encoders carry
-    no experts (the pipeline encodes prompts once, outside any timestep).
-
-        with route_by_timestep(pipe.unet, tsm):
-            images = pipe(prompts, num_inference_steps=20).images
-    """
-
-    def pre(module, args, kwargs):
-        t = kwargs["timestep"] if "timestep" in kwargs else args[1]
-        x = kwargs.get("hidden_states", kwargs.get("sample", args[0] if args else None))
-        t = torch.as_tensor(t).reshape(-1).cpu()
-        if t.numel() == 1:
-            t = t.expand(x.shape[0])
-        tsm.context.push(t)
-
-    def post(module, args, kwargs, output):
-        tsm.context.pop()
-
-    h1 = denoiser.register_forward_pre_hook(pre, with_kwargs=True, prepend=True)  # before other hooks
-    h2 = denoiser.register_forward_hook(post, with_kwargs=True)
-    try:
-        yield denoiser
-    finally:
-        h1.remove()
-        h2.remove()
