@@ -1,0 +1,141 @@
+"""tsm-demo: budgets, reference rows, the FID shortcut, the embedded teacher, and the quick run end to end."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tsm_core.eval import fid_from_features
+from tsm_distill import demo
+from tsm_distill import demo_eval as ev
+
+TEACHER = ev.DEFAULT_TEACHER
+
+
+def test_low_rank_fid_equals_the_clean_fid_formula():
+    rng = np.random.RandomState(0)
+    for n1, n2, d in ((30, 40, 64), (300, 200, 64)):
+        a = rng.rand(n1, d).astype(np.float32)
+        b = (rng.rand(n2, d) * 1.1 + 0.05).astype(np.float32)
+        assert ev.fid_low_rank(a, b) == pytest.approx(fid_from_features(a, b), rel=1e-6, abs=1e-6)
+    with pytest.raises(ValueError, match="N x D"):
+        ev.fid_low_rank(np.zeros((5, 3)), np.zeros((5, 4)))
+
+
+def test_split_budget_sums_exactly_and_follows_the_weights():
+    assert ev  # (module imported for the FID test)
+    assert demo.split_budget([75, 25] * 4, 400) == [75, 25] * 4
+    parts = demo.split_budget([75, 25] * 4, 16)
+    assert sum(parts) == 16 and parts == [3, 1] * 4
+    with pytest.raises(ValueError):
+        demo.split_budget([], 4)
+
+
+def test_recipes_have_equal_generator_step_budgets(tmp_path):
+    args = demo.parse_args(["--run-dir", str(tmp_path)])
+    lora, tsm, budget = demo.build_recipes(args, tmp_path, TEACHER)
+    assert budget["lora"] == budget["tsm_stage1"] > 0
+    assert budget["tsm_stage2_router"] > 0
+    assert tsm.phases[-1].mode == "mixture" and tsm.experts.init_from == str(tmp_path / "lora" / "adapter")
+    # Same F, batch and learning rates on both sides, so fake-score updates are equal too.
+    settings = {(p.fake_updates_per_generator_update, p.batch_size, p.lr_generator, p.lr_critic) for p in lora.phases}
+    assert settings == {(p.fake_updates_per_generator_update, p.batch_size, p.lr_generator, p.lr_critic)
+                        for p in tsm.phases}
+    for g in (16, 40):
+        args = demo.parse_args(["--run-dir", str(tmp_path), "--budget", str(g), "--fake-updates", "3"])
+        lora, tsm, budget = demo.build_recipes(args, tmp_path, TEACHER)
+        assert budget["lora"] == budget["tsm_stage1"] == g
+        assert sum(p.iterations for p in lora.phases) == 3 * g
+
+
+def test_unequal_recipes_are_refused(tmp_path):
+    bad = tmp_path / "tsm.yaml"
+    bad.write_text(f"base: {demo.RECIPES / 'demo_fmnist_tsm.yaml'}\nphases:\n"
+                   "  - {name: e, scale: 4, iterations: 8, fake_updates_per_generator_update: 4}\n"
+                   "  - {name: r, mode: mixture, core_scale: 4, context_scales: [1], iterations: 4}\n")
+    args = demo.parse_args(["--run-dir", str(tmp_path), "--tsm-recipe", str(bad)])
+    with pytest.raises(ValueError, match="unequal budgets"):
+        demo.build_recipes(args, tmp_path, TEACHER)
+
+
+def test_reference_rows_are_used_only_for_the_same_teacher_n_and_reference(tmp_path):
+    path = tmp_path / "reference.json"
+    rows, why = ev.read_reference_rows(path, "abc", 50, 1000, "r")
+    assert rows is None and "does not exist" in why
+    row = {"fid": 1.0, "kid_mean": 0.0, "kid_std": 0.0, "n": 50}
+    path.write_text(json.dumps({"unet_sha256": "abc", "n_reference": 1000, "reference_features_sha256": "r",
+                                "rows": {"50": {"floor": row}}}))
+    assert ev.read_reference_rows(path, "abc", 50, 1000, "r")[0] == {"floor": row}
+    assert "teacher UNet" in ev.read_reference_rows(path, "other", 50, 1000, "r")[1]
+    assert "no rows for N=1000" in ev.read_reference_rows(path, "abc", 1000, 1000, "r")[1]
+    assert "reference set" in ev.read_reference_rows(path, "abc", 50, 500, "r")[1]
+    assert ev.unet_hash(TEACHER) == ev.unet_hash(TEACHER) and len(ev.unet_hash(TEACHER)) == 16
+
+
+def _classifier(images: np.ndarray, labels: np.ndarray) -> torch.nn.Module:
+    """A small CNN trained on a few hundred real 28x28 images (deterministic)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(32 * 7 * 7, 10))
+    x = torch.as_tensor(images, dtype=torch.float32).div(255).unsqueeze(1)
+    y = torch.as_tensor(labels)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(400):
+        idx = torch.randint(len(x), (64,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+def _accuracy(net, images: np.ndarray, labels) -> float:
+    with torch.no_grad():
+        pred = net(torch.as_tensor(images, dtype=torch.float32).div(255).unsqueeze(1)).argmax(1)
+    return float((pred == torch.as_tensor(labels)).float().mean())
+
+
+def test_shipped_teacher_loads_by_path_and_draws_the_prompted_class():
+    from tsm_core.train.fmnist import load_fashion_mnist
+    from tsm_distill.teacher import load_teacher
+
+    images, labels = load_fashion_mnist("train")
+    pick = np.concatenate([np.nonzero(labels == c)[0][:80] for c in range(10)])  # 800 images, 80 per class
+    net = _classifier(images[pick], labels[pick])
+    test_images, test_labels = load_fashion_mnist("test")
+    real_acc = _accuracy(net, test_images[:500], test_labels[:500])
+    assert real_acc > 0.7, f"the test's own classifier is too weak to judge the teacher ({real_acc:.2f})"
+
+    teacher = load_teacher(str(TEACHER))  # by path, as users load it
+    prompts, seeds = ev.eval_prompts(60)
+    samples = ev.to_uint8(ev.teacher_generate(teacher, prompts, seeds, steps=10, progress_desc=""))
+    acc = _accuracy(net, samples, [i % 10 for i in range(60)])
+    assert acc > 0.8, (f"teacher samples are classified as the prompted class {acc:.0%} of the time "
+                       f"(the classifier scores {real_acc:.0%} on real test images); the bar is 80%")
+
+
+def test_quick_demo_runs_end_to_end(tmp_path):
+    run = tmp_path / "demo"
+    # --quick, shrunk further for CI: N=20, a 4-step "full" teacher row, reference rows computed here.
+    assert demo.main(["--quick", "--run-dir", str(run), "--n", "20", "--n-ref", "200", "--teacher-steps", "4",
+                      "--budget", "8", "--fake-updates", "1", "--batch-size", "4", "--reference", "none"]) == 0
+    res = json.loads((run / "results.json").read_text())
+    rows = res["rows"]
+    assert len(rows) == 6
+    assert [r["row"] for r in rows][3:] == ["DMD2 + LoRA", "DMD2 + TSM stage 1 (experts)", "DMD2 + TSM stage 2 (router)"]
+    for r in rows:
+        assert r["n"] == 20 and all(math.isfinite(r[k]) for k in ("fid", "kid_mean", "kid_std")), r
+    assert rows[3]["generator_steps"] == rows[4]["generator_steps"] == res["budget"]["lora"] == 8
+    assert rows[5]["generator_steps"] == {"experts": 8, "router": res["budget"]["tsm_stage2_router"]}
+    assert res["n"] == 20 and res["n_reference"] == 200
+    assert {"distill LoRA", "distill TSM", "reference rows"} <= set(res["seconds"])
+    assert all(v >= 0 for v in res["seconds"].values())
+    assert set(res["phase_seconds"]["tsm"]) == {p.split("/")[1] for p in res["budget"]["phases"] if p.startswith("tsm/")}
+    for f in ("results.md", "samples.png", "gates.png"):
+        assert (run / f).stat().st_size > 0
+    assert "DMD2 + TSM stage 2" in (run / "results.md").read_text()

@@ -1,0 +1,330 @@
+"""``tsm-demo``: distill the embedded Fashion-MNIST teacher into 4-step LoRA and TSM students, score them.
+
+Stages (each with a progress bar; seconds per stage go into results.json):
+
+1. copy the teacher into the run folder (the shipped one may be re-exported while the demo runs);
+2. reference rows: the floor (real train images) and the teacher at 50 and 4 DDIM steps, read from
+   ``reference.json`` next to the teacher when it was computed for this teacher, N and reference set
+   (``tools/teacher_reference.py``), otherwise computed here (slow; the demo says so);
+3. DMD2 + vanilla LoRA (``recipes/demo_fmnist_lora.yaml``);
+4. DMD2 + TSM (``recipes/demo_fmnist_tsm.yaml``): per-step experts without then with the GAN, then
+   the router phase with the LoRA run's adapter as the scale-1 context expert;
+5. FID/KID of the LoRA, TSM stage-1 and TSM stage-2 students (same prompts, seeds and N as the
+   reference rows); results.md, results.json, samples.png (one row per model) and gates.png.
+
+Equal generator-step budget: a *generator step* is one optimizer update of the student (DMD loss,
+plus the GAN loss in GAN phases); a phase of I iterations with F fake-score updates per generator
+update makes ceil(I / F) of them. The LoRA run's phases and the TSM run's expert phases (stage 1)
+make the same number of generator steps, with the same F, batch size and learning rates, hence
+also the same number of fake-score updates. The router phase (stage 2) comes on top and is
+reported separately, as the paper reports its 2K router steps beside the expert schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import demo_eval as ev
+from . import demo_report as rep
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+FULL = {"n": 1000, "n_ref": 1000, "budget": None, "router_steps": None, "fake_updates": None, "batch_size": None,
+        "teacher_steps": 50}
+QUICK = {"n": 50, "n_ref": 1000, "budget": 16, "router_steps": 2, "fake_updates": 2, "batch_size": 8,
+         "teacher_steps": 50}
+GRID_COLUMNS = 10  # one image per class in the sample grid
+BUDGET_DEFINITION = __doc__.split("Equal generator-step budget: ")[1].strip().replace("\n", " ")
+
+
+# ---------------------------------------------------------------------------- budget
+def generator_steps(phase: dict) -> int:
+    """Generator updates a phase makes: the trainer updates the student on every F-th iteration."""
+    return math.ceil(phase["iterations"] / phase.get("fake_updates_per_generator_update", 10))
+
+
+def split_budget(weights: list[int], total: int) -> list[int]:
+    """Split ``total`` over phases in proportion to ``weights`` (largest remainder; sums exactly)."""
+    if total < 0 or not weights or sum(weights) <= 0:
+        raise ValueError(f"cannot split a budget of {total} generator steps over weights {weights}")
+    exact = [total * w / sum(weights) for w in weights]
+    out = [math.floor(x) for x in exact]
+    order = sorted(range(len(exact)), key=lambda i: out[i] - exact[i])
+    for i in order[: total - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def rescale_phases(phases: list[dict], budget: int | None, fake_updates: int | None,
+                   batch_size: int | None) -> list[dict]:
+    """Phases with ``budget`` generator steps in all (split like the recipe's), F and batch overridden."""
+    phases = [dict(p) for p in phases]
+    for p in phases:
+        if fake_updates is not None:
+            g = generator_steps(p)
+            p["fake_updates_per_generator_update"] = fake_updates
+            p["iterations"] = g * fake_updates
+        if batch_size is not None:
+            p["batch_size"] = batch_size
+    if budget is not None:
+        old = [generator_steps(p) for p in phases]
+        for p, g, g_old in zip(phases, split_budget(old, budget), old):
+            f = p.get("fake_updates_per_generator_update", 10)
+            p["iterations"] = g * f
+            # Keep the warm-up the same fraction of the phase.
+            p["warmup_steps"] = max(1, round(p.get("warmup_steps", 500) * g / max(1, g_old)))
+    return phases
+
+
+def build_recipes(args, run_dir: Path, teacher: Path):
+    """The LoRA and TSM recipes of this run (budgets applied), plus the budget record."""
+    from tsm_core.train.recipe import load_recipe, read_recipe_dict
+
+    from .config import DistillRecipe
+
+    lora = read_recipe_dict(args.lora_recipe)
+    tsm = read_recipe_dict(args.tsm_recipe)
+    experts = [p for p in tsm["phases"] if p.get("mode", "expert") == "expert"]
+    routers = [p for p in tsm["phases"] if p.get("mode", "expert") != "expert"]
+    if not routers or tsm["phases"][-len(routers):] != routers:
+        raise ValueError(f"{args.tsm_recipe}: the TSM recipe must end with its router (mixture) phase(s)")
+    lora["phases"] = rescale_phases(lora["phases"], args.budget, args.fake_updates, args.batch_size)
+    experts = rescale_phases(experts, args.budget, args.fake_updates, args.batch_size)
+    routers = rescale_phases(routers, args.router_steps, args.fake_updates, args.batch_size)
+    tsm["phases"] = experts + routers
+    budget = {"lora": sum(generator_steps(p) for p in lora["phases"]),
+              "tsm_stage1": sum(generator_steps(p) for p in experts),
+              "tsm_stage2_router": sum(generator_steps(p) for p in routers),
+              "phases": {f"lora/{p['name']}": generator_steps(p) for p in lora["phases"]}
+              | {f"tsm/{p['name']}": generator_steps(p) for p in tsm["phases"]}}
+    if budget["lora"] != budget["tsm_stage1"]:
+        raise ValueError(f"unequal budgets: LoRA makes {budget['lora']} generator steps, the TSM expert phases "
+                         f"{budget['tsm_stage1']}; fix the recipes or pass --budget")
+    for r in (lora, tsm):
+        r["teacher"] = str(teacher)
+        r.setdefault("train", {})
+        r["train"].update({"seed": args.seed, "checkpoint_every": 10**9, "sample_every": 0})
+        if args.threads:
+            r["train"]["threads"] = args.threads
+    tsm["experts"]["init_from"] = str(run_dir / "lora" / "adapter")
+    return load_recipe(lora, DistillRecipe), load_recipe(tsm, DistillRecipe), budget
+
+
+# ---------------------------------------------------------------------------- stages
+class Stages:
+    """Times named stages (wall-clock seconds) and prints a headline as each starts."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, fn, *a, **kw):
+        print(f"\n== {name} ==", flush=True)
+        start = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 2)
+
+
+def copy_teacher(src: Path, dest: Path) -> Path:
+    """Snapshot the teacher pipeline folder (it is small), retrying if an export swaps it meanwhile."""
+    if dest.exists():
+        return dest
+    for attempt in range(5):
+        try:
+            tmp = dest.with_name(dest.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.npz", ev.REFERENCE_NAME))
+            tmp.rename(dest)
+            return dest
+        except (FileNotFoundError, shutil.Error):  # the folder was being swapped by a re-export
+            time.sleep(2 * (attempt + 1))
+    raise FileNotFoundError(f"could not copy the teacher from {src}: it keeps changing or does not exist")
+
+
+def student_images(teacher_path: Path, adapter: Path, prompts, seeds, timesteps, desc: str) -> torch.Tensor:
+    """Images of a trained student (the adapter's saved mode) for the given prompts and seeds."""
+    from tqdm import tqdm
+
+    from .sampler import generate
+    from .trainer import load_student
+
+    teacher, tsm = load_student(teacher_path, adapter)
+    chunk = 100
+    out = [generate(teacher, tsm, prompts[i:i + chunk], seeds[i:i + chunk], timesteps, batch_size=50)
+           for i in tqdm(range(0, len(prompts), chunk), desc=desc)]
+    return torch.cat(out)
+
+
+def grid_real_images() -> torch.Tensor:
+    """One real train image per class (classes 0..9), in model space: the grid's first row."""
+    from tsm_core.train.fmnist import load_fashion_mnist, to_model_space
+
+    images, labels = load_fashion_mnist("train")
+    first = [int((labels == c).nonzero()[0][0]) for c in range(GRID_COLUMNS)]
+    return to_model_space(images[first])
+
+
+def reference_rows(args, teacher_path: Path, extractor, ref_feats, ref_hash: str, notes: list[str]) -> list[dict]:
+    """Floor and teacher rows: from reference.json when it matches, else computed here."""
+    from .teacher import load_teacher
+
+    names = {"floor": ("real train images (floor)", "-"), "teacher_full": (f"teacher DDIM {args.teacher_steps}", args.teacher_steps),
+             "teacher_few": ("teacher DDIM 4 (no distillation)", 4)}
+    stored, why = (None, "--reference none") if args.reference == "none" else ev.read_reference_rows(
+        args.reference, ev.unet_hash(teacher_path), args.n, args.n_ref, ref_hash)
+    if stored is not None and stored.get("teacher_full", {}).get("steps") != args.teacher_steps:
+        stored, why = None, f"{args.reference} holds another teacher step count"
+    if stored is not None:
+        print(f"reference rows {why}")
+        return [dict(stored[k], row=names[k][0], steps=names[k][1], source="reference.json") for k in names]
+    msg = f"reference rows computed here ({why}); this is slow: run tools/teacher_reference.py once to cache them"
+    print(msg, flush=True)
+    notes.append(msg)
+    return compute_reference_rows(load_teacher(teacher_path), args.n, args.teacher_steps, extractor, ref_feats, names)
+
+
+def compute_reference_rows(teacher, n: int, teacher_steps: int, extractor, ref_feats, names: dict | None = None) -> list[dict]:
+    """The floor row and the two teacher rows at N images (shared with tools/teacher_reference.py)."""
+    names = names or {"floor": ("floor", "-"), "teacher_full": ("teacher_full", teacher_steps), "teacher_few": ("teacher_few", 4)}
+    prompts, seeds = ev.eval_prompts(n)
+    rows = []
+    start = time.perf_counter()
+    feats = ev.image_features(extractor, ev.real_train_images(n))
+    rows.append(dict(ev.score_row(feats, ref_feats), row=names["floor"][0], steps="-", source="computed",
+                     seconds=round(time.perf_counter() - start, 2)))
+    for key, steps in (("teacher_full", teacher_steps), ("teacher_few", 4)):
+        start = time.perf_counter()
+        imgs = ev.teacher_generate(teacher, prompts, seeds, steps)
+        feats = ev.image_features(extractor, ev.to_uint8(imgs))
+        rows.append(dict(ev.score_row(feats, ref_feats), row=names[key][0], steps=steps, source="computed",
+                         seconds=round(time.perf_counter() - start, 2)))
+    return rows
+
+
+# ---------------------------------------------------------------------------- main
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="tsm-demo", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny budgets and N=50: the whole pipeline in minutes, "
+                   "not the quality claim")
+    p.add_argument("--run-dir", default=None, help="output folder (default runs/tsm_demo or runs/tsm_demo_quick)")
+    p.add_argument("--teacher", default=str(ev.DEFAULT_TEACHER), help="teacher pipeline folder")
+    p.add_argument("--reference", default=None,
+                   help="reference.json with the floor/teacher rows (default: next to the teacher); 'none' to compute")
+    p.add_argument("--lora-recipe", default=str(RECIPES / "demo_fmnist_lora.yaml"))
+    p.add_argument("--tsm-recipe", default=str(RECIPES / "demo_fmnist_tsm.yaml"))
+    p.add_argument("--n", type=int, help="images per FID row (full 1000, quick 50)")
+    p.add_argument("--n-ref", type=int, help="Fashion-MNIST test images in the FID reference (default 1000)")
+    p.add_argument("--budget", type=int, help="generator steps of the LoRA run = of the TSM expert phases "
+                   "(default: the recipes' own; quick 16)")
+    p.add_argument("--router-steps", type=int, help="generator steps of the TSM router phase (default: the recipe's)")
+    p.add_argument("--fake-updates", type=int, help="fake-score updates per generator update (default: the recipes')")
+    p.add_argument("--batch-size", type=int, help="distillation batch size (default: the recipes')")
+    p.add_argument("--teacher-steps", type=int, help="DDIM steps of the full teacher row (default 50)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = p.parse_args(argv)
+    preset = QUICK if args.quick else FULL
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.n < 10 or args.n_ref < 10:
+        raise ValueError(f"--n and --n-ref must be at least 10 images (got {args.n}, {args.n_ref})")
+    if not Path(args.teacher).is_dir():
+        raise FileNotFoundError(f"teacher folder {args.teacher} does not exist; pass --teacher DIR")
+    if args.reference is None:
+        args.reference = str(Path(args.teacher) / ev.REFERENCE_NAME)
+    args.run_dir = Path(args.run_dir or ("runs/tsm_demo_quick" if args.quick else "runs/tsm_demo"))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; returns 0 and leaves results.{md,json}, samples.png and gates.png in the run folder."""
+    from .trainer import DMD2Trainer, load_student
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_dir = args.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stages, notes = Stages(), []
+    teacher = stages.run("copy teacher", copy_teacher, Path(args.teacher), run_dir / "teacher")
+    lora_recipe, tsm_recipe, budget = build_recipes(args, run_dir, teacher)
+    print(f"budget (generator steps): LoRA {budget['lora']}, TSM experts {budget['tsm_stage1']} "
+          f"+ router {budget['tsm_stage2_router']}")
+
+    extractor = ev.make_extractor()
+    ref_feats, ref_source = stages.run("reference features", ev.reference_features, extractor, args.n_ref)
+    ref_hash = ev.features_hash(ref_feats)
+    rows = stages.run("reference rows", reference_rows, args, teacher, extractor, ref_feats, ref_hash, notes)
+
+    lora_tr = DMD2Trainer(lora_recipe, run_dir / "lora")
+    lora_adapter = stages.run("distill LoRA", lora_tr.train)
+    tsm_tr = DMD2Trainer(tsm_recipe, run_dir / "tsm")
+    tsm_adapter = stages.run("distill TSM", tsm_tr.train)
+    n_experts = len(tsm_recipe.phases) - sum(p.mode != "expert" for p in tsm_recipe.phases)
+    stage1 = run_dir / "tsm" / "phases" / f"{n_experts - 1:02d}_{tsm_recipe.phases[n_experts - 1].name}"
+
+    prompts, seeds = ev.eval_prompts(args.n)
+    ts = list(lora_recipe.student_timesteps)
+    students = [("DMD2 + LoRA", lora_adapter, budget["lora"]),
+                ("DMD2 + TSM stage 1 (experts)", stage1, budget["tsm_stage1"]),
+                ("DMD2 + TSM stage 2 (router)", tsm_adapter,
+                 {"experts": budget["tsm_stage1"], "router": budget["tsm_stage2_router"]})]
+    grid = {"real (train)": grid_real_images()}
+    for name, adapter, gen_steps in students:
+        def score_student(adapter=adapter, name=name):
+            imgs = student_images(teacher, adapter, prompts, seeds, ts, desc=f"sample {name}")
+            return imgs, ev.score_row(ev.image_features(extractor, ev.to_uint8(imgs)), ref_feats)
+        start = time.perf_counter()
+        imgs, scores = stages.run(f"evaluate {name}", score_student)
+        grid[name] = imgs[:GRID_COLUMNS]
+        rows.append(dict(scores, row=name, steps=len(ts), generator_steps=gen_steps, source="this run",
+                         seconds=round(time.perf_counter() - start, 2)))
+    for r in rows:
+        r.setdefault("generator_steps", None)
+
+    def report():
+        from .teacher import load_teacher
+
+        t = load_teacher(teacher)
+        p10, s10 = prompts[:GRID_COLUMNS], seeds[:GRID_COLUMNS]
+        teacher_grid = {f"teacher DDIM {args.teacher_steps}": ev.teacher_generate(t, p10, s10, args.teacher_steps),
+                        "teacher DDIM 4": ev.teacher_generate(t, p10, s10, 4)}
+        ordered = {"real (train)": grid.pop("real (train)"), **teacher_grid, **grid}
+        rep.save_sample_grid(ordered, run_dir / "samples.png")
+        teacher2, tsm = load_student(teacher, tsm_adapter)
+        sweep = sorted(set(range(0, 1000, 50)) | set(ts))
+        rep.save_gate_plot(rep.gate_curves(teacher2, tsm, sweep), ts, run_dir / "gates.png")
+
+    stages.run("report (samples.png, gates.png)", report)
+    if ref_source.startswith("computed"):
+        notes.append(f"reference features {ref_source} (no cache with {args.n_ref} images)")
+    notes.append("FID/KID against the first n_reference Fashion-MNIST test images; generated images cropped to "
+                 "the 28x28 centre, grey; teacher rows: DDIM (trailing spacing) with CFG "
+                 f"{ev.GUIDANCE}, the distillation's real-score guidance")
+    meta = {"mode": "quick" if args.quick else "full", "n": args.n, "n_reference": args.n_ref,
+            "reference_features": ref_source, "teacher_unet_sha256": ev.unet_hash(teacher),
+            "teacher_info": json.loads((teacher / "teacher_info.json").read_text())
+            if (teacher / "teacher_info.json").exists() else {},
+            "budget": budget, "budget_definition": BUDGET_DEFINITION, "seconds": stages.seconds,
+            "phase_seconds": {"lora": lora_tr.seconds, "tsm": tsm_tr.seconds},
+            "command": "tsm-demo " + shlex.join(argv), "notes": notes}
+    rep.write_results(run_dir, rows, meta)
+    print("\n" + rep.format_table(rows))
+    print(f"\nresults: {run_dir / 'results.md'}, {run_dir / 'results.json'}, {run_dir / 'samples.png'}, "
+          f"{run_dir / 'gates.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

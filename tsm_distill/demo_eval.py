@@ -1,0 +1,208 @@
+"""Evaluation pieces of ``tsm-demo``: the fixed prompt/seed set, teacher sampling, FID/KID rows, references.
+
+Protocol (every row uses it, so rows compare):
+
+* images: the first ``n`` (prompt, seed) pairs of :func:`eval_prompts` (classes cycle, seeds count up);
+* generated 3x32x32 images are cropped to the 28x28 centre (the teacher's training padding) and
+  averaged over channels, so they are the same kind of image as the Fashion-MNIST files;
+* reference: Inception features (clean-fid "clean" mode) of the first ``n_ref`` Fashion-MNIST test
+  images, cached teacher-independently in ``assets/fmnist_test_features.npz``;
+* FID and KID from ``tsm_core.eval.metrics`` (clean-fid's arithmetic).
+
+The teacher rows (50-step and 4-step DDIM with the same classifier-free guidance the distillation's
+real score uses) are slow, so ``tools/teacher_reference.py`` stores them in ``reference.json`` next
+to the teacher, keyed by a hash of the UNet weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_TEACHER = ASSETS / "fmnist_teacher"
+TEST_FEATURES = ASSETS / "fmnist_test_features.npz"
+REFERENCE_NAME = "reference.json"
+GUIDANCE = 1.75  # the recipes' train.real_guidance_scale: the teacher the students are distilled from
+FEATURE_MODE = "clean"
+
+
+def unet_hash(teacher_dir: str | Path) -> str:
+    """Short sha256 of the teacher's UNet weight file: identifies the teacher version in reference.json."""
+    path = Path(teacher_dir) / "unet" / "diffusion_pytorch_model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {teacher_dir} is not a diffusers pipeline with a UNet")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def eval_prompts(n: int, seed_offset: int = 0) -> tuple[list[str], list[int]]:
+    """The evaluation set: prompt i is class i % 10 (template (i // 10) % 3), seed i + seed_offset."""
+    from tsm_core.train.fmnist import prompt_for
+
+    return [prompt_for(i % 10, i // 10) for i in range(n)], [i + seed_offset for i in range(n)]
+
+
+@torch.no_grad()
+def teacher_generate(teacher, prompts: Sequence[str], seeds: Sequence[int], steps: int,
+                     guidance: float = GUIDANCE, batch_size: int = 64, progress_desc: str | None = None) -> torch.Tensor:
+    """The undistilled teacher: DDIM (eta 0, "trailing" spacing, so the first step is t = 999) with CFG.
+
+    Returns images in [-1, 1], (N, C, H, W). The initial noise of each image comes from its own seed,
+    exactly as :func:`tsm_distill.sampler.generate` draws it, so rows share their starting noise.
+    """
+    from diffusers import DDIMScheduler
+    from tqdm import tqdm
+
+    if len(prompts) != len(seeds):
+        raise ValueError(f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    device = next(teacher.unet.parameters()).device
+    shape = (teacher.latent_channels, teacher.latent_size, teacher.latent_size)
+    uncond = teacher.encode_prompts([""])
+    out = []
+    batches = range(0, len(prompts), batch_size)
+    bar = tqdm(total=len(batches) * steps, desc=progress_desc or f"teacher {steps} steps", disable=progress_desc == "")
+    for i in batches:
+        ps, ss = list(prompts[i:i + batch_size]), list(seeds[i:i + batch_size])
+        sched = DDIMScheduler.from_config(teacher.scheduler.config, timestep_spacing="trailing")
+        sched.set_timesteps(steps)
+        x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in ss]).to(device)
+        cond = teacher.encode_prompts(ps)
+        both = torch.cat([cond, uncond.expand_as(cond)])
+        for t in sched.timesteps:
+            tt = torch.full((2 * len(ps),), int(t), device=device, dtype=torch.long)
+            eps_c, eps_u = teacher.unet(torch.cat([x, x]), tt, encoder_hidden_states=both).sample.chunk(2)
+            x = sched.step(eps_u + guidance * (eps_c - eps_u), t, x).prev_sample
+            bar.update(1)
+        out.append(teacher.decode(x).float().cpu())
+    bar.close()
+    return torch.cat(out)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Model images (N, C, 32, 32) in [-1, 1] -> (N, 28, 28) uint8 grey, like the Fashion-MNIST files."""
+    from tsm_core.train.fmnist import IMAGE_SIZE
+
+    if images.ndim != 4:
+        raise ValueError(f"expected (N, C, H, W) images, got shape {tuple(images.shape)}")
+    pad = (images.shape[-1] - 28) // 2 if images.shape[-1] == IMAGE_SIZE else 0
+    x = images[..., pad:images.shape[-2] - pad, pad:images.shape[-1] - pad].float().mean(1)
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def make_extractor(progress: bool = True):
+    """The clean-mode CPU Inception extractor every row uses."""
+    from tsm_core.eval import FeatureExtractor
+
+    return FeatureExtractor(device="cpu", mode=FEATURE_MODE, batch_size=50, progress=progress, allow_download=False)
+
+
+def image_features(extractor, images_uint8: np.ndarray) -> np.ndarray:
+    """N x 2048 float32 Inception features of uint8 (N, H, W) images."""
+    return extractor.features_from_images(list(images_uint8), on_error="raise").features.astype(np.float32)
+
+
+def features_hash(features: np.ndarray) -> str:
+    """Short sha256 of a feature array (records which reference a score was computed against)."""
+    a = np.ascontiguousarray(features)
+    return hashlib.sha256(f"{a.dtype.str}{a.shape}".encode() + a.tobytes()).hexdigest()[:16]
+
+
+def reference_features(extractor, n_ref: int, cache: str | Path | None = TEST_FEATURES) -> tuple[np.ndarray, str]:
+    """Features of the first ``n_ref`` Fashion-MNIST test images, and where they came from.
+
+    Read from ``cache`` when it holds at least ``n_ref`` images (stored as float16 to keep the
+    package small; cast back to float32), else computed (about 0.1-0.4 s per image on a CPU).
+    """
+    if n_ref < 2:
+        raise ValueError(f"the reference needs at least 2 test images, got n_ref={n_ref}")
+    if cache is not None and Path(cache).is_file():
+        with np.load(cache, allow_pickle=False) as data:
+            feats, meta = data["features"], json.loads(str(data["meta"]))
+        if meta.get("mode") == FEATURE_MODE and meta.get("split") == "test" and len(feats) >= n_ref:
+            return feats[:n_ref].astype(np.float32), f"cache {cache}"
+    from tsm_core.train.fmnist import load_fashion_mnist
+
+    images, _ = load_fashion_mnist("test")
+    if n_ref > len(images):
+        raise ValueError(f"n_ref={n_ref} exceeds the {len(images)} Fashion-MNIST test images")
+    # Round through float16 like the cache does, so cached and computed references give equal scores.
+    feats = image_features(extractor, images[:n_ref]).astype(np.float16).astype(np.float32)
+    return feats, "computed from the Fashion-MNIST test split"
+
+
+def save_test_features(features: np.ndarray, path: str | Path = TEST_FEATURES) -> Path:
+    """Write the test-set reference features (float16) with their protocol, atomically."""
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"split": "test", "first_n": int(len(features)), "mode": FEATURE_MODE, "dtype": "float16",
+            "what": "Inception (FID 2015-12-05) features of the first first_n Fashion-MNIST test images, 28x28"}
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, features=features.astype(np.float16), meta=np.array(json.dumps(meta)))
+    os.replace(tmp, path)
+    return path
+
+
+def real_train_images(n: int, seed: int = 0) -> np.ndarray:
+    """``n`` Fashion-MNIST train images (a fixed random subset): the floor row."""
+    from tsm_core.train.fmnist import load_fashion_mnist
+
+    images, _ = load_fashion_mnist("train")
+    idx = np.random.RandomState(seed).choice(len(images), n, replace=False)
+    return images[np.sort(idx)]
+
+
+def fid_low_rank(features1: np.ndarray, features2: np.ndarray) -> float:
+    """FID of two feature sets, exact, through an N1 x N2 matrix instead of a 2048 x 2048 ``sqrtm``.
+
+    With S1 = A A^T and S2 = B B^T (A, B: the centred features over sqrt(N - 1)), the eigenvalues of
+    S1 S2 are the squared singular values of B^T A, so Tr sqrt(S1 S2) is the nuclear norm of B^T A.
+    Same number as ``tsm_core.eval.fid_from_features`` (clean-fid's formula; a test checks it), but
+    seconds instead of minutes on a busy 2-core CPU, where scipy's 2048 x 2048 sqrtm took 200 s.
+    """
+    f1, f2 = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
+    if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1] or min(len(f1), len(f2)) < 2:
+        raise ValueError(f"FID needs two N x D feature arrays (N >= 2, equal D), got {f1.shape} and {f2.shape}")
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    a = (f1 - mu1) / np.sqrt(len(f1) - 1)
+    b = (f2 - mu2) / np.sqrt(len(f2) - 1)
+    nuclear = np.linalg.svd(b @ a.T, compute_uv=False).sum()
+    diff = mu1.astype(np.float32) - mu2.astype(np.float32)  # clean-fid keeps mu in float32
+    return float(diff.astype(np.float64) @ diff + (a * a).sum() + (b * b).sum() - 2 * nuclear)
+
+
+def score_row(features: np.ndarray, reference: np.ndarray) -> dict:
+    """FID and KID (mean, std) of generated features against the reference features."""
+    from tsm_core.eval import kid_from_features
+
+    fid = fid_low_rank(features, reference)
+    kid_mean, kid_std = kid_from_features(features, reference)
+    return {"fid": float(fid), "kid_mean": float(kid_mean), "kid_std": float(kid_std), "n": int(len(features))}
+
+
+def read_reference_rows(path: str | Path, teacher_hash: str, n: int, n_ref: int, ref_hash: str) -> tuple[dict | None, str]:
+    """Rows stored by tools/teacher_reference.py for this teacher, N and reference, or (None, why not)."""
+    path = Path(path)
+    if not path.is_file():
+        return None, f"{path} does not exist"
+    data = json.loads(path.read_text())
+    if data.get("unet_sha256") != teacher_hash:
+        return None, f"{path} was computed for teacher UNet {data.get('unet_sha256')}, this teacher is {teacher_hash}"
+    if data.get("n_reference") != n_ref or data.get("reference_features_sha256") != ref_hash:
+        return None, f"{path} used another reference set (n_ref {data.get('n_reference')}, this run {n_ref})"
+    rows = data.get("rows", {}).get(str(n))
+    if not rows:
+        return None, f"{path} has no rows for N={n} (it has N in {sorted(data.get('rows', {}), key=int)})"
+    return rows, f"read from {path}"
