@@ -107,7 +107,7 @@ def test_every_phase_kind_runs_and_saves(env, tmp_path):
     phases = [phase("lora", scale=1), phase("e3", scale=4, experts=[3]),
               phase("e3gan", scale=4, experts=[3], gan=True), phase("router", mode="mixture", gan=True)]
     run = tmp_path / "run"
-    out = DMD2Trainer(recipe(env, phases, sample_every=2), run).train()
+    out = DMD2Trainer(recipe(env, phases, sample_every=2, ema_decay=0.5), run).train()
     stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
     assert [s["step"] for s in stats] == [1, 2, 3, 4]
     assert "loss_gan_generator" not in stats[1] and "loss_gan_generator" in stats[2]
@@ -123,6 +123,8 @@ def test_every_phase_kind_runs_and_saves(env, tmp_path):
     assert any(saved[3][k].abs().sum() > 0 for k in router_keys)  # the router phase trained the router
     assert (run / "samples" / "final.png").exists() and (run / "samples" / "step_00000002.png").exists()
     assert (run / "recipe.yaml").exists() and (out / "tsm_adapter.safetensors").exists()
+    final, ema = (load_file(run / d / "tsm_adapter.safetensors") for d in ("adapter", "adapter_ema"))
+    assert any(not torch.equal(final[k], ema[k]) for k in router_keys + e3_keys)  # EMA lags the live weights
     assert list((run / "tb").iterdir())
 
 

@@ -70,3 +70,26 @@ def test_cli_runs_a_recipe_and_resumes(pixel_pipeline_path, tmp_path):
     # --resume of a finished run loads the last checkpoint and has nothing left to do
     assert main([str(tmp_path / "r.yaml"), "--run-dir", str(run), "--set", "phases.0.iterations=2", "--resume"]) == 0
     assert len((run / "stats.jsonl").read_text().splitlines()) == 2
+
+
+def test_prompts_from_shard_captions_and_clear_errors(tmp_path):
+    import io
+
+    import pytest
+    import webdataset as wds
+    from PIL import Image
+
+    from tsm_distill.data import PromptSource
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    with wds.TarWriter(str(tmp_path / "s-0.tar")) as w:
+        w.write({"__key__": "a", "png": buf.getvalue(), "txt": "a red cat"})
+        w.write({"__key__": "b", "png": buf.getvalue(), "json": b'{"caption": "a blue dog"}'})
+    src = PromptSource(str(tmp_path / "s-{0..0}.tar"))
+    assert src.prompts == ["a red cat", "a blue dog"]
+    assert set(src.sample(8, torch.Generator().manual_seed(0))) <= {"a red cat", "a blue dog"}
+    with pytest.raises(FileNotFoundError):
+        PromptSource(str(tmp_path / "missing-{0..1}.tar"))
+    with pytest.raises(ValueError, match="empty"):
+        PromptSource("")

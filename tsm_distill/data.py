@@ -14,7 +14,8 @@ BUILTIN_FMNIST = "builtin:fmnist"
 
 
 class PromptSource:
-    """Prompts from a .txt/.jsonl file, or the Fashion-MNIST class prompts (``builtin:fmnist``)."""
+    """Prompts from a .txt/.jsonl file, the captions of webdataset shards (``*.tar`` pattern), or the
+    Fashion-MNIST class prompts (``builtin:fmnist``)."""
 
     def __init__(self, spec: str):
         if not spec:
@@ -23,6 +24,8 @@ class PromptSource:
             from tsm_core.train.fmnist import CLASS_NAMES, TEMPLATES, prompt_for
 
             self.prompts = [prompt_for(c, k) for c in range(len(CLASS_NAMES)) for k in range(len(TEMPLATES))]
+        elif ".tar" in spec:
+            self.prompts = _shard_captions(spec)
         else:
             from tsm_core.train.data import read_prompts
 
@@ -31,6 +34,27 @@ class PromptSource:
     def sample(self, n: int, generator: torch.Generator) -> list[str]:
         idx = torch.randint(len(self.prompts), (n,), generator=generator)
         return [self.prompts[i] for i in idx.tolist()]
+
+
+def _shard_captions(spec: str) -> list[str]:
+    """Every caption (``txt``, or ``json`` text/prompt/caption) of webdataset shards, images not decoded."""
+    import json
+
+    import webdataset as wds
+
+    from tsm_core.train.data import expand_shards
+
+    captions = []
+    for sample in wds.WebDataset(expand_shards(spec), shardshuffle=False):
+        if "txt" in sample:
+            captions.append(sample["txt"].decode("utf-8").strip())
+        elif "json" in sample:
+            meta = json.loads(sample["json"])
+            captions.append(str(meta.get("text") or meta.get("prompt") or meta.get("caption") or "").strip())
+    captions = [c for c in captions if c]
+    if not captions:
+        raise ValueError(f"the shards {spec!r} hold no captions (txt, or json with text/prompt/caption)")
+    return captions
 
 
 class RealSource:

@@ -124,6 +124,8 @@ class DMD2Trainer:
         else:
             self.tsm.set_mode("mixture", core_scale=ph.core_scale, context_scales=ph.context_scales)
         self.phase, self.steps = ph, self._phase_steps(ph)
+        if self.ema is not None:
+            self.ema.track(self.tsm.state_dict())  # the router exists from the mixture phase on
         self.gen_params = list(self.tsm.trainable_parameters())
         self.critic_params = [p for p in self.critic.parameters() if p.requires_grad]
 

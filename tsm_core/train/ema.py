@@ -20,6 +20,12 @@ class EMA:
         self.decay = decay
         self.shadow = {k: v.detach().clone().float() for k, v in tensors.items()}
 
+    def track(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Start averaging tensors that appeared after creation (e.g. a router made in stage 2)."""
+        for k, v in tensors.items():
+            if k not in self.shadow:
+                self.shadow[k] = v.detach().clone().float()
+
     @torch.no_grad()
     def update(self, tensors: Mapping[str, torch.Tensor]) -> None:
         for k, v in tensors.items():
