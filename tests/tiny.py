@@ -6,7 +6,6 @@ so the loading code users run against the hub is the code under test (no network
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -19,58 +18,15 @@ WORDS = (
 ).split()
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    # The byte -> printable-unicode table that GPT-2/CLIP BPE tokenizers use.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1)
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
-
-
 def write_clip_tokenizer(folder: str | Path, words=WORDS, model_max_length: int = 16):
-    """Write vocab.json/merges.txt for a tiny CLIP BPE tokenizer and load it by path.
+    """A tiny CLIP BPE tokenizer holding ``words`` whole, written to ``folder`` and loaded by path.
 
-    transformers 5 ignores ``CLIPTokenizer(vocab_file=...)`` arguments, so the tokenizer is
-    built with ``from_pretrained(folder, local_files_only=True)`` like a real one.
+    The package's builder (the one the embedded teacher ships with) does the work; transformers 5
+    ignores ``CLIPTokenizer(vocab_file=...)``, so it loads with ``from_pretrained(folder)`` like a real one.
     """
-    from transformers import CLIPTokenizer
+    from tsm_core.train.fmnist import write_clip_tokenizer as build
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
-    vocab: list[str] = chars + [c + "</w>" for c in chars]
-    merges: list[str] = []
-    seen = set(vocab)
-    for w in sorted(set(words)):
-        # Merge left to right: a+b, ab+c, ... with the end-of-word marker on the last char.
-        pieces = list(w[:-1]) + [w[-1] + "</w>"]
-        cur = pieces[0]
-        for p in pieces[1:]:
-            merged = cur + p
-            merges.append(f"{cur} {p}")
-            if merged not in seen:
-                seen.add(merged)
-                vocab.append(merged)
-            cur = merged
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    merges = list(dict.fromkeys(merges))
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps({"model_max_length": model_max_length, "tokenizer_class": "CLIPTokenizer"})
-    )
-    (folder / "special_tokens_map.json").write_text(
-        json.dumps({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-                    "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"})
-    )
-    return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return build(folder, words=list(words), model_max_length=model_max_length)
 
 
 def tiny_unet_config(sample_size: int = 16, in_channels: int = 4, cross_attention_dim: int = 32, **kw) -> dict:
