@@ -162,7 +162,7 @@ def test_kill_and_resume_equals_uninterrupted(env, tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------- bad input
 def test_bad_inputs_get_clear_errors(env, tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="not found"):
         load_teacher(tmp_path / "no_such_teacher")
     with pytest.raises(ValueError, match="no expert"):
         recipe(env, [phase("bad", scale=4, experts=[5])])
