@@ -18,8 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tsm_distill import demo_eval as ev  # noqa: E402
@@ -77,12 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-ref", type=int, default=1000, help="Fashion-MNIST test images in the reference")
     p.add_argument("--features-cache", type=Path, default=ev.TEST_FEATURES)
     p.add_argument("--out", type=Path, default=None, help="default: TEACHER/reference.json")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (1 is fastest on a shared CPU); 0 = default")
     args = p.parse_args(argv)
     if min(args.n) < 10:
         raise ValueError(f"--n values must be at least 10, got {args.n}")
     if args.threads:
-        torch.set_num_threads(args.threads)
+        ev.limit_threads(args.threads)
     record = compute(args.teacher, args.n, args.steps, args.n_ref, args.features_cache)
     out = args.out or args.teacher / ev.REFERENCE_NAME
     tmp = out.with_name(out.name + ".tmp")

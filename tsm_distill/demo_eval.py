@@ -32,6 +32,24 @@ GUIDANCE = 1.75  # the recipes' train.real_guidance_scale: the teacher the stude
 FEATURE_MODE = "clean"
 
 
+def limit_threads(n: int):
+    """Use ``n`` threads in torch and in numpy's BLAS (the FID SVD); returns a function that restores them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # only a speed matter: BLAS then keeps its default thread count
+        limiter = None
+    else:
+        limiter = threadpool_limits(n)
+
+    def restore() -> None:
+        torch.set_num_threads(before)
+        if limiter is not None:
+            limiter.restore_original_limits()
+    return restore
+
+
 def unet_hash(teacher_dir: str | Path) -> str:
     """Short sha256 of the teacher's UNet weight file: identifies the teacher version in reference.json."""
     path = Path(teacher_dir) / "unet" / "diffusion_pytorch_model.safetensors"

@@ -56,7 +56,7 @@ def save_sample_grid(images_by_row: dict[str, torch.Tensor], path: str | Path) -
         ax.set_yticks([])
         ax.set_xticks([])
         ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.2, right=0.99, top=0.98, bottom=0.02, hspace=0.15)  # room for the row labels
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
