@@ -14,9 +14,12 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 # Let pip resolve torch and torchvision as a matching pair; no exact pins.
-if ! "$PY" -c "import tsm_core, pytest" >/dev/null 2>&1; then
+# (Re)install when the venv lacks the package or pyproject.toml changed since the last install.
+stamp="$VENV/.tsm_installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || ! "$PY" -c "import tsm_core, pytest" >/dev/null 2>&1; then
   "$PY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   "$PY" -m pip install -q -e ".[dev]"
+  touch "$stamp"
 fi
 
 fmnist=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
