@@ -220,6 +220,10 @@ def export_pipeline(trainer: TeacherTrainer, dest: Path, info: dict) -> None:
     pipe.save_pretrained(str(tmp), safe_serialization=True)
     (tmp / "teacher_info.json").write_text(json.dumps(info, indent=2) + "\n")
     shutil.rmtree(old, ignore_errors=True)
+    # Files others keep beside the weights (reference.json, keyed by the UNet hash) survive the swap;
+    # a stale one is harmless because its hash no longer matches.
+    if (dest / "reference.json").exists():
+        shutil.copy2(dest / "reference.json", tmp / "reference.json")
     if dest.exists():
         os.replace(dest, old)
     os.replace(tmp, dest)
