@@ -83,7 +83,7 @@ def test_reference_rows_are_used_only_for_the_same_teacher_n_and_reference(tmp_p
 
 
 def _classifier(images: np.ndarray, labels: np.ndarray) -> torch.nn.Module:
-    """A small CNN trained on a few hundred real 28x28 images (deterministic)."""
+    """A small CNN trained on real 28x28 images (deterministic)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(
         torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
@@ -93,7 +93,7 @@ def _classifier(images: np.ndarray, labels: np.ndarray) -> torch.nn.Module:
     y = torch.as_tensor(labels)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
-    for _ in range(400):
+    for _ in range(800):
         idx = torch.randint(len(x), (64,), generator=gen)
         loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
         opt.zero_grad()
@@ -113,11 +113,13 @@ def test_shipped_teacher_loads_by_path_and_draws_the_prompted_class(one_thread):
     from tsm_distill.teacher import load_teacher
 
     images, labels = load_fashion_mnist("train")
-    pick = np.concatenate([np.nonzero(labels == c)[0][:80] for c in range(10)])  # 800 images, 80 per class
+    # The judge must be good before it judges: trained on 3,000 real images (300 per class) it scores
+    # ~87% on real test images; at 800 images it scored 83%, which made an 80% bar nearly unreachable.
+    pick = np.concatenate([np.nonzero(labels == c)[0][:300] for c in range(10)])
     net = _classifier(images[pick], labels[pick])
     test_images, test_labels = load_fashion_mnist("test")
     real_acc = _accuracy(net, test_images[:500], test_labels[:500])
-    assert real_acc > 0.7, f"the test's own classifier is too weak to judge the teacher ({real_acc:.2f})"
+    assert real_acc > 0.85, f"the test's own classifier is too weak to judge the teacher ({real_acc:.2f})"
 
     teacher = load_teacher(str(TEACHER))  # by path, as users load it
     prompts, seeds = ev.eval_prompts(60)
