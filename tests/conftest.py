@@ -61,3 +61,19 @@ def sd_pipeline_path(tmp_path_factory):
 def pixel_pipeline_path(tmp_path_factory):
     """Folder of a tiny pixel-space StableDiffusionPipeline with no VAE (like the demo teacher)."""
     return tiny.build_sd_pipeline(tmp_path_factory.mktemp("pixpipe"), with_vae=False)
+
+
+@pytest.fixture(scope="session")
+def pixart_path(tmp_path_factory):
+    """Folder of a tiny PixArt-alpha pipeline (transformer, T5 encoder, tokenizer, scheduler, VAE)."""
+    from tests import tiny_dit
+
+    return tiny_dit.build_pixart_pipeline(tmp_path_factory.mktemp("pixart"))
+
+
+@pytest.fixture(scope="session")
+def sd3_path(tmp_path_factory):
+    """Folder of a tiny SD3 pipeline (MM-DiT, two CLIP encoders + T5, flow-matching scheduler, VAE)."""
+    from tests import tiny_dit
+
+    return tiny_dit.build_sd3_pipeline(tmp_path_factory.mktemp("sd3"), with_t5=True)

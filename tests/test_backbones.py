@@ -9,16 +9,6 @@ from tsm_core import TimestepContextError, TSMConfig, attach
 from tsm_core.train.backbones import cat_cond, load_backbone, route_by_timestep
 
 
-@pytest.fixture(scope="module")
-def pixart_path(tmp_path_factory):
-    return tiny_dit.build_pixart_pipeline(tmp_path_factory.mktemp("pixart"))
-
-
-@pytest.fixture(scope="module")
-def sd3_path(tmp_path_factory):
-    return tiny_dit.build_sd3_pipeline(tmp_path_factory.mktemp("sd3"), with_t5=True)
-
-
 def _roundtrip(bb):
     size = bb.denoiser.config.sample_size * bb.vae_scale
     x0 = bb.vae_encode(torch.rand(2, 3, size, size) * 2 - 1)

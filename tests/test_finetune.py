@@ -38,16 +38,6 @@ def folder(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def pixart_path(tmp_path_factory):
-    return tiny_dit.build_pixart_pipeline(tmp_path_factory.mktemp("pixart"))
-
-
-@pytest.fixture(scope="module")
-def sd3_path(tmp_path_factory):
-    return tiny_dit.build_sd3_pipeline(tmp_path_factory.mktemp("sd3"), with_t5=True)
-
-
 def _recipe(model_kind, model_path, data_path, run_dir, stages, te=(), **train):
     d = {
         "model": {"kind": model_kind, "path": str(model_path), "max_sequence_length": 8},

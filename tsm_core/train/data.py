@@ -35,6 +35,17 @@ CAPTION_KEYS = ("text", "prompt", "caption")
 # --------------------------------------------------------------------------- prompts
 
 
+def _jsonl_rows(path: Path, lines: list[str]):
+    """(line number, parsed object) for every non-blank JSON line; ValueError naming the bad line."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+
+
 def read_prompts(path: str | os.PathLike) -> list[str]:
     """Read prompts from a ``.txt`` file (one per line) or a ``.jsonl`` file (key "text", "prompt" or "caption").
 
@@ -50,13 +61,7 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     lines = path.read_text(encoding="utf-8").splitlines()
     prompts: list[str] = []
     if path.suffix.lower() == ".jsonl":
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+        for n, row in _jsonl_rows(path, lines):
             text = _caption_of(row) if isinstance(row, dict) else None
             if text is None:
                 raise ValueError(f"{path}:{n}: expected an object with one of the keys {list(CAPTION_KEYS)}")
@@ -169,13 +174,7 @@ class ImageTextFolder(Dataset):
         self.transform = image_transform(resolution, center_crop, random_flip)
         self.skip_counter = SkipCounter()
         self.items: list[tuple[Path, str]] = []
-        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{meta}:{n}: not valid JSON ({e})") from e
+        for n, row in _jsonl_rows(meta, meta.read_text(encoding="utf-8").splitlines()):
             if not isinstance(row, dict) or "file_name" not in row or not isinstance(row.get(caption_column), str):
                 raise ValueError(f"{meta}:{n}: each line needs 'file_name' and a string {caption_column!r}")
             file = self.root / row["file_name"]
