@@ -277,16 +277,22 @@ class DMD2Trainer:
         return {"phase": self.phase_index, "phase_step": self.phase_step, "global_step": self.global_step,
                 "seconds": self.seconds}
 
-    def save_checkpoint(self, with_optimizers: bool = True) -> Path:
+    def _checkpoint_parts(self, with_optimizers: bool):
+        """(modules, optimizers, schedulers) of a checkpoint; the same dicts serve save and load."""
         modules = {"generator": self.tsm.state_dict(),
                    "critic": {k: v.detach() for k, v in self.critic.trainable_state().items()}}
         if self.ema is not None:
             modules["ema"] = self.ema.state_dict()
-        opts = {"generator": self.gen_opt, "critic": self.critic_opt} if with_optimizers else {}
-        scheds = {"generator": self.gen_sched, "critic": self.critic_sched} if with_optimizers else {}
-        return self.ckpt.save(self.global_step, modules, opts, scheds, self._state())
+        if not with_optimizers:
+            return modules, {}, {}
+        return (modules, {"generator": self.gen_opt, "critic": self.critic_opt},
+                {"generator": self.gen_sched, "critic": self.critic_sched})
+
+    def save_checkpoint(self, with_optimizers: bool = True) -> Path:
+        return self.ckpt.save(self.global_step, *self._checkpoint_parts(with_optimizers), self._state())
 
     def _resume(self) -> None:
+        """Restore the latest checkpoint, entering its phase first (fresh optimizers at a phase boundary)."""
         import json
 
         path = self.ckpt.latest()
@@ -297,14 +303,7 @@ class DMD2Trainer:
         self.seconds = state.get("seconds", {})
         if self.phase_index < len(self.recipe.phases):
             self._enter_phase(self.phase_index)
-        mid_phase = self.phase_step > 0
-        modules = {"generator": self.tsm.state_dict(),
-                   "critic": {k: v.detach() for k, v in self.critic.trainable_state().items()}}
-        if self.ema is not None:
-            modules["ema"] = self.ema.state_dict()
-        self.ckpt.load(path, modules,
-                       {"generator": self.gen_opt, "critic": self.critic_opt} if mid_phase else {},
-                       {"generator": self.gen_sched, "critic": self.critic_sched} if mid_phase else {})
+        self.ckpt.load(path, *self._checkpoint_parts(with_optimizers=self.phase_step > 0))
 
     # ------------------------------------------------------------------ samples
     @torch.no_grad()
@@ -340,7 +339,7 @@ class DMD2Trainer:
         bar = progress(total, desc="distill", disable=not self.acc.is_main_process)
         bar.update(self.global_step)
         while self.phase_index < len(phases):
-            if not (resume and self.phase_step > 0):
+            if not resume:  # a resumed run's phase was entered by _resume, before its weights loaded
                 self._enter_phase(self.phase_index)
             resume = False
             ph = self.phase
