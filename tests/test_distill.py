@@ -235,3 +235,31 @@ def test_every_distill_recipe_loads_and_a3_schedule_is_exact():
     assert tsm.phases[-1].core_scale == 4 and tsm.phases[-1].context_scales == [1]
     lora = load_recipe(REPO / "recipes" / "sd15_dmd2_lora.yaml", DistillRecipe)
     assert [(p.scale, p.gan, p.iterations, p.batch_size) for p in lora.phases] == [(1, False, 40000, 32), (1, True, 5000, 16)]
+
+
+# ---------------------------------------------------------------------------- real images
+def test_image_folder_real_batches_follow_the_generator(tmp_path):
+    """Folder batches are drawn with the trainer's per-iteration generator: a resumed run sees the same."""
+    import numpy as np
+    from PIL import Image
+
+    from tsm_distill.data import RealSource
+
+    lines = []
+    for i in range(6):  # six flat grey images, each its own value, so a batch tells which files it holds
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"image {i}"}))
+    (tmp_path / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+
+    def draw(seed, source):
+        return source.sample(4, torch.Generator().manual_seed(seed), "cpu")
+
+    a = RealSource(str(tmp_path), 8, encode=lambda x: x)
+    b = RealSource(str(tmp_path), 8, encode=lambda x: x)  # a fresh source, as after a resume
+    assert torch.equal(draw(3, a), draw(3, b))
+    values = {round(float(v), 3) for seed in range(8) for v in draw(seed, a).mean((1, 2, 3))}
+    expected = {round(40 * i / 127.5 - 1, 3) for i in range(6)}
+    # Random files: a sequential loader (what this replaced) only ever showed the first four.
+    assert values <= expected and len(values) >= 5, (values, expected)
+    with pytest.raises(ValueError, match="encoder"):
+        RealSource(str(tmp_path), 8)

@@ -100,11 +100,21 @@ class RealSource:
             raise ValueError("image folders and shards need an encoder (the teacher's VAE) to make latents")
 
     def sample(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
+        """``n`` real samples in model space.
+
+        Caches and image folders are indexed with ``generator`` (the trainer's per-iteration
+        generator), so a resumed run draws exactly the batches the uninterrupted run would have.
+        Shards are a stream: they are read in their shuffled order, and a resumed run restarts it.
+        """
         if self.cache is not None:
             idx = torch.randint(len(self.cache), (n,), generator=generator)
             return self.cache[idx].to(device)
         from tsm_core.train.data import collate_image_text, infinite
 
+        if hasattr(self.dataset, "__len__"):  # an image folder: random access
+            idx = torch.randint(len(self.dataset), (n,), generator=generator)
+            batch = collate_image_text([self.dataset[int(i)] for i in idx])
+            return self.encode(batch["pixel_values"].to(device))
         if self._iter is None:
             loader = torch.utils.data.DataLoader(self.dataset, batch_size=n, collate_fn=collate_image_text,
                                                  drop_last=True)

@@ -3,14 +3,15 @@
 Stages (each with a progress bar; seconds per stage go into results.json):
 
 1. copy the teacher into the run folder (the shipped one may be re-exported while the demo runs);
-2. reference rows: the floor (real train images) and the teacher at 50 and 4 DDIM steps, read from
-   ``reference.json`` next to the teacher when it was computed for this teacher, N and reference set
-   (``tools/teacher_reference.py``), otherwise computed here (slow; the demo says so);
+2. Inception features of the Fashion-MNIST test images (the FID reference; cached in the package);
 3. DMD2 + vanilla LoRA (``recipes/demo_fmnist_lora.yaml``);
 4. DMD2 + TSM (``recipes/demo_fmnist_tsm.yaml``): per-step experts without then with the GAN, then
    the router phase with the LoRA run's adapter as the scale-1 context expert;
-5. FID/KID of the LoRA, TSM stage-1 and TSM stage-2 students (same prompts, seeds and N as the
-   reference rows); results.md, results.json, samples.png (one row per model) and gates.png.
+5. FID/KID of the LoRA, TSM stage-1 and TSM stage-2 students;
+6. reference rows at the same N, prompts and seeds: the floor (real train images) and the teacher at
+   50 and 4 DDIM steps, read from ``reference.json`` next to the teacher when it was computed for this
+   teacher, N and reference set (``tools/teacher_reference.py``), otherwise computed here (slow; the
+   demo says so); then results.md, results.json, samples.png (one row per model) and gates.png.
 
 Equal generator-step budget: a *generator step* is one optimizer update of the student (DMD loss,
 plus the GAN loss in GAN phases); a phase of I iterations with F fake-score updates per generator
@@ -273,7 +274,6 @@ def _run(args, argv: list[str]) -> int:
     extractor = ev.make_extractor()
     ref_feats, ref_source = stages.run("reference features", ev.reference_features, extractor, args.n_ref)
     ref_hash = ev.features_hash(ref_feats)
-    rows = stages.run("reference rows", reference_rows, args, teacher, extractor, ref_feats, ref_hash, notes)
 
     lora_tr = DMD2Trainer(lora_recipe, run_dir / "lora")
     lora_adapter = stages.run("distill LoRA", lora_tr.train)
@@ -289,6 +289,7 @@ def _run(args, argv: list[str]) -> int:
                 ("DMD2 + TSM stage 2 (router)", tsm_adapter,
                  {"experts": budget["tsm_stage1"], "router": budget["tsm_stage2_router"]})]
     grid = {"real (train)": grid_real_images()}
+    rows = []
     for name, adapter, gen_steps in students:
         def score_student(adapter=adapter, name=name):
             imgs = student_images(teacher, adapter, prompts, seeds, ts, desc=f"sample {name}")
@@ -298,6 +299,9 @@ def _run(args, argv: list[str]) -> int:
         grid[name] = imgs[:GRID_COLUMNS]
         rows.append(dict(scores, row=name, steps=len(ts), generator_steps=gen_steps, source="this run",
                          seconds=round(time.perf_counter() - start, 2)))
+    # The floor and teacher rows come last: reference.json is read only now, so tools/teacher_reference.py
+    # may still be filling it for a freshly exported teacher while the students train.
+    rows = stages.run("reference rows", reference_rows, args, teacher, extractor, ref_feats, ref_hash, notes) + rows
     for r in rows:
         r.setdefault("generator_steps", None)
 
