@@ -93,7 +93,7 @@ def _classifier(images: np.ndarray, labels: np.ndarray) -> torch.nn.Module:
     y = torch.as_tensor(labels)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
-    for _ in range(800):
+    for _ in range(1500):
         idx = torch.randint(len(x), (64,), generator=gen)
         loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
         opt.zero_grad()
@@ -113,18 +113,20 @@ def test_shipped_teacher_loads_by_path_and_draws_the_prompted_class(one_thread):
     from tsm_distill.teacher import load_teacher
 
     images, labels = load_fashion_mnist("train")
-    # The judge must be good before it judges: trained on 3,000 real images (300 per class) it scores
-    # ~87% on real test images; at 800 images it scored 83%, which made an 80% bar nearly unreachable.
-    pick = np.concatenate([np.nonzero(labels == c)[0][:300] for c in range(10)])
+    # The judge must be good before it judges. Trained on 10,000 real images (1,000 per class, 1,500
+    # steps) it scores ~88% on real test images. A weaker judge (3,000 images, 800 steps, 87%) put the
+    # teachers of steps 4000 and 7000 at 78-83% of 60-100 samples, and the stronger one the step-7000
+    # teacher at 88-91%: the weak judge measured itself as much as the teacher.
+    pick = np.concatenate([np.nonzero(labels == c)[0][:1000] for c in range(10)])
     net = _classifier(images[pick], labels[pick])
     test_images, test_labels = load_fashion_mnist("test")
-    real_acc = _accuracy(net, test_images[:500], test_labels[:500])
-    assert real_acc > 0.85, f"the test's own classifier is too weak to judge the teacher ({real_acc:.2f})"
+    real_acc = _accuracy(net, test_images[:1000], test_labels[:1000])
+    assert real_acc > 0.86, f"the test's own classifier is too weak to judge the teacher ({real_acc:.2f})"
 
     teacher = load_teacher(str(TEACHER))  # by path, as users load it
-    prompts, seeds = ev.eval_prompts(60)
+    prompts, seeds = ev.eval_prompts(100)  # ten per class
     samples = ev.to_uint8(ev.teacher_generate(teacher, prompts, seeds, steps=10, progress_desc=""))
-    acc = _accuracy(net, samples, [i % 10 for i in range(60)])
+    acc = _accuracy(net, samples, [i % 10 for i in range(100)])
     assert acc > 0.8, (f"teacher samples are classified as the prompted class {acc:.0%} of the time "
                        f"(the classifier scores {real_acc:.0%} on real test images); the bar is 80%")
 
