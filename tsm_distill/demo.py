@@ -324,6 +324,9 @@ def _run(args, argv: list[str]) -> int:
     notes.append("FID/KID against the first n_reference Fashion-MNIST test images; generated images cropped to "
                  "the 28x28 centre, grey; teacher rows: DDIM (trailing spacing) with CFG "
                  f"{ev.GUIDANCE}, the distillation's real-score guidance")
+    if args.n >= 1000:
+        notes.append("KID std is over clean-fid's 100 subsets of min(N, 1000) images; at N >= 1000 each subset "
+                     "is the whole set, so the std reads 0 and says nothing about noise: compare runs (seeds)")
     meta = {"mode": "quick" if args.quick else "full", "n": args.n, "n_reference": args.n_ref,
             "reference_features": ref_source, "teacher_unet_sha256": ev.unet_hash(teacher),
             "teacher_info": json.loads((teacher / "teacher_info.json").read_text())
