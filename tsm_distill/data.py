@@ -111,7 +111,7 @@ class RealSource:
             return self.cache[idx].to(device)
         from tsm_core.train.data import collate_image_text, infinite
 
-        if hasattr(self.dataset, "__len__"):  # an image folder: random access
+        if not isinstance(self.dataset, torch.utils.data.IterableDataset):  # an image folder: random access
             idx = torch.randint(len(self.dataset), (n,), generator=generator)
             batch = collate_image_text([self.dataset[int(i)] for i in idx])
             return self.encode(batch["pixel_values"].to(device))
