@@ -9,7 +9,9 @@ from safetensors.torch import save_file
 
 from tsm_core.train.accel import make_accelerator
 from tsm_core.train.recipe import load_recipe
-from tsm_distill import DistillRecipe, DMD2Trainer
+from tsm_distill import DistillRecipe, DMD2Trainer, rollout
+from tsm_distill import trainer as trainer_module
+from tsm_distill.critic import Critic
 from tsm_distill.data import PromptSource
 
 if __name__ == "__main__":
@@ -18,11 +20,40 @@ if __name__ == "__main__":
     recipe = load_recipe(json.loads(Path(recipe_path).read_text()), DistillRecipe)
     acc = make_accelerator(cpu=True, seed=recipe.train.seed)
     seen = []
+    draws = {"rollout_noise": [], "renoise": [], "predict_t": [], "discriminate_t": [], "prompts": []}
     original = PromptSource.sample
-    PromptSource.sample = lambda self, n, g: seen.extend(original(self, n, g)) or seen[-n:]
+
+    def sample_prompts(self, n, g):
+        prompts = original(self, n, g)
+        seen.extend(prompts)
+        draws["prompts"].append(prompts)
+        return prompts
+
+    PromptSource.sample = sample_prompts
+    simulate = trainer_module.backward_simulation
+
+    def record_simulation(predict_x0, noise, *a, **kw):
+        draws["rollout_noise"].append(noise.clone())
+        return simulate(predict_x0, noise, *a, **kw)
+
+    trainer_module.backward_simulation = record_simulation
+    renoise = rollout.renoise
+
+    def record_renoise(x0, t, schedule, generator=None):
+        out = renoise(x0, t, schedule, generator)
+        draws["renoise"].append(out - schedule.add_noise(x0, torch.zeros_like(x0), torch.full((len(x0),), t)))
+        return out
+
+    rollout.renoise = record_renoise
+    predict, discriminate = Critic.predict, Critic.discriminate
+    Critic.predict = lambda self, x, t, c: draws["predict_t"].append(t.clone()) or predict(self, x, t, c)
+    Critic.discriminate = lambda self, x, t, c: draws["discriminate_t"].append(t.clone()) or discriminate(self, x, t, c)
     trainer = DMD2Trainer(recipe, run_dir, accelerator=acc)
     trainer.train()
     out = run_dir.parent
     rank = acc.process_index
     save_file({k: v.contiguous() for k, v in trainer.tsm.state_dict().items()}, out / f"rank{rank}.safetensors")
+    save_file({k: v.detach().contiguous() for k, v in trainer.critic.trainable_state().items()},
+              out / f"critic{rank}.safetensors")
     (out / f"prompts{rank}.json").write_text(json.dumps(seen))
+    torch.save(draws, out / f"draws{rank}.pt")

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests import tiny
+from tests.numerics import assert_close, close
 from tests.test_core import perturb
 from tsm_core import TSMConfig, attach
 from tsm_core.train.recipe import load_recipe
@@ -42,7 +43,7 @@ def recipe(env, phases, **train):
 
 
 def phase(name, iterations=1, **kw):
-    return {"name": name, "iterations": iterations, "batch_size": 2, "warmup_steps": 1,
+    return {"name": name, "iterations": iterations, "batch_size": 2, "warmup_steps": 0,
             "fake_updates_per_generator_update": 1, "lr_generator": 1e-3, "lr_critic": 1e-3, **kw}
 
 
@@ -76,9 +77,11 @@ def test_rollout_uses_each_steps_own_expert(env):
             x = renoise(x0, ts[i + 1], teacher.schedule, g)
         return x
 
-    assert torch.allclose(got, manual(lambda i: ts[i]), atol=1e-5)
+    # Norm-relative: to_x0 at t = 999 multiplies float rounding by ~15 on values up to ~50, so a fixed
+    # per-element atol depends on the CPU's BLAS (2.7e-5 seen on AMD EPYC).
+    assert_close(got, manual(lambda i: ts[i]), rel=1e-5)
     # Negative control: using step k's expert (t = 249) for every earlier step gives another input.
-    assert not torch.allclose(got, manual(lambda i: ts[3]), atol=1e-3)
+    assert not close(got, manual(lambda i: ts[3]), rel=1e-3)
 
 
 # ---------------------------------------------------------------------------- steps change only their own params
@@ -234,7 +237,12 @@ def test_every_distill_recipe_loads_and_a3_schedule_is_exact():
     ]
     assert tsm.phases[-1].core_scale == 4 and tsm.phases[-1].context_scales == [1]
     lora = load_recipe(REPO / "recipes" / "sd15_dmd2_lora.yaml", DistillRecipe)
-    assert [(p.scale, p.gan, p.iterations, p.batch_size) for p in lora.phases] == [(1, False, 40000, 32), (1, True, 5000, 16)]
+    # A.3: "The batch size is 32 without GAN loss and 16 with it (4 times for vanilla LoRA)", global batches.
+    assert [(p.scale, p.gan, p.iterations, p.batch_size) for p in lora.phases] == [(1, False, 40000, 128), (1, True, 5000, 64)]
+    for p in tsm.phases + lora.phases:
+        assert p.warmup_steps == 8, p.name  # DMD2's effective warm-up: 500 / 64 GPUs iterations
+        # DMD2's rates: 1e-5 without GAN; its LoRA rate 5e-5 with it (generator = fake score, as in DMD2).
+        assert (p.lr_generator, p.lr_critic) == ((5e-5, 5e-5) if p.gan else (1e-5, 1e-5)), p.name
 
 
 # ---------------------------------------------------------------------------- real images
@@ -252,10 +260,10 @@ def test_image_folder_real_batches_follow_the_generator(tmp_path):
     (tmp_path / "metadata.jsonl").write_text("\n".join(lines) + "\n")
 
     def draw(seed, source):
-        return source.sample(4, torch.Generator().manual_seed(seed), "cpu")
+        return source.sample(4, torch.Generator().manual_seed(seed), "cpu")[0]
 
-    a = RealSource(str(tmp_path), 8, encode=lambda x: x)
-    b = RealSource(str(tmp_path), 8, encode=lambda x: x)  # a fresh source, as after a resume
+    a = RealSource(str(tmp_path), 8, encode=lambda x, g: x)
+    b = RealSource(str(tmp_path), 8, encode=lambda x, g: x)  # a fresh source, as after a resume
     assert torch.equal(draw(3, a), draw(3, b))
     values = {round(float(v), 3) for seed in range(8) for v in draw(seed, a).mean((1, 2, 3))}
     expected = {round(40 * i / 127.5 - 1, 3) for i in range(6)}

@@ -55,7 +55,22 @@ class DataConfig:
 
 @dataclass
 class PhaseConfig:
-    """One phase of the schedule (paper A.3: each expert without, then with, the GAN; then the router)."""
+    """One phase of the schedule (paper A.3: each expert without, then with, the GAN; then the router).
+
+    Units follow DMD2's ``main/train_sd.py``:
+
+    * ``iterations`` counts *iterations*. Every iteration updates the fake score (and D); every
+      ``fake_updates_per_generator_update``-th iteration also updates the generator.
+    * ``warmup_steps`` counts *iterations* too, for both optimizers: both learning-rate schedules
+      (diffusers' ``constant_with_warmup``) step once per iteration, whether or not the generator
+      updated. Deviation kept: DMD2's schedulers go through ``accelerator.prepare``, which steps them
+      once per process per iteration, so its ``--warmup_step 500`` ends after 500 / world_size
+      iterations; ours does not depend on the number of processes. Recipes state the iteration count
+      (see ``recipes/sd15_dmd2_lora.yaml``).
+    * ``batch_size`` is the *global* batch, summed over processes (the paper's numbers are global).
+      Each process draws ``batch_size / num_processes`` samples; a batch that does not divide is an
+      error at start-up.
+    """
 
     name: str
     iterations: int
@@ -71,10 +86,12 @@ class PhaseConfig:
     context_scales: list[int] | None = None
     gan: bool = False
     batch_size: int = 32
+    """Global batch (all processes together)."""
     lr_generator: float = 1e-5
     lr_critic: float = 1e-5
     weight_decay: float = 0.01
     warmup_steps: int = 500
+    """Linear learning-rate warm-up, in iterations (not generator updates), for both optimizers."""
     fake_updates_per_generator_update: int = 10
     gan_generator_weight: float = 1e-3
     gan_critic_weight: float = 1e-2
@@ -131,3 +148,15 @@ class DistillRecipe:
                 if bad or not ph.student_steps:
                     raise ValueError(f"{where}: student_steps must be non-empty indices into "
                                      f"{self.student_timesteps}; bad: {bad}")
+
+
+def per_process_batch(global_batch: int, num_processes: int, where: str = "batch_size") -> int:
+    """The batch each process draws: ``global_batch / num_processes``, which must divide exactly."""
+    if num_processes < 1:
+        raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+    if global_batch % num_processes:
+        raise ValueError(
+            f"{where}: the global batch {global_batch} does not divide over {num_processes} processes; "
+            f"batch_size is the global batch (as in the paper), so use a multiple of {num_processes} "
+            f"(e.g. {max(num_processes, global_batch - global_batch % num_processes)}) or change --num_processes")
+    return global_batch // num_processes

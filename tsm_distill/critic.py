@@ -95,4 +95,6 @@ class Critic(nn.Module):
         finally:
             self._stop_early = False
         features, self._features = self._features, None
-        return self.head(features)
+        # DMD2 runs its classification head on ``features.float()``, outside mixed precision.
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return self.head(features.float())

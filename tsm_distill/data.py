@@ -6,6 +6,7 @@ resumed run sees exactly the prompts an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -58,22 +59,31 @@ def _shard_captions(spec: str) -> list[str]:
 
 
 class RealSource:
-    """Real samples in model space (VAE latents, or pixels for a pixel-space teacher) for D.
+    """Real samples in model space (VAE latents, or pixels for a pixel-space teacher) for D, with captions.
 
     ``spec`` is a latent cache (``.pt`` tensor or ``.safetensors`` with key ``latents``), ``builtin:fmnist``,
     an image folder with ``metadata.jsonl``, or webdataset shards (``*.tar`` pattern). Folders and
-    shards are VAE-encoded on the fly by ``encode`` (the teacher's ``encode_images``).
+    shards are VAE-encoded on the fly by ``encode(pixels, generator)`` (the teacher's ``encode_images``),
+    which draws a sample of the VAE posterior, as DMD2 does, not its mean.
+
+    D is text-conditional (DMD2 scores each real image with its own caption), so :meth:`sample` returns
+    the captions too: the folder's ``metadata.jsonl`` text, the shards' ``txt``/``json`` caption, the
+    class prompt for ``builtin:fmnist``. A latent cache holds no captions: its images are scored with
+    the empty prompt ``""``, and a warning says so once, when the source is built.
     """
 
     def __init__(self, spec: str, resolution: int, encode=None):
         self.cache: torch.Tensor | None = None
+        self.captions: list[str] | None = None
         self._iter = None
         self.encode = encode
         if spec == BUILTIN_FMNIST:
-            from tsm_core.train.fmnist import load_fashion_mnist, to_model_space
+            from tsm_core.train.fmnist import load_fashion_mnist, prompt_for, to_model_space
 
-            images, _ = load_fashion_mnist("train")
+            images, labels = load_fashion_mnist("train")
             self.cache = to_model_space(images)
+            # The same caption the teacher was trained with for image i (FashionMNIST dataset's rule).
+            self.captions = [prompt_for(int(c), template=i) for i, c in enumerate(labels)]
             return
         path = Path(spec)
         if spec.endswith((".pt", ".safetensors")):
@@ -87,6 +97,10 @@ class RealSource:
                 self.cache = load_file(path)["latents"]
             if self.cache.ndim != 4 or len(self.cache) == 0:
                 raise ValueError(f"{path} must hold a non-empty (N, C, H, W) tensor, got {tuple(self.cache.shape)}")
+            warnings.warn(
+                f"real-latent cache {path} has no captions: D scores its real images with the empty prompt \"\" "
+                "(DMD2 uses each image's own caption). Give an image folder with metadata.jsonl or caption "
+                "shards instead to condition D on the real captions.", stacklevel=2)
             return
         if ".tar" in spec:
             from tsm_core.train.data import webdataset_image_text
@@ -99,25 +113,27 @@ class RealSource:
         if encode is None:
             raise ValueError("image folders and shards need an encoder (the teacher's VAE) to make latents")
 
-    def sample(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
-        """``n`` real samples in model space.
+    def sample(self, n: int, generator: torch.Generator, device) -> tuple[torch.Tensor, list[str]]:
+        """``n`` real samples in model space and their captions (``""`` for a cache without captions).
 
-        Caches and image folders are indexed with ``generator`` (the trainer's per-iteration
-        generator), so a resumed run draws exactly the batches the uninterrupted run would have.
-        Shards are a stream: they are read in their shuffled order, and a resumed run restarts it.
+        Caches and image folders are indexed with ``generator`` (the trainer's per-iteration, per-process
+        generator), so a resumed run draws exactly the batches the uninterrupted run would have; the
+        VAE posterior sample is drawn with it too. Shards are a stream: they are read in their shuffled
+        order, and a resumed run restarts it.
         """
         if self.cache is not None:
             idx = torch.randint(len(self.cache), (n,), generator=generator)
-            return self.cache[idx].to(device)
+            captions = [self.captions[i] for i in idx.tolist()] if self.captions is not None else [""] * n
+            return self.cache[idx].to(device), captions
         from tsm_core.train.data import collate_image_text, infinite
 
         if not isinstance(self.dataset, torch.utils.data.IterableDataset):  # an image folder: random access
             idx = torch.randint(len(self.dataset), (n,), generator=generator)
             batch = collate_image_text([self.dataset[int(i)] for i in idx])
-            return self.encode(batch["pixel_values"].to(device))
-        if self._iter is None:
-            loader = torch.utils.data.DataLoader(self.dataset, batch_size=n, collate_fn=collate_image_text,
-                                                 drop_last=True)
-            self._iter = infinite(loader)
-        batch = next(self._iter)
-        return self.encode(batch["pixel_values"].to(device))
+        else:
+            if self._iter is None:
+                loader = torch.utils.data.DataLoader(self.dataset, batch_size=n, collate_fn=collate_image_text,
+                                                     drop_last=True)
+                self._iter = infinite(loader)
+            batch = next(self._iter)
+        return self.encode(batch["pixel_values"].to(device), generator), list(batch["text"])

@@ -66,8 +66,12 @@ def split_budget(weights: list[int], total: int) -> list[int]:
 
 def rescale_phases(phases: list[dict], budget: int | None, fake_updates: int | None,
                    batch_size: int | None) -> list[dict]:
-    """Phases with ``budget`` generator steps in all (split like the recipe's), F and batch overridden."""
+    """Phases with ``budget`` generator steps in all (split like the recipe's), F and batch overridden.
+
+    Warm-up counts iterations (``PhaseConfig``); it stays the same fraction of each phase's iterations.
+    """
     phases = [dict(p) for p in phases]
+    warmup_fraction = [p.get("warmup_steps", 500) / max(1, p["iterations"]) for p in phases]
     for p in phases:
         if fake_updates is not None:
             g = generator_steps(p)
@@ -77,11 +81,11 @@ def rescale_phases(phases: list[dict], budget: int | None, fake_updates: int | N
             p["batch_size"] = batch_size
     if budget is not None:
         old = [generator_steps(p) for p in phases]
-        for p, g, g_old in zip(phases, split_budget(old, budget), old):
+        for p, g in zip(phases, split_budget(old, budget)):
             f = p.get("fake_updates_per_generator_update", 10)
             p["iterations"] = g * f
-            # Keep the warm-up the same fraction of the phase.
-            p["warmup_steps"] = max(1, round(p.get("warmup_steps", 500) * g / max(1, g_old)))
+    for p, fraction in zip(phases, warmup_fraction):
+        p["warmup_steps"] = min(p["iterations"], round(fraction * p["iterations"]))
     return phases
 
 

@@ -43,7 +43,9 @@ def renoise(x0: torch.Tensor, t: int, schedule: NoiseSchedule, generator: Genera
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g, device=g.device, dtype=x0.dtype)
                              for g in generator]).to(x0.device)
     else:
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        # Draw on the generator's device (a CPU generator may drive a GPU run), then move.
+        where = generator.device if generator is not None else x0.device
+        noise = torch.randn(x0.shape, generator=generator, device=where, dtype=x0.dtype).to(x0.device)
     return schedule.add_noise(x0, noise, torch.full((x0.shape[0],), t, device=x0.device))
 
 

@@ -30,15 +30,19 @@ class Student:
         return fn
 
     @torch.no_grad()
-    def real_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-                guidance_scale: float) -> torch.Tensor:
-        """The teacher's x0 with classifier-free guidance; ``uncond`` is the "" embedding (1, L, D)."""
+    def real_output(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+                    guidance_scale: float) -> torch.Tensor:
+        """The teacher's raw output (epsilon or v) with classifier-free guidance; ``uncond`` is the ""
+        embedding (1, L, D)."""
         with self.tsm.bypass():
             if guidance_scale == 1.0:
-                out = self.unet(x_t, t, encoder_hidden_states=cond).sample
-            else:
-                both = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                 encoder_hidden_states=torch.cat([cond, uncond.expand_as(cond)])).sample
-                out_c, out_u = both.chunk(2)
-                out = out_u + guidance_scale * (out_c - out_u)
-        return self.schedule.to_x0(x_t, out, t)
+                return self.unet(x_t, t, encoder_hidden_states=cond).sample
+            both = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                             encoder_hidden_states=torch.cat([cond, uncond.expand_as(cond)])).sample
+        out_c, out_u = both.chunk(2)
+        return out_u + guidance_scale * (out_c - out_u)
+
+    def real_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+                guidance_scale: float) -> torch.Tensor:
+        """The teacher's x0 with classifier-free guidance (DMD2's real score)."""
+        return self.schedule.to_x0(x_t, self.real_output(x_t, t, cond, uncond, guidance_scale), t)

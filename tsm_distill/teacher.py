@@ -60,9 +60,13 @@ class Teacher:
         """CLIP hidden states (B, L, D) for a list of prompts (the frozen text encoder, no grad)."""
         return self.backbone.encode_prompts(list(prompts))["encoder_hidden_states"]
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] -> model space (scaled VAE latents, or the images themselves)."""
-        return self.backbone.vae_encode(images)
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] -> model space (scaled VAE latents, or the images themselves).
+
+        With a ``generator`` the latent is a sample of the VAE posterior (DMD2's real latents), without
+        one its mean.
+        """
+        return self.backbone.vae_encode(images, generator)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Model space -> images in [-1, 1]."""

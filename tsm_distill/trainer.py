@@ -6,6 +6,17 @@ Each iteration: draw the student step k (shared by every process), roll the stud
     the trained experts or router only;
   * ``critic_step`` (every iteration): fake-score denoising loss (+ GAN D loss) on fake and D only.
 Phases (``recipe.phases``) switch which experts train, whether the GAN is on, and the router phase.
+
+Set-up semantics follow DMD2's ``main/train_sd.py`` and ``main/sd_guidance.py``:
+
+* both learning-rate schedules step every iteration, so warm-up counts iterations (``PhaseConfig``);
+* ``batch_size`` is the global batch; each process draws its share;
+* every random draw of an iteration (rollout noise, DMD ``s`` and its noise, fake-loss ``t`` and its
+  noise, diffusion-GAN ``t`` and its noise, prompts, real images) comes from generators seeded with
+  the process index, as DMD2 seeds ``seed + process_index``; only the student step k is shared;
+* D is text-conditional: fakes with their prompt's embedding, reals with their own captions';
+* the fake score's prediction inside the DMD gradient runs in fp32 outside autocast, x0 in float64,
+  and the GAN head runs on ``features.float()`` outside autocast.
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ from tsm_core.train.logging import RunLogger, progress, save_image_grid
 from tsm_core.train.recipe import save_recipe
 
 from . import losses
-from .config import DistillRecipe, PhaseConfig
+from .config import DistillRecipe, PhaseConfig, per_process_batch
 from .critic import Critic
 from .data import PromptSource, RealSource
 from .rollout import backward_simulation, sample
@@ -36,8 +47,23 @@ class NonFiniteLossError(RuntimeError):
 
 
 def _seeded(*parts: int) -> torch.Generator:
-    # Stateless per-iteration randomness (k, prompts, real batches): a resumed run draws the same.
+    # Stateless per-iteration randomness: a resumed run draws the same. (hash of a tuple of ints is
+    # the same in every Python process, unlike the hash of a str.)
     return torch.Generator().manual_seed(hash(tuple(parts)) & 0x7FFF_FFFF_FFFF)
+
+
+# Streams of _seeded(seed, step, process_index, stream): one generator per purpose, so adding a draw
+# to one does not shift the others.
+_DATA_STREAM, _NOISE_STREAM = 1, 2
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Standard normal noise shaped like ``x``, drawn on the generator's device (CPU), then moved."""
+    return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+
+
+def _randint(low: int, high: int, n: int, generator: torch.Generator, device) -> torch.Tensor:
+    return torch.randint(low, high, (n,), generator=generator).to(device)
 
 
 class DMD2Trainer:
@@ -85,6 +111,12 @@ class DMD2Trainer:
         self.phase_index = 0
         self.phase_step = 0
         self.seconds = {}
+        self.per_process_batch = [per_process_batch(ph.batch_size, self.acc.num_processes, f"phases[{i}] "
+                                                    f"({ph.name!r}).batch_size") for i, ph in enumerate(recipe.phases)]
+        if self.acc.is_main_process:
+            for ph, b in zip(recipe.phases, self.per_process_batch):
+                print(f"phase {ph.name}: global batch {ph.batch_size} = {b} per process x "
+                      f"{self.acc.num_processes} process(es); warm-up {ph.warmup_steps} iterations", flush=True)
 
     # ------------------------------------------------------------------ set-up
     def _init_experts(self, path: str, scales: list[int]) -> None:
@@ -133,8 +165,11 @@ class DMD2Trainer:
             return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=ph.weight_decay)
 
         def warmup(opt):
-            w = max(1, ph.warmup_steps)
-            return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / w))
+            from diffusers.optimization import get_scheduler
+
+            # Not through acc.prepare: accelerate would step it once per process per iteration (see
+            # PhaseConfig); here one step is one iteration on any number of processes.
+            return get_scheduler("constant_with_warmup", optimizer=opt, num_warmup_steps=ph.warmup_steps)
 
         self.gen_opt = self.acc.prepare(adamw(self.gen_params, ph.lr_generator))
         self.critic_opt = self.acc.prepare(adamw(self.critic_params, ph.lr_critic))
@@ -153,19 +188,32 @@ class DMD2Trainer:
                 p.grad.div_(self.acc.num_processes)
         return self.acc.clip_grad_norm_(params, self.recipe.train.max_grad_norm)
 
-    def _d_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What D sees: x noised at t = 0, or at a random t with the diffusion-GAN option."""
+    def _d_input(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """What D sees: the clean x at t = 0 (DMD2 without diffusion-GAN: no noise at all), or x noised
+        at a random t with the diffusion-GAN option."""
         B = x.shape[0]
         cc = self.recipe.critic
-        if cc.diffusion_gan:
-            t = torch.randint(0, cc.diffusion_gan_max_timestep, (B,), device=x.device)
-        else:
-            t = torch.zeros(B, dtype=torch.long, device=x.device)
-        return self.teacher.schedule.add_noise(x, torch.randn_like(x), t), t
+        if not cc.diffusion_gan:
+            return x, torch.zeros(B, dtype=torch.long, device=x.device)
+        t = _randint(0, cc.diffusion_gan_max_timestep, B, generator, x.device)
+        return self.teacher.schedule.add_noise(x, _randn_like(x, generator), t), t
 
-    def generator_step(self, x_in: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> dict:
-        """DMD (+ GAN) update of the generator's trainable experts/router only. Returns detached x0 and logs."""
+    def _fake_x0_fp32(self, x_s: torch.Tensor, s: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The fake score's x0 for the DMD gradient as DMD2 computes it: the prediction in fp32 outside
+        autocast, x0 from it in float64."""
+        with torch.no_grad(), torch.autocast(device_type=x_s.device.type, enabled=False):
+            pred = self.critic.predict(x_s.float(), s, cond.float())
+        return self.teacher.schedule.to_x0(x_s.double(), pred.double(), s)
+
+    def generator_step(self, x_in: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                       generator: torch.Generator | None = None) -> dict:
+        """DMD (+ GAN) update of the generator's trainable experts/router only. Returns detached x0 and logs.
+
+        ``generator`` draws the DMD timestep ``s``, its noise and the diffusion-GAN noise (this
+        process's noise stream; a fixed seed when omitted).
+        """
         tc, ph, sched = self.recipe.train, self.phase, self.teacher.schedule
+        generator = generator if generator is not None else torch.Generator().manual_seed(tc.seed)
         B = x_in.shape[0]
         self.critic.requires_grad_(False)  # D's and fake's weights are constants in this step
         logs = {}
@@ -175,16 +223,20 @@ class DMD2Trainer:
                 with record as gates:  # forward only: checkpoint recomputes in backward are not recorded
                     x0 = self.student.x0(x_in, t, cond)
                 T = sched.num_timesteps
-                s = torch.randint(int(tc.min_step_percent * T), int(tc.max_step_percent * T) + 1, (B,), device=x0.device)
-                x_s = sched.add_noise(x0.detach(), torch.randn_like(x0), s)
+                s = _randint(int(tc.min_step_percent * T), int(tc.max_step_percent * T) + 1, B, generator, x0.device)
+                x_s = sched.add_noise(x0.detach(), _randn_like(x0, generator), s)
+                x0_fake = self._fake_x0_fp32(x_s, s, cond)
                 with torch.no_grad():
-                    x0_fake = sched.to_x0(x_s, self.critic.predict(x_s, s, cond), s)
-                    x0_real = self.student.real_x0(x_s, s, cond, self.uncond, tc.real_guidance_scale)
+                    # The real score stays under autocast (DMD2 runs its real UNet in reduced precision);
+                    # its x0 is formed in float64 like the fake one.
+                    out_real = self.student.real_output(x_s, s, cond, self.uncond, tc.real_guidance_scale)
+                    x0_real = sched.to_x0(x_s.double(), out_real.double(), s)
                 loss = losses.dmd_loss(x0, x0_real, x0_fake)
                 logs["loss_dmd"] = loss.detach()
                 if ph.gan:
-                    d_in, d_t = self._d_input(x0)
-                    g_gan = losses.gan_generator_loss(self.critic.discriminate(d_in, d_t, self.uncond.expand_as(cond)))
+                    d_in, d_t = self._d_input(x0, generator)
+                    # D is text-conditional: a fake is scored with its own prompt's embedding (DMD2).
+                    g_gan = losses.gan_generator_loss(self.critic.discriminate(d_in, d_t, cond))
                     logs["loss_gan_generator"] = g_gan.detach()
                     loss = loss + ph.gan_generator_weight * g_gan
                 self._check_finite(loss, "generator")
@@ -194,7 +246,6 @@ class DMD2Trainer:
                 p.requires_grad_(True)
         logs["grad_norm_generator"] = self._sync_and_clip(self.gen_params)
         self.gen_opt.step()
-        self.gen_sched.step()
         self.gen_opt.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update({k: p for k, p in self.tsm.named_adapter_parameters() if p.requires_grad})
@@ -203,23 +254,31 @@ class DMD2Trainer:
         logs["x0"] = x0.detach()
         return logs
 
-    def critic_step(self, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator) -> dict:
-        """Fake-score denoising (+ GAN D) update of fake and D only, on the generator's samples."""
+    def critic_step(self, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator,
+                    noise_generator: torch.Generator | None = None) -> dict:
+        """Fake-score denoising (+ GAN D) update of fake and D only, on the generator's samples.
+
+        ``generator`` draws the real images (and their VAE posterior sample); ``noise_generator`` the
+        fake-loss ``t``, its noise and the diffusion-GAN noise (default: ``generator``).
+        """
         ph, sched = self.phase, self.teacher.schedule
+        noise_generator = noise_generator if noise_generator is not None else generator
         B = x0.shape[0]
         x0 = x0.detach()
         logs = {}
         with self.acc.autocast():
-            t = torch.randint(0, sched.num_timesteps, (B,), device=x0.device)
-            noise = torch.randn_like(x0)
+            t = _randint(0, sched.num_timesteps, B, noise_generator, x0.device)
+            noise = _randn_like(x0, noise_generator)
             pred = self.critic.predict(sched.add_noise(x0, noise, t), t, cond)
             loss = losses.fake_score_loss(pred, sched.target(x0, noise, t))
             logs["loss_fake"] = loss.detach()
             if ph.gan:
-                real = self.real.sample(B, generator, x0.device).to(x0.dtype)
-                uncond = self.uncond.expand_as(cond)
-                fake_logits = self.critic.discriminate(*self._d_input(x0), uncond)
-                real_logits = self.critic.discriminate(*self._d_input(real), uncond)
+                real, captions = self.real.sample(B, generator, x0.device)
+                real = real.to(x0.dtype)
+                # D is text-conditional (DMD2): fakes with their prompts, reals with their own captions.
+                real_cond = self.teacher.encode_prompts(captions).to(cond.dtype)
+                fake_logits = self.critic.discriminate(*self._d_input(x0, noise_generator), cond)
+                real_logits = self.critic.discriminate(*self._d_input(real, noise_generator), real_cond)
                 d_loss = losses.gan_discriminator_loss(fake_logits, real_logits)
                 logs["loss_gan_critic"] = d_loss.detach()
                 logs["d_accuracy"] = losses.discriminator_accuracy(fake_logits, real_logits)
@@ -228,26 +287,36 @@ class DMD2Trainer:
         self.acc.backward(loss)
         logs["grad_norm_critic"] = self._sync_and_clip(self.critic_params)
         self.critic_opt.step()
-        self.critic_sched.step()
         self.critic_opt.zero_grad(set_to_none=True)
         return logs
 
     def iteration(self) -> dict:
-        """One DMD2 iteration of the current phase (student step k shared across processes)."""
+        """One DMD2 iteration of the current phase (student step k shared across processes).
+
+        Both learning-rate schedules step here, once per iteration, whether or not the generator
+        updated (DMD2 steps both every iteration; warm-up therefore counts iterations).
+        """
         ph, tc = self.phase, self.recipe.train
         k = self.steps[int(torch.randint(len(self.steps), (1,), generator=_seeded(tc.seed, self.global_step)))]
-        data_gen = _seeded(tc.seed, self.global_step, self.acc.process_index, 1)
-        cond = self.teacher.encode_prompts(self.prompts.sample(ph.batch_size, data_gen))
-        shape = (ph.batch_size, self.teacher.latent_channels, self.teacher.latent_size, self.teacher.latent_size)
-        noise = torch.randn(shape, device=self.device)
-        x_in = backward_simulation(self.student.predict_x0(cond), noise, k, self.timesteps, self.teacher.schedule)
-        t = torch.full((ph.batch_size,), self.timesteps[k], device=self.device, dtype=torch.long)
+        rank = self.acc.process_index
+        data_gen = _seeded(tc.seed, self.global_step, rank, _DATA_STREAM)
+        noise_gen = _seeded(tc.seed, self.global_step, rank, _NOISE_STREAM)
+        B = self.per_process_batch[self.phase_index]
+        cond = self.teacher.encode_prompts(self.prompts.sample(B, data_gen))
+        shape = (B, self.teacher.latent_channels, self.teacher.latent_size, self.teacher.latent_size)
+        noise = torch.randn(shape, generator=noise_gen).to(self.device)
+        x_in = backward_simulation(self.student.predict_x0(cond), noise, k, self.timesteps, self.teacher.schedule,
+                                   noise_gen)
+        t = torch.full((B,), self.timesteps[k], device=self.device, dtype=torch.long)
         if self.phase_step % ph.fake_updates_per_generator_update == 0:
-            logs = self.generator_step(x_in, t, cond)
+            logs = self.generator_step(x_in, t, cond, noise_gen)
         else:
-            with torch.no_grad(), self.tsm.timesteps(t), self.acc.autocast():
+            # DMD2 runs the generator of a critic-only iteration without grad and outside autocast (fp32).
+            with torch.no_grad(), self.tsm.timesteps(t):
                 logs = {"x0": self.student.x0(x_in, t, cond)}
-        logs.update(self.critic_step(logs.pop("x0"), cond, data_gen))
+        logs.update(self.critic_step(logs.pop("x0"), cond, data_gen, noise_gen))
+        self.gen_sched.step()
+        self.critic_sched.step()
         logs["student_step"] = k
         return logs
 
@@ -352,6 +421,7 @@ class DMD2Trainer:
                 if self.global_step % tc.log_every == 0 or self.phase_step == ph.iterations:
                     scalars = {k: v for k, v in logs.items() if not isinstance(v, dict)}
                     scalars["lr_generator"] = self.gen_sched.get_last_lr()[0]
+                    scalars["lr_critic"] = self.critic_sched.get_last_lr()[0]
                     shown = self.logger.log(self.global_step, scalars)
                     bar.set_postfix(phase=ph.name, **{k: f"{v:.4g}" for k, v in shown.items() if k.startswith("loss")})
                 if tc.sample_every and self.global_step % tc.sample_every == 0:
