@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tests import tiny_dit
+from tests.numerics import close
 from tests.test_core import perturb
 from tsm_core import TimestepContextError, TSMConfig, attach
 from tsm_core.train.backbones import cat_cond, load_backbone, route_by_timestep
@@ -86,7 +87,7 @@ def test_sampler_switches_experts_and_stock_pipeline_hook(sd_pipeline_path):
     with_experts = bb.sample(["a cat"], tsm=tsm, steps=3, generator=g())
     tsm.set_mode("off")
     base = bb.sample(["a cat"], steps=3, generator=g())
-    assert with_experts.shape == (1, 3, 16, 16) and not torch.allclose(with_experts, base)
+    assert with_experts.shape == (1, 3, 16, 16) and not close(with_experts, base, rel=1e-3)
 
     tsm.set_mode("expert", scale=4)
     pipe = StableDiffusionPipeline.from_pretrained(sd_pipeline_path, unet=bb.denoiser, safety_checker=None)

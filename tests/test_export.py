@@ -4,6 +4,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from tests.numerics import assert_close, close
 from tests.test_core import perturb
 from tsm_core import TSMConfig, attach
 
@@ -47,8 +48,8 @@ def test_exported_expert_reproduces_routing_in_stock_pipeline(sd_pipeline_path, 
     stock.load_lora_weights(str(tmp_path), weight_name="merged.safetensors")
     with torch.no_grad():
         lora = stock.unet(x, t, encoder_hidden_states=stock.text_encoder(ids)[0]).sample
-    assert not torch.allclose(base, routed, atol=1e-3)
-    assert torch.allclose(lora, routed, atol=1e-4), (lora - routed).abs().max()
+    assert not close(base, routed, rel=1e-3)
+    assert_close(lora, routed, rel=1e-4, msg=fmt)
 
 
 def test_export_rejects_unknown_expert(sd_pipeline_path, tmp_path):

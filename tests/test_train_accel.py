@@ -90,6 +90,8 @@ def test_make_accelerator_settings(tmp_path):
 
 
 def test_two_process_ddp_keeps_ranks_equal(tmp_path):
+    from tests.numerics import assert_close, close
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            __file__, str(tmp_path)]
@@ -107,8 +109,8 @@ def test_two_process_ddp_keeps_ranks_equal(tmp_path):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert torch.allclose(r0["weight"], ref.weight.detach(), atol=1e-6)
-    assert not torch.allclose(r0["weight"], new_model().weight.detach())  # it trained
+    assert_close(r0["weight"], ref.weight.detach(), rel=1e-5)
+    assert not close(r0["weight"], new_model().weight.detach(), rel=1e-3)  # it trained
 
     assert r0["rng_restored"] and r1["rng_restored"]  # each rank got its own RNG state back
     assert r0["state"] == r1["state"] == {"phase": 0, "step": STEPS}
