@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests import tiny, tiny_dit
+from tests.numerics import assert_close
 from tests.test_core import perturb  # noqa: F401  (shared helper; keeps the import graph explicit)
 from tsm_core.finetune import FinetuneRecipe, FinetuneTrainer, load_finetuned, plan_phases
 from tsm_core.train.logging import read_stats
@@ -77,6 +78,9 @@ def test_stage1_then_stage2_change_only_their_parameters(kind, tmp_path, folder,
     bases = [_snapshot(m) for m in trainer.backbone.modules()]
     init = trainer.tsm.state_dict()
     init = {k: v.clone() for k, v in init.items()}
+    drawn = []  # the timesteps of every optimizer step, in order (3 steps per stage)
+    sample_timesteps = trainer.backbone.sample_timesteps
+    trainer.backbone.sample_timesteps = lambda *a, **kw: drawn.append(sample_timesteps(*a, **kw)) or drawn[-1]
     result = trainer.train()
     assert result["step"] == 9
     for before, m in zip(bases, trainer.backbone.modules()):
@@ -87,8 +91,10 @@ def test_stage1_then_stage2_change_only_their_parameters(kind, tmp_path, folder,
     s4 = [k for k in init if ".s4_" in k and "lora_B" in k]
     s1 = [k for k in init if ".s1_" in k and "lora_B" in k]
     a_keys = [k for k in init if "lora_A" in k]
-    # stage 1 at n=4: only n=4 experts move; n=1 untouched
-    assert all(not torch.equal(ck[3][k], init[k]) for k in s4)
+    # stage 1 at n=4: exactly the n=4 experts whose intervals the first 3 steps drew move; n=1 untouched
+    hit = {int(e) for e in torch.cat(drawn[:3]) * 4 // trainer.backbone.num_timesteps}
+    moved = {int(k.split(".s4_e")[1].split(".")[0]) for k in s4 if not torch.equal(ck[3][k], init[k])}
+    assert moved == hit and hit, (moved, hit)  # an expert moves exactly when its interval was drawn
     assert all(torch.equal(ck[3][k], init[k]) for k in s1)
     # stage 1 at n=1: n=4 frozen, n=1 moves
     assert all(torch.equal(ck[6][k], ck[3][k]) for k in s4 + [k for k in a_keys if ".s4_" in k])
@@ -110,7 +116,7 @@ def test_stage1_then_stage2_change_only_their_parameters(kind, tmp_path, folder,
     g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
     want = trainer.backbone.sample(["a cat"], tsm=trainer.tsm, steps=2, generator=g(), reencode_prompts=True)
     got = bb.sample(["a cat"], tsm=tsm, steps=2, generator=g(), reencode_prompts=True)
-    torch.testing.assert_close(got, want)
+    assert_close(got, want, rel=1e-5)
     assert (run / "recipe.yaml").is_file()
     assert load_recipe(run / "recipe.yaml", FinetuneRecipe).stages[0].scale == 4
     assert [r["step"] for r in read_stats(run)] == list(range(1, 10))
@@ -273,3 +279,43 @@ def test_plan_phases_counts_steps():
 
 def test_tiny_builders_are_used():
     assert tiny.WORDS and tiny_dit.build_sd3_pipeline
+
+
+def test_fp16_loss_scaling_is_undone_before_clipping_and_the_optimizer_step(tmp_path, folder, sd_pipeline_path,
+                                                                            monkeypatch):
+    """With fp16, accelerate scales the loss in backward; the optimizer must go through
+    ``accelerator.prepare`` so the gradients are unscaled before clipping and the step. A CPU has no
+    fp16, so a real ``GradScaler`` on the CPU stands in for it (accelerate's fp16 checks mocked)."""
+    import contextlib
+
+    from accelerate import Accelerator
+
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *a, **kw):
+        seen.append(torch.sqrt(sum((p.grad.double() ** 2).sum() for g in self.param_groups for p in g["params"]
+                                   if p.grad is not None)))
+        return step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    stages = [{"type": "foster", "scale": 1, "steps": 1, "lr": 1e-2}]
+    norms = {}
+    for scaled in (False, True):
+        trainer = FinetuneTrainer(_recipe("unet", sd_pipeline_path, folder, tmp_path / f"run{scaled}", stages,
+                                          max_grad_norm=0))
+        acc = trainer.accelerator
+        if scaled:
+            acc.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+            acc.native_amp = True  # what unscale_gradients checks, with the precision below
+            monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: "fp16"))
+            monkeypatch.setattr(acc, "autocast", contextlib.nullcontext)  # keep the forward in fp32
+        seen.clear()
+        trainer.train()
+        assert len(seen) == 1
+        norms[scaled] = seen[0]
+        monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: self.state.mixed_precision))
+    # Unscaled: the optimizer sees the same gradients as without loss scaling (not 1024 times them).
+    # (No clipping here: clipping to a norm would hide the scale.)
+    assert float(norms[False]) > 0
+    assert_close(norms[True], norms[False], rel=1e-3)

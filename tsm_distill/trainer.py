@@ -28,9 +28,17 @@ from pathlib import Path
 import torch
 
 from tsm_core import TSMConfig, attach, load_adapter
+from tsm_core.train.accel import step_generator
 from tsm_core.train.checkpoint import CheckpointManager
 from tsm_core.train.ema import EMA
 from tsm_core.train.logging import RunLogger, progress, save_image_grid
+from tsm_core.train.optim import (
+    NonFiniteLossError,
+    check_finite,
+    clip_gradients,
+    sync_gradients,
+    warmup_schedule,
+)
 from tsm_core.train.recipe import save_recipe
 
 from . import losses
@@ -41,19 +49,8 @@ from .rollout import backward_simulation, sample
 from .student import Student
 from .teacher import load_teacher
 
-
-class NonFiniteLossError(RuntimeError):
-    """A loss became NaN/inf: the run stops and keeps its last good checkpoint."""
-
-
-def _seeded(*parts: int) -> torch.Generator:
-    # Stateless per-iteration randomness: a resumed run draws the same. (hash of a tuple of ints is
-    # the same in every Python process, unlike the hash of a str.)
-    return torch.Generator().manual_seed(hash(tuple(parts)) & 0x7FFF_FFFF_FFFF)
-
-
-# Streams of _seeded(seed, step, process_index, stream): one generator per purpose, so adding a draw
-# to one does not shift the others.
+# Streams of step_generator(seed, step, process_index, stream): one generator per purpose, so adding a
+# draw to one does not shift the others.
 _DATA_STREAM, _NOISE_STREAM = 1, 2
 
 
@@ -164,29 +161,17 @@ class DMD2Trainer:
         def adamw(params, lr):
             return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=ph.weight_decay)
 
-        def warmup(opt):
-            from diffusers.optimization import get_scheduler
-
-            # Not through acc.prepare: accelerate would step it once per process per iteration (see
-            # PhaseConfig); here one step is one iteration on any number of processes.
-            return get_scheduler("constant_with_warmup", optimizer=opt, num_warmup_steps=ph.warmup_steps)
-
         self.gen_opt = self.acc.prepare(adamw(self.gen_params, ph.lr_generator))
         self.critic_opt = self.acc.prepare(adamw(self.critic_params, ph.lr_critic))
-        self.gen_sched, self.critic_sched = warmup(self.gen_opt), warmup(self.critic_opt)
+        # Stepped once per iteration in iteration() (PhaseConfig: warm-up counts iterations).
+        self.gen_sched = warmup_schedule(self.gen_opt, ph.warmup_steps)
+        self.critic_sched = warmup_schedule(self.critic_opt, ph.warmup_steps)
 
     # ------------------------------------------------------------------ one iteration
     def _sync_and_clip(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
         """Average gradients over processes (no DDP wrapper: the trained set changes per phase), then clip."""
-        if self.acc.num_processes > 1:
-            import torch.distributed as dist
-
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
-                p.grad.div_(self.acc.num_processes)
-        return self.acc.clip_grad_norm_(params, self.recipe.train.max_grad_norm)
+        sync_gradients(params, self.acc)
+        return clip_gradients(params, self.acc, self.recipe.train.max_grad_norm)
 
     def _d_input(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """What D sees: the clean x at t = 0 (DMD2 without diffusion-GAN: no noise at all), or x noised
@@ -297,10 +282,10 @@ class DMD2Trainer:
         updated (DMD2 steps both every iteration; warm-up therefore counts iterations).
         """
         ph, tc = self.phase, self.recipe.train
-        k = self.steps[int(torch.randint(len(self.steps), (1,), generator=_seeded(tc.seed, self.global_step)))]
+        k = self.steps[int(torch.randint(len(self.steps), (1,), generator=step_generator(tc.seed, self.global_step)))]
         rank = self.acc.process_index
-        data_gen = _seeded(tc.seed, self.global_step, rank, _DATA_STREAM)
-        noise_gen = _seeded(tc.seed, self.global_step, rank, _NOISE_STREAM)
+        data_gen = step_generator(tc.seed, self.global_step, rank, _DATA_STREAM)
+        noise_gen = step_generator(tc.seed, self.global_step, rank, _NOISE_STREAM)
         B = self.per_process_batch[self.phase_index]
         cond = self.teacher.encode_prompts(self.prompts.sample(B, data_gen))
         shape = (B, self.teacher.latent_channels, self.teacher.latent_size, self.teacher.latent_size)
@@ -334,13 +319,7 @@ class DMD2Trainer:
         return out
 
     def _check_finite(self, loss: torch.Tensor, which: str) -> None:
-        if not bool(torch.isfinite(loss)):
-            last = self.ckpt.latest()
-            raise NonFiniteLossError(
-                f"{which} loss is {loss.item()} at step {self.global_step} (phase {self.phase.name!r}); stopping. "
-                f"The last good checkpoint is {last or 'none (no checkpoint written yet)'}; lower the learning rate "
-                "or enable gradient clipping, then --resume."
-            )
+        check_finite(loss, self.global_step, f"{which} (phase {self.phase.name!r})", self.ckpt.latest())
 
     def _state(self) -> dict:
         return {"phase": self.phase_index, "phase_step": self.phase_step, "global_step": self.global_step,

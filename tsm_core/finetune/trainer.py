@@ -12,7 +12,6 @@ and folder data is indexed by step, so ``resume`` continues exactly as an uninte
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -20,10 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import TSMConfig, attach, load_adapter
-from ..train.accel import make_accelerator
+from ..train.accel import make_accelerator, step_generator
 from ..train.backbones import Backbone, load_backbone
 from ..train.checkpoint import CheckpointManager
 from ..train.logging import RunLogger, progress
+from ..train.optim import check_finite, clip_gradients, sync_gradients, warmup_schedule
 from ..train.recipe import save_recipe
 from .data import batch_stream, build_dataset
 from .recipe import FinetuneRecipe, Phase, plan_phases
@@ -32,10 +32,6 @@ log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
 TEXT_ADAPTER_DIR = "adapter_text_encoder{}"
-
-
-def _step_generator(seed: int, step: int, micro: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 131 + micro)
 
 
 class FinetuneTrainer:
@@ -105,10 +101,9 @@ class FinetuneTrainer:
             groups.append({"params": te_params, "lr": st.text_encoder_lr or st.lr,
                            "weight_decay": st.weight_decay if st.text_encoder_weight_decay is None
                            else st.text_encoder_weight_decay})
-        opt = torch.optim.AdamW(groups, betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps)
-        warm = st.lr_warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-        return opt, sched
+        # Through accelerate: with fp16 its optimizer unscales the loss-scaled gradients before stepping.
+        opt = self.accelerator.prepare(torch.optim.AdamW(groups, betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps))
+        return opt, warmup_schedule(opt, st.lr_warmup_steps)
 
     def _modules(self) -> dict:
         mods = {"adapter": self.tsm.state_dict()}
@@ -144,7 +139,7 @@ class FinetuneTrainer:
         tr, bb, acc = self.recipe.train, self.backbone, self.accelerator
         total = torch.zeros(())
         for micro in range(tr.gradient_accumulation_steps):
-            g = _step_generator(tr.seed + acc.process_index, step, micro)
+            g = step_generator(tr.seed, step, acc.process_index, micro)
             batch = next(data)
             x0 = self._latents(batch, g)
             t = bb.sample_timesteps(x0.shape[0], *ph.t_range, generator=g)
@@ -157,15 +152,8 @@ class FinetuneTrainer:
                 acc.backward(loss / tr.gradient_accumulation_steps)
             total += loss.detach().cpu() / tr.gradient_accumulation_steps
         params = [p for grp in opt.param_groups for p in grp["params"]]
-        if acc.num_processes > 1:
-            # Experts a batch did not route to have no gradient; average zeros for them, so every
-            # process applies the same update (DDP would reject parameters unused in a step).
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad.copy_(acc.reduce(p.grad, reduction="mean"))
-        if tr.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm)
+        sync_gradients(params, acc)
+        clip_gradients(params, acc, tr.max_grad_norm)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -186,7 +174,8 @@ class FinetuneTrainer:
         there is none). The resolved recipe is written to ``run_dir/recipe.yaml``.
 
         Raises:
-            FloatingPointError: the loss became NaN/inf (the last checkpoint is kept; the step is named).
+            NonFiniteLossError: (a ``FloatingPointError``) the loss became NaN/inf; the last checkpoint is
+                kept and the step is named.
         """
         tr, acc = self.recipe.train, self.accelerator
         done = 0
@@ -221,10 +210,7 @@ class FinetuneTrainer:
                 log.info("phase %s: steps %d-%d", ph.name, ph.start + 1, ph.end)
             loss = self.train_step(ph, step, data, opt, sched)
             step += 1
-            if not math.isfinite(float(loss)):
-                last = self.ckpt.latest()
-                raise FloatingPointError(f"loss is {float(loss)} at step {step} ({ph.name}); the last good "
-                                         f"checkpoint is {last}; lower the learning rate and resume")
+            check_finite(loss, step, f"diffusion ({ph.name})", self.ckpt.latest())
             bar.update(1)
             if step % tr.log_every == 0 or step == self.total_steps:
                 logger.log(step, {"loss": loss, "lr": opt.param_groups[0]["lr"], "phase": ph.index,

@@ -14,6 +14,16 @@ import torch
 MixedPrecision = Literal["no", "fp16", "bf16"]
 
 
+def step_generator(seed: int, *parts: int) -> torch.Generator:
+    """A CPU generator for one step's random draws, seeded statelessly from ``(seed, *parts)``.
+
+    Trainers pass the step, the process index and a stream number (e.g. data vs noise), so a resumed
+    run draws exactly what the uninterrupted run drew and each process draws its own noise. (A tuple
+    of ints hashes the same in every Python process, unlike a string.)
+    """
+    return torch.Generator().manual_seed(hash((seed, *parts)) & 0x7FFF_FFFF_FFFF)
+
+
 def seed_everything(seed: int, device_specific: bool = False) -> None:
     """Seed python ``random``, numpy and torch (CPU and CUDA) via ``accelerate.utils.set_seed``.
 
