@@ -19,6 +19,13 @@ update makes ceil(I / F) of them. The LoRA run's phases and the TSM run's expert
 make the same number of generator steps, with the same F, batch size and learning rates, hence
 also the same number of fake-score updates. The router phase (stage 2) comes on top and is
 reported separately, as the paper reports its 2K router steps beside the expert schedule.
+
+Protocol: by default both students train at the same batch size (equal compute).
+``--lora-batch-multiplier K`` multiplies the LoRA student's batch in every phase by K; the paper's
+A.3 trains the vanilla LoRA at 4 times TSM's batch (K = 4). results.json records the protocol.
+
+Several seeds: ``--seeds 0 1 2 3 4 [--jobs 2]`` runs this single-seed demo once per seed, each in
+``<run-dir>/seed<N>/``, skips finished seeds and writes the paired statistics (``demo_seeds``).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import torch
 
 from . import demo_eval as ev
 from . import demo_report as rep
+from . import demo_seeds as ds
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 FULL = {"n": 1000, "n_ref": 1000, "budget": None, "router_steps": None, "fake_updates": None, "batch_size": None,
@@ -43,7 +51,7 @@ FULL = {"n": 1000, "n_ref": 1000, "budget": None, "router_steps": None, "fake_up
 QUICK = {"n": 50, "n_ref": 1000, "budget": 16, "router_steps": 2, "fake_updates": 2, "batch_size": 8,
          "teacher_steps": 50}
 GRID_COLUMNS = 10  # one image per class in the sample grid
-BUDGET_DEFINITION = __doc__.split("Equal generator-step budget: ")[1].strip().replace("\n", " ")
+BUDGET_DEFINITION = __doc__.split("Equal generator-step budget: ")[1].split("\n\n")[0].strip().replace("\n", " ")
 
 
 # ---------------------------------------------------------------------------- budget
@@ -89,6 +97,16 @@ def rescale_phases(phases: list[dict], budget: int | None, fake_updates: int | N
     return phases
 
 
+def scale_batch(phases: list[dict], multiplier: int) -> list[dict]:
+    """Phases with every batch size times ``multiplier`` (A.3's protocol gives the LoRA student 4x TSM's)."""
+    from dataclasses import fields
+
+    from .config import PhaseConfig
+
+    default = next(f.default for f in fields(PhaseConfig) if f.name == "batch_size")  # a phase naming no batch
+    return [dict(p, batch_size=p.get("batch_size", default) * multiplier) for p in phases]
+
+
 def build_recipes(args, run_dir: Path, teacher: Path):
     """The LoRA and TSM recipes of this run (budgets applied), plus the budget record."""
     from tsm_core.train.recipe import load_recipe, read_recipe_dict
@@ -101,7 +119,8 @@ def build_recipes(args, run_dir: Path, teacher: Path):
     routers = [p for p in tsm["phases"] if p.get("mode", "expert") != "expert"]
     if not routers or tsm["phases"][-len(routers):] != routers:
         raise ValueError(f"{args.tsm_recipe}: the TSM recipe must end with its router (mixture) phase(s)")
-    lora["phases"] = rescale_phases(lora["phases"], args.budget, args.fake_updates, args.batch_size)
+    lora["phases"] = scale_batch(rescale_phases(lora["phases"], args.budget, args.fake_updates, args.batch_size),
+                                 args.lora_batch_multiplier)
     experts = rescale_phases(experts, args.budget, args.fake_updates, args.batch_size)
     routers = rescale_phases(routers, args.router_steps, args.fake_updates, args.batch_size)
     tsm["phases"] = experts + routers
@@ -182,8 +201,9 @@ def reference_rows(args, teacher_path: Path, extractor, ref_feats, ref_hash: str
     """Floor and teacher rows: from reference.json when it matches, else computed here."""
     from .teacher import load_teacher
 
-    names = {"floor": ("real train images (floor)", "-"), "teacher_full": (f"teacher DDIM {args.teacher_steps}", args.teacher_steps),
-             "teacher_few": ("teacher DDIM 4 (no distillation)", 4)}
+    names = {"floor": (ds.ROW_NAMES["floor"], "-"),
+             "teacher_full": (f"{ds.TEACHER_FULL_PREFIX}{args.teacher_steps}", args.teacher_steps),
+             "teacher_few": (ds.ROW_NAMES["teacher_few"], 4)}
     stored, why = (None, "--reference none") if args.reference == "none" else ev.read_reference_rows(
         args.reference, ev.unet_hash(teacher_path), args.n, args.n_ref, ref_hash)
     if stored is not None and stored.get("teacher_full", {}).get("steps") != args.teacher_steps:
@@ -216,7 +236,8 @@ def compute_reference_rows(teacher, n: int, teacher_steps: int, extractor, ref_f
 
 
 # ---------------------------------------------------------------------------- main
-def parse_args(argv):
+def build_parser() -> argparse.ArgumentParser:
+    """tsm-demo's options (the seed sweep passes the non-default ones on to each seed's run)."""
     p = argparse.ArgumentParser(prog="tsm-demo", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny budgets and N=50: the whole pipeline in minutes, "
                    "not the quality claim")
@@ -232,19 +253,36 @@ def parse_args(argv):
                    "(default: the recipes' own; quick 16)")
     p.add_argument("--router-steps", type=int, help="generator steps of the TSM router phase (default: the recipe's)")
     p.add_argument("--fake-updates", type=int, help="fake-score updates per generator update (default: the recipes')")
-    p.add_argument("--batch-size", type=int, help="distillation batch size (default: the recipes')")
+    p.add_argument("--batch-size", type=int, help="distillation batch size (default: the recipes'); the LoRA "
+                   "student's is this times --lora-batch-multiplier")
     p.add_argument("--teacher-steps", type=int, help="DDIM steps of the full teacher row (default 50)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora-batch-multiplier", type=int, default=1,
+                   help="the LoRA student's batch in every phase is K times the recipe's (default 1: equal compute; "
+                        "4: the paper's A.3 protocol)")
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0, help="training seed of both students")
+    seeds.add_argument("--seeds", type=int, nargs="+", default=None,
+                       help="run every seed in <run-dir>/seed<N>/ (finished seeds are skipped), then write "
+                            "<run-dir>/seeds.json, seeds.md and seeds.png")
+    p.add_argument("--jobs", type=int, default=1, help="with --seeds: seeds run at once, each a subprocess")
     p.add_argument("--threads", type=int, default=1,
                    help="torch/BLAS CPU threads (default 1: on a shared, oversubscribed CPU one thread per process "
                         "ran this tiny UNet 15x faster than two; use 2+ on an idle machine); 0 = torch's default")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    """Parse tsm-demo's command line, fill in the full or quick presets and check the values."""
+    args = build_parser().parse_args(argv)
     preset = QUICK if args.quick else FULL
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.n < 10 or args.n_ref < 10:
         raise ValueError(f"--n and --n-ref must be at least 10 images (got {args.n}, {args.n_ref})")
+    if args.lora_batch_multiplier < 1 or args.jobs < 1:
+        raise ValueError(f"--lora-batch-multiplier and --jobs must be at least 1 (got {args.lora_batch_multiplier}, "
+                         f"{args.jobs})")
     if not Path(args.teacher).is_dir():
         raise FileNotFoundError(f"teacher folder {args.teacher} does not exist; pass --teacher DIR")
     if args.reference is None:
@@ -257,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns 0 and leaves results.{md,json}, samples.png and gates.png in the run folder."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.seeds is not None:  # the sweep only starts subprocesses: it keeps the caller's thread settings
+        return ds.run_sweep(args, argv)
     restore = ev.limit_threads(args.threads) if args.threads else (lambda: None)
     try:
         return _run(args, argv)
@@ -288,9 +328,9 @@ def _run(args, argv: list[str]) -> int:
 
     prompts, seeds = ev.eval_prompts(args.n)
     ts = list(lora_recipe.student_timesteps)
-    students = [("DMD2 + LoRA", lora_adapter, budget["lora"]),
-                ("DMD2 + TSM stage 1 (experts)", stage1, budget["tsm_stage1"]),
-                ("DMD2 + TSM stage 2 (router)", tsm_adapter,
+    students = [(ds.ROW_NAMES["lora"], lora_adapter, budget["lora"]),
+                (ds.ROW_NAMES["tsm_stage1"], stage1, budget["tsm_stage1"]),
+                (ds.ROW_NAMES["tsm_stage2"], tsm_adapter,
                  {"experts": budget["tsm_stage1"], "router": budget["tsm_stage2_router"]})]
     grid = {"real (train)": grid_real_images()}
     rows = []
@@ -328,10 +368,15 @@ def _run(args, argv: list[str]) -> int:
     notes.append("FID/KID against the first n_reference Fashion-MNIST test images; generated images cropped to "
                  "the 28x28 centre, grey; teacher rows: DDIM (trailing spacing) with CFG "
                  f"{ev.GUIDANCE}, the distillation's real-score guidance")
+    if args.lora_batch_multiplier != 1:  # the budget definition's "same batch size" then holds for TSM only
+        notes.append(f"protocol {ds.protocol(args.lora_batch_multiplier)['label']}: the LoRA student's batch is "
+                     f"{args.lora_batch_multiplier}x TSM's in every phase, so it sees that many more samples per "
+                     "generator step (equal generator steps, unequal compute)")
     if args.n >= 1000:
         notes.append("KID std is over clean-fid's 100 subsets of min(N, 1000) images; at N >= 1000 each subset "
                      "is the whole set, so the std reads 0 and says nothing about noise: compare runs (seeds)")
-    meta = {"mode": "quick" if args.quick else "full", "n": args.n, "n_reference": args.n_ref,
+    meta = {"mode": "quick" if args.quick else "full", "seed": args.seed,
+            "protocol": ds.protocol(args.lora_batch_multiplier), "n": args.n, "n_reference": args.n_ref,
             "reference_features": ref_source, "teacher_unet_sha256": ev.unet_hash(teacher),
             "teacher_info": json.loads((teacher / "teacher_info.json").read_text())
             if (teacher / "teacher_info.json").exists() else {},

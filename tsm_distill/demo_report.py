@@ -24,6 +24,17 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _protocol_line(meta: dict) -> str:
+    """'Seed 3; protocol: equal compute (...)' above the table; empty for results without the fields."""
+    parts = []
+    if "seed" in meta:
+        parts.append(f"Seed {meta['seed']}")
+    if "protocol" in meta:
+        proto = meta["protocol"]
+        parts.append(f"protocol: {proto['label']} (LoRA batch x{proto['lora_batch_multiplier']} of TSM's)")
+    return "; ".join(parts) + ".\n\n" if parts else ""
+
+
 def write_results(run_dir: str | Path, rows: Sequence[dict], meta: dict) -> tuple[Path, Path]:
     """Write results.json (rows + meta) and results.md (the table + the settings) into ``run_dir``."""
     run_dir = Path(run_dir)
@@ -32,7 +43,7 @@ def write_results(run_dir: str | Path, rows: Sequence[dict], meta: dict) -> tupl
     md = run_dir / "results.md"
     seconds = "\n".join(f"- {k}: {v:.1f} s" for k, v in meta.get("seconds", {}).items())
     notes = "\n".join(f"- {n}" for n in meta.get("notes", []))
-    md.write_text(f"# tsm-demo results ({meta.get('mode', '')})\n\n{format_table(rows)}\n\n"
+    md.write_text(f"# tsm-demo results ({meta.get('mode', '')})\n\n{_protocol_line(meta)}{format_table(rows)}\n\n"
                   f"## Budget\n\n{meta.get('budget_definition', '')}\n\n```\n{json.dumps(meta.get('budget', {}), indent=2)}\n```\n\n"
                   f"## Seconds per stage\n\n{seconds}\n\n## Notes\n\n{notes}\n\n"
                   f"Command: `{meta.get('command', '')}`\n")

@@ -1,0 +1,495 @@
+"""``tsm-demo`` over several training seeds: the resumable sweep and its paired statistics.
+
+``tsm-demo --seeds 0 1 2 3 4 --jobs 2`` runs each seed as its own ``python -m tsm_distill.demo --seed N``
+subprocess with the output folder ``<run-dir>/seed<N>/`` (log: ``demo.log`` there). A seed whose
+``results.json`` already holds the three student rows is skipped, so a stopped sweep resumes; a seed
+that fails is named at the end and the others still run. Then ``seeds.json``, ``seeds.md`` and
+``seeds.png`` go into ``<run-dir>``.
+
+Rebuild the aggregate from existing folders (for instance runs of the single-seed command)::
+
+    python -m tsm_distill.demo_seeds aggregate OUT_DIR                 # reads OUT_DIR/seed*/results.json
+    python -m tsm_distill.demo_seeds aggregate OUT_DIR --from A B C    # reads A/, B/, C/results.json
+
+Statistics, all over seeds (a seed is one whole training run of both students):
+
+* every row's mean and sample standard deviation (ddof 1);
+* per seed the paired difference TSM - LoRA in FID (negative: TSM better), both for stage 2 (router)
+  and stage 1 (experts); the mean difference with a 95% percentile-bootstrap interval (resampling
+  seeds, fixed generator seed) and Student's t interval beside it, because with five seeds the
+  bootstrap interval is too narrow (it never reaches past the observed differences); the number of
+  seeds in which TSM has the lower FID;
+* the ratio mean(TSM) / mean(LoRA) (the paper's 9.90 / 14.58 = 0.68).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+
+# Row names in results.json -> short keys in seeds.json. demo.py names its student rows from here.
+ROW_NAMES = {"lora": "DMD2 + LoRA", "tsm_stage1": "DMD2 + TSM stage 1 (experts)",
+             "tsm_stage2": "DMD2 + TSM stage 2 (router)", "floor": "real train images (floor)",
+             "teacher_few": "teacher DDIM 4 (no distillation)"}
+TEACHER_FULL_PREFIX = "teacher DDIM "  # "teacher DDIM 50": its step count is a demo option
+STUDENTS = ("lora", "tsm_stage1", "tsm_stage2")
+ROW_ORDER = ("floor", "teacher_full", "teacher_few", *STUDENTS)
+PAIRS = (("tsm_stage2", "lora"), ("tsm_stage1", "lora"))  # seeds.json's paired["<tsm>_minus_<lora>"]
+PAIR_LABELS = {"tsm_stage2": "TSM stage 2 - LoRA", "tsm_stage1": "TSM stage 1 - LoRA"}
+PROTOCOL_LABELS = {1: "equal compute", 4: "paper A.3 protocol (LoRA at 4x batch)"}
+SEED_FOLDER = re.compile(r"seed(\d+)")
+# Options of tsm-demo that the sweep sets per seed itself instead of passing them through.
+SWEEP_ONLY = ("seeds", "jobs", "seed", "run_dir")
+RESAMPLES = 10_000
+BOOT_SEED = 0
+LEVEL = 0.95
+
+
+# ---------------------------------------------------------------------------- one seed's results
+def protocol(lora_batch_multiplier: int) -> dict:
+    """The comparison's protocol as results.json and seeds.json record it (multiplier and its label)."""
+    if not isinstance(lora_batch_multiplier, int) or lora_batch_multiplier < 1:
+        raise ValueError(f"the LoRA batch multiplier must be an integer >= 1, got {lora_batch_multiplier!r}")
+    label = PROTOCOL_LABELS.get(lora_batch_multiplier, f"LoRA at {lora_batch_multiplier}x batch")
+    return {"lora_batch_multiplier": lora_batch_multiplier, "label": label}
+
+
+def row_key(name: str) -> str | None:
+    """The seeds.json key of a results.json row name, or None for a row the aggregate does not know."""
+    for key, known in ROW_NAMES.items():
+        if name == known:
+            return key
+    return "teacher_full" if name.startswith(TEACHER_FULL_PREFIX) else None
+
+
+def keyed_rows(results: dict) -> dict[str, dict]:
+    """The known rows of one results.json, by key."""
+    rows = results.get("rows") if isinstance(results, dict) else None
+    if not isinstance(rows, list):
+        return {}
+    return {key: r for r in rows if isinstance(r, dict) and (key := row_key(str(r.get("row", "")))) is not None}
+
+
+def is_complete(results: dict | None) -> bool:
+    """True when results.json holds all three student rows with a finite FID (the seed finished)."""
+    if results is None:
+        return False
+    rows = keyed_rows(results)
+    return all(k in rows and isinstance(rows[k].get("fid"), (int, float)) and math.isfinite(rows[k]["fid"])
+               for k in STUDENTS)
+
+
+def read_results(folder: str | Path) -> dict | None:
+    """``folder/results.json`` as a dict, or None when it is missing or not valid JSON (a killed write)."""
+    path = Path(folder) / "results.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def seed_of(results: dict) -> int:
+    """The training seed of a results.json: its ``seed`` field, else ``--seed`` in its recorded command.
+
+    Results written before the field existed hold only the command; without ``--seed`` there the run
+    used tsm-demo's default seed, 0.
+    """
+    if "seed" in results:
+        return int(results["seed"])
+    command = results.get("command")
+    if not isinstance(command, str):
+        raise ValueError("the results hold neither a 'seed' nor a 'command' to read the seed from")
+    tokens = shlex.split(command)
+    for i, token in enumerate(tokens):
+        if token == "--seed" and i + 1 < len(tokens):
+            return int(tokens[i + 1])
+        if token.startswith("--seed="):
+            return int(token.split("=", 1)[1])
+    return 0
+
+
+def seed_record(results: dict) -> dict:
+    """One entry of seeds.json's ``seeds``: seed, N, FID of each known row and its KID as ``<row>_kid``."""
+    if not is_complete(results):
+        raise ValueError("the results lack a student row (LoRA, TSM stage 1 or stage 2): the seed did not finish")
+    rows = keyed_rows(results)
+    record = {"seed": seed_of(results), "n": int(results.get("n", rows["lora"]["n"]))}
+    for key in ROW_ORDER:
+        if key in rows:
+            record[key] = float(rows[key]["fid"])
+            record[f"{key}_kid"] = float(rows[key]["kid_mean"])
+    # Results from before the option existed ran the equal-compute comparison.
+    record["lora_batch_multiplier"] = int(results.get("protocol", {}).get("lora_batch_multiplier", 1))
+    return record
+
+
+def settings(results: dict) -> dict:
+    """What must be equal across seeds for their FIDs to be averaged (absent fields are not compared)."""
+    budget = results.get("budget", {})
+    out = {"n": results.get("n"), "n_reference": results.get("n_reference"),
+           "teacher_unet_sha256": results.get("teacher_unet_sha256"),
+           "lora_batch_multiplier": results.get("protocol", {}).get("lora_batch_multiplier", 1)}
+    out |= {f"budget.{k}": budget.get(k) for k in ("lora", "tsm_stage1", "tsm_stage2_router")}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def check_comparable(results_list: Sequence[dict], names: Sequence[str]) -> None:
+    """Refuse to average seeds that differ in N, reference set, teacher, protocol or budget."""
+    for field in dict.fromkeys(k for r in results_list for k in settings(r)):
+        values = {name: settings(r).get(field) for name, r in zip(names, results_list)}
+        if len(set(map(json.dumps, values.values()))) > 1:
+            raise ValueError(f"the seeds differ in {field} ({values}): their FIDs cannot be averaged; "
+                             "aggregate each setting on its own")
+
+
+# ---------------------------------------------------------------------------- statistics
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof 1; None for a single value)."""
+    v = np.asarray(values, dtype=float)
+    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None)
+
+
+def bootstrap_ci(values: Sequence[float], resamples: int = RESAMPLES, seed: int = BOOT_SEED,
+                 level: float = LEVEL) -> tuple[float, float] | None:
+    """Percentile-bootstrap interval of the mean: resample the values with replacement (None below 2)."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(resamples, len(v)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def t_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, float] | None:
+    """Student's t interval of the mean (None below 2 values); wider than the bootstrap at few seeds."""
+    from scipy.stats import t
+
+    mean, std = mean_std(values)
+    if std is None:
+        return None
+    half = float(t.ppf((1 + level) / 2, len(values) - 1)) * std / math.sqrt(len(values))
+    return mean - half, mean + half
+
+
+def paired(records: Sequence[dict], tsm: str, lora: str = "lora", resamples: int = RESAMPLES,
+           seed: int = BOOT_SEED) -> dict:
+    """Paired difference ``tsm - lora`` per seed (FID and KID), its mean with intervals, and TSM's wins."""
+    diffs = [r[tsm] - r[lora] for r in records]
+    kid_diffs = [r[f"{tsm}_kid"] - r[f"{lora}_kid"] for r in records]
+    mean, std = mean_std(diffs)
+    boot, tint = bootstrap_ci(diffs, resamples, seed), t_interval(diffs)
+    return {"per_seed": [{"seed": r["seed"], "fid_diff": d, "kid_diff": k}
+                         for r, d, k in zip(records, diffs, kid_diffs)],
+            "mean": mean, "std": std,
+            "ci95_bootstrap": list(boot) if boot else None, "ci95_t": list(tint) if tint else None,
+            "ci95_bootstrap_below_zero": bool(boot and boot[1] < 0),
+            "tsm_wins": sum(d < 0 for d in diffs), "n_seeds": len(diffs),
+            "kid_mean_diff": mean_std(kid_diffs)[0], "kid_tsm_wins": sum(k < 0 for k in kid_diffs)}
+
+
+def row_summary(records: Sequence[dict], key: str) -> dict:
+    """Mean and sample std of one row's FID and KID over the seeds."""
+    fid_mean, fid_std = mean_std([r[key] for r in records])
+    kid_mean, kid_std = mean_std([r[f"{key}_kid"] for r in records])
+    return {"fid_mean": fid_mean, "fid_std": fid_std, "kid_mean": kid_mean, "kid_std": kid_std}
+
+
+def aggregate(results_list: Sequence[dict], sources: Sequence[str] | None = None, resamples: int = RESAMPLES,
+              boot_seed: int = BOOT_SEED) -> dict:
+    """seeds.json from per-seed results.json dicts (pure: no files). Raises on duplicate or mixed seeds."""
+    if not results_list:
+        raise ValueError("no finished seed to aggregate")
+    sources = list(sources) if sources is not None else [f"results {i}" for i in range(len(results_list))]
+    check_comparable(results_list, sources)
+    records = [dict(seed_record(r), source=s) for r, s in zip(results_list, sources)]
+    seeds = [r["seed"] for r in records]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"a seed appears twice ({sorted(seeds)}; sources {sources}): each seed counts once")
+    records.sort(key=lambda r: r["seed"])
+    names = {k: r["row"] for res in results_list for k, r in keyed_rows(res).items()}
+    # A reference row (floor, teacher) missing from one seed's results is left out of the means.
+    present = [k for k in ROW_ORDER if all(k in r for r in records)]
+    rows = {k: dict(row_summary(records, k), name=names[k]) for k in present}
+    return {"protocol": protocol(records[0]["lora_batch_multiplier"]), "n": records[0]["n"],
+            "n_seeds": len(records), "seeds": records, "rows": rows,
+            "paired": {f"{tsm}_minus_{lora}": paired(records, tsm, lora, resamples, boot_seed) for tsm, lora in PAIRS},
+            "ratio": {f"{tsm}_over_{lora}": rows[tsm]["fid_mean"] / rows[lora]["fid_mean"] for tsm, lora in PAIRS},
+            "bootstrap": {"method": "percentile", "resamples": resamples, "seed": boot_seed, "level": LEVEL,
+                          "unit": "seed (both students of a seed resampled together: paired)"}}
+
+
+# ---------------------------------------------------------------------------- seeds.md / seeds.png
+def _pm(mean: float, std: float | None, scale: float = 1.0) -> str:
+    return f"{scale * mean:.2f}" + ("" if std is None else f" +- {scale * std:.2f}")
+
+
+def _ci(ci: list[float] | None) -> str:
+    return "n/a (one seed)" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def format_markdown(agg: dict) -> str:
+    """seeds.md: per-seed FIDs, mean +- std of every row, the paired differences and the ratios."""
+    proto = agg["protocol"]
+    seeds = agg["seeds"]
+    lines = [f"# tsm-demo over {agg['n_seeds']} seeds: {proto['label']}", "",
+             f"Protocol: {proto['label']} (LoRA batch x{proto['lora_batch_multiplier']} of TSM's). "
+             f"N = {agg['n']} images per FID row; seeds {', '.join(str(r['seed']) for r in seeds)}. Lower is better.",
+             "", "## Per seed (FID; KID x1e3 in brackets)", "",
+             "| seed | LoRA | TSM stage 1 | TSM stage 2 | stage 2 - LoRA | stage 1 - LoRA |", "|---|---|---|---|---|---|"]
+    for r in seeds:
+        cells = [f"{r[k]:.2f} ({1e3 * r[f'{k}_kid']:.2f})" for k in STUDENTS]
+        lines.append(f"| {r['seed']} | {' | '.join(cells)} | {r['tsm_stage2'] - r['lora']:+.2f} "
+                     f"| {r['tsm_stage1'] - r['lora']:+.2f} |")
+    lines += ["", "## Mean +- std over seeds (sample std, ddof 1)", "", "| row | FID | KID x1e3 |", "|---|---|---|"]
+    for s in agg["rows"].values():
+        lines.append(f"| {s['name']} | {_pm(s['fid_mean'], s['fid_std'])} | {_pm(s['kid_mean'], s['kid_std'], 1e3)} |")
+    lines += ["", "## Paired: TSM - LoRA per seed (FID; negative = TSM better)", "",
+              "| comparison | mean diff +- std | 95% CI bootstrap | 95% CI t | TSM wins (FID) | mean KID diff x1e3 "
+              "| TSM wins (KID) | mean(TSM) / mean(LoRA) |", "|---|---|---|---|---|---|---|---|"]
+    for tsm, lora in PAIRS:
+        p = agg["paired"][f"{tsm}_minus_{lora}"]
+        lines.append(f"| {PAIR_LABELS[tsm]} | {_pm(p['mean'], p['std'])} | {_ci(p['ci95_bootstrap'])} | {_ci(p['ci95_t'])} "
+                     f"| {p['tsm_wins']} / {p['n_seeds']} | {1e3 * p['kid_mean_diff']:+.2f} "
+                     f"| {p['kid_tsm_wins']} / {p['n_seeds']} | {agg['ratio'][f'{tsm}_over_{lora}']:.3f} |")
+    b = agg["bootstrap"]
+    lines += ["", f"Bootstrap: {b['method']}, {b['resamples']} resamples of the seeds (numpy generator seed "
+              f"{b['seed']}), paired. With few seeds the percentile bootstrap is too narrow (its interval never "
+              "reaches past the observed differences); the t interval assumes normally distributed differences.",
+              "", f"Stage-2 interval entirely below zero (bootstrap): "
+              f"{'yes' if agg['paired']['tsm_stage2_minus_lora']['ci95_bootstrap_below_zero'] else 'no'}."]
+    if agg.get("missing"):
+        lines += ["", f"**Missing (not finished, not counted):** {', '.join(map(str, agg['missing']))}"]
+    lines += ["", "Sources: " + ", ".join(f"seed {r['seed']}: `{r['source']}`" for r in seeds), ""]
+    return "\n".join(lines)
+
+
+def save_seed_plot(agg: dict, path: str | Path) -> Path:
+    """Left: FID per seed and student, each seed's points joined. Right: paired differences with the mean's CIs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    xs = range(len(STUDENTS))
+    for i, r in enumerate(agg["seeds"]):
+        left.plot(xs, [r[k] for k in STUDENTS], marker="o", color=f"C{i % 10}", label=f"seed {r['seed']}")
+    means = [agg["rows"][k]["fid_mean"] for k in STUDENTS]
+    stds = [agg["rows"][k]["fid_std"] or 0.0 for k in STUDENTS]
+    left.errorbar([x + 0.12 for x in xs], means, yerr=stds, fmt="s", color="black", capsize=4, label="mean +- std")
+    for key, style in (("teacher_full", "--"), ("teacher_few", ":")):
+        if key in agg["rows"]:
+            left.axhline(agg["rows"][key]["fid_mean"], color="grey", ls=style, lw=1, label=agg["rows"][key]["name"])
+    left.set_xticks(list(xs), ["LoRA", "TSM stage 1", "TSM stage 2"])
+    left.set_ylabel(f"FID (N = {agg['n']}, lower is better)")
+    left.set_title(f"per seed: {agg['protocol']['label']}")
+    left.legend(fontsize=7)
+    for j, (tsm, lora) in enumerate(PAIRS):
+        p = agg["paired"][f"{tsm}_minus_{lora}"]
+        right.scatter([j] * p["n_seeds"], [d["fid_diff"] for d in p["per_seed"]], color="C0", alpha=0.7)
+        ci = p["ci95_bootstrap"] or [p["mean"], p["mean"]]
+        right.errorbar([j + 0.15], [p["mean"]], yerr=[[p["mean"] - ci[0]], [ci[1] - p["mean"]]], fmt="s",
+                       color="black", capsize=4)
+    right.axhline(0, color="grey", lw=1)
+    right.set_xlim(-0.5, len(PAIRS) - 0.5)
+    right.set_xticks(range(len(PAIRS)), [PAIR_LABELS[tsm] for tsm, _ in PAIRS], fontsize=8)
+    right.set_ylabel("paired FID difference (< 0: TSM better)")
+    right.set_title("per seed, and mean with bootstrap 95% CI")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------- folders
+def seed_folder(run_dir: str | Path, seed: int) -> Path:
+    """Where the sweep puts one seed's outputs."""
+    return Path(run_dir) / f"seed{seed}"
+
+
+def find_seed_folders(run_dir: str | Path) -> list[Path]:
+    """The ``seed<N>`` subfolders of a sweep's run folder, by seed."""
+    found = [p for p in Path(run_dir).iterdir() if p.is_dir() and SEED_FOLDER.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(SEED_FOLDER.fullmatch(p.name).group(1)))
+
+
+def read_folders(folders: Sequence[str | Path]) -> tuple[list[dict], list[str], list[str]]:
+    """Finished results of the folders, their paths, and the folders without finished results."""
+    results, sources, missing = [], [], []
+    for folder in map(Path, folders):
+        res = read_results(folder)
+        if not is_complete(res):
+            missing.append(str(folder))
+            continue
+        named = SEED_FOLDER.fullmatch(folder.name)
+        if named and int(named.group(1)) != seed_of(res):
+            raise ValueError(f"{folder} holds the results of seed {seed_of(res)}, not of seed {named.group(1)}")
+        results.append(res)
+        sources.append(str(folder))
+    return results, sources, missing
+
+
+def write_aggregate(out_dir: str | Path, results_list: Sequence[dict], sources: Sequence[str],
+                    missing: Sequence = ()) -> list[Path]:
+    """Write seeds.json, seeds.md and seeds.png into ``out_dir``; returns their paths."""
+    agg = aggregate(results_list, sources)
+    agg["missing"] = list(missing)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js, md = out_dir / "seeds.json", out_dir / "seeds.md"
+    js.write_text(json.dumps(agg, indent=2) + "\n")
+    md.write_text(format_markdown(agg))
+    return [js, md, save_seed_plot(agg, out_dir / "seeds.png")]
+
+
+# ---------------------------------------------------------------------------- the sweep
+def passthrough_args(argv: Sequence[str]) -> list[str]:
+    """The sweep's tsm-demo options that every seed's subprocess gets (all but seeds, jobs, seed, run dir).
+
+    Only options given a non-default value are passed, so each subprocess fills in the same presets
+    (--quick's N and budgets) as a single-seed run; an option added to tsm-demo later passes through too.
+    """
+    from .demo import build_parser
+
+    parser = build_parser()
+    raw = parser.parse_args(list(argv))
+    out: list[str] = []
+    for dest, value in vars(raw).items():
+        if dest in SWEEP_ONLY or value == parser.get_default(dest):
+            continue
+        flag = "--" + dest.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif isinstance(value, (list, tuple)):
+            out += [flag, *map(str, value)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def seed_command(seed: int, folder: Path, child_args: Sequence[str]) -> list[str]:
+    """The command line of one seed's run: the single-seed tsm-demo with its own seed and folder."""
+    return [sys.executable, "-m", "tsm_distill.demo", *child_args, "--seed", str(seed), "--run-dir", str(folder)]
+
+
+def run_seed(seed: int, folder: Path, child_args: Sequence[str], threads: int) -> int:
+    """Run one seed as a subprocess, its output appended to ``folder/demo.log``; returns its exit status."""
+    folder.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if threads:  # set before torch starts in the child, so its OpenMP pool has this size from the start
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    cmd = seed_command(seed, folder, child_args)
+    # Append: a seed re-run after a stop keeps the log of the stopped attempt above the new one.
+    with open(folder / "demo.log", "a") as log:
+        log.write(f"\n$ {shlex.join(cmd)}\n")
+        log.flush()
+        return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+
+
+def split_done(run_dir: Path, seeds: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Seeds whose folder already holds finished results (skipped), and the seeds still to run."""
+    done = [s for s in seeds if is_complete(read_results(seed_folder(run_dir, s)))]
+    return done, [s for s in seeds if s not in done]
+
+
+def _run_one(seed: int, run_dir: Path, child_args: Sequence[str], threads: int) -> tuple[int, int, float]:
+    start = time.perf_counter()
+    folder = seed_folder(run_dir, seed)
+    print(f"seed {seed}: running (log {folder / 'demo.log'})", flush=True)
+    try:
+        rc = run_seed(seed, folder, child_args, threads)
+    except Exception as e:  # noqa: BLE001 - one seed's launch failure must not stop the others
+        print(f"seed {seed}: could not run: {e!r}", flush=True)
+        rc = -1
+    return seed, rc, time.perf_counter() - start
+
+
+def run_pending(run_dir: Path, seeds: Sequence[int], child_args: Sequence[str], jobs: int, threads: int) -> list[int]:
+    """Run the seeds, ``jobs`` at a time; returns the seeds that failed (non-zero exit or no finished results)."""
+    failed = []
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(_run_one, s, run_dir, child_args, threads) for s in seeds]
+        for fut in as_completed(futures):
+            seed, rc, seconds = fut.result()
+            ok = rc == 0 and is_complete(read_results(seed_folder(run_dir, seed)))
+            print(f"seed {seed}: {'done' if ok else f'FAILED (exit {rc})'} after {seconds:.0f} s", flush=True)
+            if not ok:
+                failed.append(seed)
+    return sorted(failed)
+
+
+def run_sweep(args, argv: Sequence[str], extra_args: Sequence[str] = ()) -> int:
+    """``tsm-demo --seeds ...``: run the unfinished seeds, then write the aggregate; 0 when every seed finished.
+
+    ``extra_args`` are appended to every seed's command line (for options the sweep's parser lacks).
+    """
+    seeds = list(dict.fromkeys(args.seeds))
+    if any(s < 0 for s in seeds):
+        raise ValueError(f"--seeds must be non-negative integers, got {args.seeds}")
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    done, pending = split_done(run_dir, seeds)
+    if done:
+        print(f"skipped seeds {', '.join(map(str, done))}: their results.json already holds the student rows",
+              flush=True)
+    child_args = [*passthrough_args(argv), *extra_args]
+    failed = run_pending(run_dir, pending, child_args, args.jobs, args.threads) if pending else []
+    folders = [seed_folder(run_dir, s) for s in seeds]
+    results, sources, missing = read_folders(folders)
+    if results:
+        paths = write_aggregate(run_dir, results, sources, missing)
+        print(f"aggregate over {len(results)} seed(s): {', '.join(map(str, paths))}")
+    else:
+        print("no seed has finished: no aggregate written", file=sys.stderr)
+    if failed:
+        logs = ", ".join(str(seed_folder(run_dir, s) / "demo.log") for s in failed)
+        print(f"FAILED seeds: {', '.join(map(str, failed))} (logs: {logs}); rerun the same command to retry them",
+              file=sys.stderr)
+        return 1
+    return 0 if results else 1
+
+
+# ---------------------------------------------------------------------------- standalone aggregate
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tsm_distill.demo_seeds aggregate OUT_DIR [--from DIR ...]``: rebuild seeds.json/md/png."""
+    p = argparse.ArgumentParser(prog="python -m tsm_distill.demo_seeds", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    agg = sub.add_parser("aggregate", help="write seeds.json, seeds.md and seeds.png from per-seed folders")
+    agg.add_argument("out_dir", help="where to write; also where seed<N>/ folders are read when --from is absent")
+    agg.add_argument("--from", dest="folders", nargs="+", default=None,
+                     help="folders each holding one seed's results.json (e.g. single-seed tsm-demo runs)")
+    args = p.parse_args(argv)
+    out_dir = Path(args.out_dir)
+    if args.folders is None and not out_dir.is_dir():
+        raise FileNotFoundError(f"{out_dir} does not exist: pass a sweep's run folder or --from DIR ...")
+    folders = args.folders if args.folders is not None else find_seed_folders(out_dir)
+    results, sources, missing = read_folders(folders)
+    if not results:
+        print(f"no finished results.json in {', '.join(map(str, folders)) or out_dir}", file=sys.stderr)
+        return 1
+    paths = write_aggregate(out_dir, results, sources, missing)
+    print(f"aggregate over seeds {', '.join(str(seed_of(r)) for r in results)}: {', '.join(map(str, paths))}")
+    if missing:
+        print(f"not finished, not counted: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
