@@ -15,8 +15,7 @@ Groups (targets from issue 2):
   * the same three on one SD1.5-sized attention projection: Linear 320->320 over 4096 tokens, batch 2.
 
 The tiny UNet is the test fixture's (tests/tiny.py), batch 8 at 16x16, experts on
-to_q/to_k/to_v/to_out.0 at rank 4. Prototypes of other layer forwards (``PROTOTYPES``: stacked
-expert banks; a "fused" forward that scales and gates the rank-r intermediate and folds the add into
+to_q/to_k/to_v/to_out.0 at rank 4. Prototypes of other layer forwards (``PROTOTYPES``: a "fused" forward that scales and gates the rank-r intermediate and folds the add into
 addmm/baddbmm) are checked against the library's outputs and gradients, then timed in the same
 rounds to show what a change to tsm_core/layers.py would buy (``--no-proto`` skips them).
 
@@ -103,31 +102,8 @@ def medians_ms(times: dict[str, list[float]]) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------- prototypes
-# Alternative mixed-batch routings for TSMLayer._expert_delta (Linear only), installed per instance
+# Alternative Linear forwards for TSMLayer, installed per instance
 # on a separate model copy so the library code stays untouched. Each computes the same value.
-def _bank(layer, scale: int):
-    """Stacked (n, r, in) / (n, out, r) leaf parameters, i.e. the DESIGN's "stacked banks"."""
-    key = f"_bench_bank_{scale}"
-    if not hasattr(layer, key):
-        A = torch.stack([layer.lora_A[expert_key(scale, k)].detach() for k in range(scale)])
-        B = torch.stack([layer.lora_B[expert_key(scale, k)].detach() for k in range(scale)])
-        object.__setattr__(layer, key, (nn.Parameter(A), nn.Parameter(B)))
-    return getattr(layer, key)
-
-
-def _delta_bank(self, x, scale, state):
-    """Same bmm as the library, but the experts live in one stacked parameter: no torch.stack."""
-    k = 0 if scale == 1 else state.shared[scale]
-    if k is not None or self.kind != "linear":
-        return type(self)._expert_delta(self, x, scale, state)
-    A, B = _bank(self, scale)
-    idx = state.index[scale]
-    n = x.shape[0]
-    z = torch.bmm(x.reshape(n, -1, self.in_features), A[idx].transpose(1, 2))
-    y = torch.bmm(z, B[idx].transpose(1, 2))
-    return y.reshape(*x.shape[:-1], self.out_features) * self.scaling
-
-
 def _fused_forward(self, x, *args, **kwargs):
     """Scale and gate the rank-r intermediate, and fuse the LoRA add into one addmm / baddbmm.
 
@@ -191,7 +167,7 @@ def _fused_forward(self, x, *args, **kwargs):
     return torch.addmm(F.linear(x2, W, b), zz, torch.cat(Bs, dim=1).t()).reshape(*lead, self.out_features)
 
 
-PROTOTYPES = {"bank": ("_expert_delta", _delta_bank), "fused": ("forward", _fused_forward)}
+PROTOTYPES = {"fused": ("forward", _fused_forward)}
 
 
 def check_prototypes() -> None:
@@ -214,8 +190,6 @@ def check_prototypes() -> None:
             want.square().sum().backward()
         want_grad = x.grad
         for name, (attr, fn) in PROTOTYPES.items():
-            if name == "bank" and mode != "expert":
-                continue
             m, tsm = tsm_projection(base, mode)
             tsm.load_state_dict(ref.state_dict())
             install(tsm, attr, fn)
@@ -234,8 +208,6 @@ def install(tsm, attr: str, fn) -> None:
 
 
 def prototype_params(tsm, name: str, scale: int) -> list[nn.Parameter]:
-    if name == "bank":
-        return [p for layer in tsm.layers.values() for p in _bank(layer, scale)]
     return list(tsm.trainable_parameters())
 
 
@@ -428,7 +400,6 @@ def run_workload(w, rounds: int, warmup: int, proto: bool) -> dict:
         "peft_forward_vs_base": compare(t_fwd, "peft_lora", "base"),
     }
     if proto:
-        r["proto_bank_train_mixed_vs_peft"] = compare(t_train, "proto_bank_mixed", "peft_lora")
         r["proto_fused_train_mixed_vs_peft"] = compare(t_train, "proto_fused_mixed", "peft_lora")
         r["proto_fused_train_shared_vs_peft"] = compare(t_train, "proto_fused_shared", "peft_lora")
         r["proto_fused_stage2_forward_shared_vs_peft"] = compare(t_fwd, "proto_fused_mixture_shared", "peft_lora")

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from tsm_core.train import fmnist
+from tsm_core.train.schedule import NoiseSchedule
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -123,7 +124,7 @@ class TeacherTrainer:
         # All data randomness (images, prompts, dropout, t, noise) comes from this one generator,
         # so saving its state makes a resumed run repeat an uninterrupted one.
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.alphas_cumprod = self.scheduler.alphas_cumprod.float()
+        self.schedule = NoiseSchedule.from_scheduler(self.scheduler)
         self.step_count = 0
 
     def sample_batch(self):
@@ -136,8 +137,7 @@ class TeacherTrainer:
         x0 = fmnist.to_model_space(self.images[idx])  # (B, 3, 32, 32)
         noise = torch.randn(x0.shape, generator=g)
         row = torch.where(drop, len(self.table) - 1, self.labels[idx] * len(fmnist.TEMPLATES) + template)
-        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, self.table[row], noise
+        return self.schedule.add_noise(x0, noise, t), t, self.table[row], noise
 
     def step(self) -> torch.Tensor:
         """One optimisation step plus the EMA update; returns the loss (a tensor, no sync)."""

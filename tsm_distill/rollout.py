@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .schedule import NoiseSchedule
+from tsm_core.train.schedule import NoiseSchedule
 
 PredictX0 = Callable[[torch.Tensor, int], torch.Tensor]
 

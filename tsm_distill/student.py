@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .schedule import NoiseSchedule
+from tsm_core.train.schedule import NoiseSchedule
 
 
 class Student:

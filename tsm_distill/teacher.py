@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from tsm_core.train.backbones import UNetBackbone
-
-from .schedule import NoiseSchedule
+from tsm_core.train.schedule import NoiseSchedule
 
 
 @dataclass
@@ -80,4 +79,4 @@ class Teacher:
 def load_teacher(path: str | Path) -> Teacher:
     """Load UNet, CLIP text encoder, tokenizer, scheduler and (if present) VAE with ``from_pretrained``."""
     backbone = UNetBackbone.from_pretrained(path)
-    return Teacher(backbone=backbone, schedule=NoiseSchedule.from_scheduler(backbone.scheduler))
+    return Teacher(backbone=backbone, schedule=backbone.schedule)

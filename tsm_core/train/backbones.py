@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from tsm_core.routing import route_by_timestep  # noqa: F401  (re-exported: samplers use it)
+from tsm_core.train.schedule import NoiseSchedule
 
 KINDS = ("unet", "pixart", "sd3")
 _HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
@@ -46,11 +47,6 @@ Cond = dict[str, torch.Tensor]
 def cat_cond(conds: list[Cond]) -> Cond:
     """Concatenate prompt conditionings (dicts of batch-first tensors) along the batch."""
     return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
-
-
-def repeat_cond(cond: Cond, n: int) -> Cond:
-    """Repeat a one-prompt conditioning ``n`` times along the batch."""
-    return {k: v.expand(n, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in cond.items()}
 
 
 def _check_source(path: str | os.PathLike) -> str:
@@ -193,6 +189,10 @@ class Backbone:
         """The regression target of the diffusion loss."""
         raise NotImplementedError
 
+    def to_x0(self, x_t: torch.Tensor, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The clean-sample estimate from the denoiser's output (the inverse of `add_noise`/`target`)."""
+        raise NotImplementedError
+
     def sampling_scheduler(self):
         """A fresh scheduler for inference (DDIM for DDPM models, the flow-matching Euler scheduler for SD3)."""
         raise NotImplementedError
@@ -258,6 +258,7 @@ class UNetBackbone(Backbone):
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"UNet backbones train epsilon or v_prediction models; the scheduler config says "
                              f"{self.prediction_type!r}")
+        self.schedule = NoiseSchedule.from_scheduler(self.scheduler)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **_) -> UNetBackbone:
@@ -284,12 +285,13 @@ class UNetBackbone(Backbone):
         return self.denoiser(x_t, t.to(x_t.device), encoder_hidden_states=cond["encoder_hidden_states"]).sample
 
     def add_noise(self, x0, noise, t):
-        return self.scheduler.add_noise(x0, noise, t.to(x0.device))
+        return self.schedule.add_noise(x0, noise, t)
 
     def target(self, x0, noise, t):
-        if self.prediction_type == "v_prediction":
-            return self.scheduler.get_velocity(x0, noise, t.to(x0.device))
-        return noise
+        return self.schedule.target(x0, noise, t)
+
+    def to_x0(self, x_t, output, t):
+        return self.schedule.to_x0(x_t, output, t)
 
     def sampling_scheduler(self):
         from diffusers import DDIMScheduler
@@ -406,6 +408,10 @@ class SD3Backbone(Backbone):
 
     def target(self, x0, noise, t):
         return noise - x0
+
+    def to_x0(self, x_t, output, t):
+        # x_t = (1 - s) x0 + s noise and v = noise - x0 give x0 = x_t - s v.
+        return x_t - self._sigma(t, x_t) * output
 
     def predict(self, x_t, t, cond):
         return self.denoiser(hidden_states=x_t, timestep=t.float().to(x_t.device),

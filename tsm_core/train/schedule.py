@@ -1,4 +1,9 @@
-"""DDPM noise-schedule arithmetic for the teacher's discrete timesteps (epsilon or v prediction)."""
+"""DDPM noise-schedule arithmetic for discrete timesteps (epsilon or v prediction): the one implementation.
+
+The UNet/PixArt backbones (fine-tuning), the DMD2 teacher, generator and rollout, and the embedded
+teacher's training script all noise, regress and recover x0 through this class, so the three never
+disagree about the forward process.
+"""
 
 from __future__ import annotations
 
