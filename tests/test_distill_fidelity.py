@@ -212,16 +212,21 @@ def test_without_diffusion_gan_d_sees_the_clean_sample(env, tmp_path):
 
 
 def test_real_latents_are_vae_posterior_samples(sd_pipeline_path, tmp_path):
+    """DMD2 encodes real images with ``latent_dist.sample()``, not the mean; drawn with the trainer's
+    per-iteration generator, so a resumed run draws the same latents."""
     from tsm_distill.teacher import load_teacher
 
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "0.png")
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "text": "a cat"}) + "\n")
     teacher = load_teacher(sd_pipeline_path)
-    source = RealSource(str(tmp_path), 16, teacher.encode_images)
-    a, _ = source.sample(2, torch.Generator().manual_seed(0), "cpu")  # the same image twice
-    b, _ = source.sample(2, torch.Generator().manual_seed(0), "cpu")
-    assert torch.equal(a, b)  # drawn with the trainer's generator: a resumed run draws the same
-    assert not torch.equal(a[0], a[1])  # two posterior samples of one image, not its mean twice
     pixels = torch.as_tensor(np.asarray(Image.open(tmp_path / "0.png")), dtype=torch.float32).permute(2, 0, 1)
-    mean = teacher.encode_images(pixels[None] / 127.5 - 1)
-    assert not torch.equal(a[0], mean[0])
+    x = pixels[None] / 127.5 - 1
+    mean = teacher.encode_images(x)
+    a, b, c = (teacher.encode_images(x, torch.Generator().manual_seed(s)) for s in (0, 0, 1))
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, mean)
+    seen = []
+    source = RealSource(str(tmp_path), 16, lambda px, g: seen.append(g) or teacher.encode_images(px, g))
+    generator = torch.Generator().manual_seed(3)
+    latents, captions = source.sample(2, generator, "cpu")  # the one image, twice
+    assert seen == [generator] and captions == ["a cat", "a cat"]
+    assert not torch.equal(latents[0], latents[1])  # two posterior samples, not the mean twice
