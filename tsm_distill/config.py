@@ -114,6 +114,20 @@ class TrainConfig:
     sample_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     threads: int | None = None
 
+    def __post_init__(self):
+        # Checked here, not when first used: checkpoint_every = 0 used to divide by zero after step 1,
+        # max_step_percent = 2 to index past the schedule mid-run.
+        for name in ("checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1 (iterations between two), got {getattr(self, name)}; "
+                                 "use a large value to make it rare")
+        if self.sample_every < 0:
+            raise ValueError(f"train.sample_every must be >= 0 (0: no sample grids), got {self.sample_every}")
+        lo, hi = self.min_step_percent, self.max_step_percent
+        if not (0.0 <= lo <= 1.0 and 0.0 <= hi <= 1.0 and lo <= hi):
+            raise ValueError(f"train.min_step_percent {lo} and max_step_percent {hi} must satisfy "
+                             "0 <= min <= max <= 1 (fractions of the teacher's timesteps; DMD2: 0.02 and 0.98)")
+
 
 @dataclass
 class DistillRecipe:
@@ -132,6 +146,11 @@ class DistillRecipe:
         check_student_timesteps(self.student_timesteps)
         if not self.phases:
             raise ValueError("a recipe needs at least one phase")
+        if all(ph.iterations == 0 for ph in self.phases):
+            raise ValueError("every phase has 0 iterations, so the run would write an untrained adapter; "
+                             "give at least one phase iterations > 0")
+        if not self.experts.scales:
+            raise ValueError("experts.scales is empty; list the interval counts, e.g. [1, 4]")
         scales = set(self.experts.scales)
         for i, ph in enumerate(self.phases):
             where = f"phases[{i}] ({ph.name!r})"
@@ -143,11 +162,35 @@ class DistillRecipe:
                 bad = [e for e in (ph.experts or []) if not 0 <= e < ph.scale]
                 if bad:
                     raise ValueError(f"{where}: scale {ph.scale} has experts 0..{ph.scale - 1}; no expert {bad}")
+            else:
+                _check_router_phase(where, ph, sorted(scales))
             if ph.student_steps is not None:
                 bad = [k for k in ph.student_steps if not 0 <= k < len(self.student_timesteps)]
                 if bad or not ph.student_steps:
                     raise ValueError(f"{where}: student_steps must be non-empty indices into "
                                      f"{self.student_timesteps}; bad: {bad}")
+
+
+def _check_router_phase(where: str, ph: PhaseConfig, scales: list[int]) -> None:
+    """A mixture (router) phase's scales (paper eq. 5), checked at load: the phase itself may start only
+    after every expert phase has trained. Core: the finest scale; context: other scales, at least one."""
+    finest = max(scales)
+    core = finest if ph.core_scale is None else ph.core_scale
+    if core != finest:
+        what = "is not the finest of" if core in scales else "is not one of"
+        raise ValueError(f"{where}: core_scale {core} {what} experts.scales {scales}; the core must be the finest "
+                         f"scale (paper eq. 5): set core_scale: {finest} or leave it out")
+    ctx = [s for s in scales if s != core] if ph.context_scales is None else list(ph.context_scales)
+    if not ctx:
+        raise ValueError(f"{where}: a router phase needs at least one context scale besides the core {core}; "
+                         f"add a scale to experts.scales (e.g. 1) and to context_scales")
+    if core in ctx:
+        raise ValueError(f"{where}: context_scales {ctx} contain the core scale {core}; list only other scales")
+    bad = [s for s in ctx if s not in scales]
+    if bad:
+        raise ValueError(f"{where}: context scale(s) {bad} are not among experts.scales {scales}")
+    if len(set(ctx)) != len(ctx):
+        raise ValueError(f"{where}: context_scales {ctx} repeat a scale")
 
 
 def per_process_batch(global_batch: int, num_processes: int, where: str = "batch_size") -> int:

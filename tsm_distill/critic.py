@@ -63,8 +63,9 @@ class Critic(nn.Module):
             self.fake.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=list(lora_targets),
                                              init_lora_weights="gaussian"))
         cfg = self.fake.config
-        mid_res = cfg.sample_size // 2 ** (len(cfg.block_out_channels) - 1)
-        self.head = GANHead(cfg.block_out_channels[-1], mid_res) if with_head else None
+        # An estimate from the config; fit_head() measures the real bottleneck and rebuilds if it differs.
+        self.head_resolution = max(1, cfg.sample_size // 2 ** (len(cfg.block_out_channels) - 1))
+        self.head = GANHead(cfg.block_out_channels[-1], self.head_resolution) if with_head else None
         self._features: torch.Tensor | None = None
         self._stop_early = False
         self.fake.mid_block.register_forward_hook(self._capture)
@@ -87,6 +88,13 @@ class Critic(nn.Module):
         """D's logit per sample: the head on the fake UNet's mid-block output (decoder skipped)."""
         if self.head is None:
             raise ValueError("this critic was built without a GAN head; set critic.gan_head: true in the recipe")
+        features = self._bottleneck(x_t, t, cond)
+        # DMD2 runs its classification head on ``features.float()``, outside mixed precision.
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return self.head(features.float())
+
+    def _bottleneck(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The fake UNet's mid-block output (B, C, h, w), the decoder half skipped."""
         self._stop_early = True
         try:
             self.fake(x_t, t, encoder_hidden_states=cond)
@@ -95,6 +103,31 @@ class Critic(nn.Module):
         finally:
             self._stop_early = False
         features, self._features = self._features, None
-        # DMD2 runs its classification head on ``features.float()``, outside mixed precision.
-        with torch.autocast(device_type=features.device.type, enabled=False):
-            return self.head(features.float())
+        return features
+
+    @torch.no_grad()
+    def fit_head(self, sample: torch.Tensor, cond: torch.Tensor) -> tuple[int, int]:
+        """Size the GAN head from the bottleneck the fake UNet really gives ``sample`` (one batch of the
+        size D will see), then run D once, so a head that cannot fit fails now, not at the first GAN step.
+
+        The head is rebuilt only when the measured size differs from the config's estimate (an unchanged
+        head keeps its initial weights). Returns the bottleneck's (h, w).
+
+        Raises:
+            ValueError: the head's convolutions do not fit the bottleneck (smaller than 2x2).
+        """
+        t = torch.zeros(sample.shape[0], dtype=torch.long, device=sample.device)
+        features = self._bottleneck(sample, t, cond)
+        h, w = features.shape[-2:]
+        if self.head is not None and min(h, w) != self.head_resolution:
+            param = next(self.head.parameters())
+            self.head_resolution = min(h, w)
+            self.head = GANHead(features.shape[1], self.head_resolution).to(param.device, param.dtype)
+        if self.head is not None:
+            try:
+                with torch.autocast(device_type=features.device.type, enabled=False):
+                    self.head(features.float())
+            except RuntimeError as e:
+                raise ValueError(f"the GAN head does not fit the fake UNet's {h}x{w} bottleneck "
+                                 f"(it needs at least 2x2): {e}") from e
+        return h, w

@@ -320,9 +320,10 @@ def _run(args, argv: list[str]) -> int:
     ref_hash = ev.features_hash(ref_feats)
 
     lora_tr = DMD2Trainer(lora_recipe, run_dir / "lora")
-    lora_adapter = stages.run("distill LoRA", lora_tr.train)
+    # overwrite: a retried seed (tsm-demo --seeds after a stop) restarts its students from scratch.
+    lora_adapter = stages.run("distill LoRA", lora_tr.train, overwrite=True)
     tsm_tr = DMD2Trainer(tsm_recipe, run_dir / "tsm")
-    tsm_adapter = stages.run("distill TSM", tsm_tr.train)
+    tsm_adapter = stages.run("distill TSM", tsm_tr.train, overwrite=True)
     n_experts = len(tsm_recipe.phases) - sum(p.mode != "expert" for p in tsm_recipe.phases)
     stage1 = run_dir / "tsm" / "phases" / f"{n_experts - 1:02d}_{tsm_recipe.phases[n_experts - 1].name}"
 

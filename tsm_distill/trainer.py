@@ -22,6 +22,7 @@ Set-up semantics follow DMD2's ``main/train_sd.py`` and ``main/sd_guidance.py``:
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from pathlib import Path
 
@@ -53,6 +54,9 @@ from .teacher import load_teacher
 # draw to one does not shift the others.
 _DATA_STREAM, _NOISE_STREAM = 1, 2
 
+# What a run writes into its folder (beside recipe.yaml): a new run must not mix with an old one's.
+_RUN_OUTPUTS = ("checkpoints", "phases", "adapter", "adapter_ema", "samples", "images", "tb", "stats.jsonl")
+
 
 def _randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Standard normal noise shaped like ``x``, drawn on the generator's device (CPU), then moved."""
@@ -63,8 +67,60 @@ def _randint(low: int, high: int, n: int, generator: torch.Generator, device) ->
     return torch.randint(low, high, (n,), generator=generator).to(device)
 
 
+def _old_run(run_dir: Path) -> list[str]:
+    """What of an earlier run ``run_dir`` holds: complete checkpoints, saved adapters, logged rows."""
+    latest = CheckpointManager(run_dir, keep_last=None).latest()
+    found = [f"checkpoints/{latest.name}"] if latest is not None else []
+    for name in ("phases", "adapter", "adapter_ema"):
+        if (run_dir / name).is_dir():
+            found.append(f"{name}/")
+    stats = run_dir / "stats.jsonl"
+    if stats.is_file() and stats.stat().st_size > 0:
+        found.append("stats.jsonl")
+    return found
+
+
+def check_run_folder(run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse to start where the run would mix with an earlier one (cheap: call it before loading models).
+
+    A new run needs a run folder without an earlier run's checkpoints, adapters or logged rows;
+    ``resume`` needs a checkpoint; ``overwrite`` allows a used folder (the trainer clears it).
+
+    Raises:
+        ValueError: both flags, or a used folder with neither.
+        FileNotFoundError: ``resume`` without a checkpoint to resume from.
+    """
+    run_dir = Path(run_dir)
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in the folder and --overwrite deletes it: pass only one")
+    if resume:
+        if CheckpointManager(run_dir, keep_last=None).latest() is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start the run without "
+                                    "--resume (add --overwrite if the folder holds a stopped run's files)")
+        return
+    found = _old_run(run_dir)
+    if found and not overwrite:
+        raise ValueError(f"run folder {run_dir} already holds a run ({', '.join(found)}); pass --resume to continue it, "
+                         "--overwrite to delete it and start again, or choose another --run-dir")
+
+
+def _clear_run(run_dir: Path) -> None:
+    """Delete an earlier run's outputs (``--overwrite``); other files in the folder stay."""
+    for name in _RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 class DMD2Trainer:
-    """Runs a :class:`DistillRecipe` in ``run_dir``. Pass an ``accelerate.Accelerator`` to scale out."""
+    """Runs a :class:`DistillRecipe` in ``run_dir``. Pass an ``accelerate.Accelerator`` to scale out.
+
+    Settings that would fail mid-run are checked here, before anything trains: the recipe's own
+    (``DistillRecipe``), the teacher's timesteps, and, when a phase uses the GAN, that real samples
+    have the generator's size and the GAN head fits the fake UNet's bottleneck.
+    """
 
     def __init__(self, recipe: DistillRecipe, run_dir: str | Path, accelerator=None):
         from tsm_core.train.accel import make_accelerator
@@ -97,13 +153,17 @@ class DMD2Trainer:
             raise ValueError(f"student timestep {max(self.timesteps)} >= the teacher's {T} training timesteps")
         self.uncond = self.teacher.encode_prompts([""])
         self.prompts = PromptSource(recipe.data.prompts)
-        self.real = (RealSource(recipe.data.real_images, recipe.data.resolution, self.teacher.encode_images)
-                     if uses_gan else None)
         if uses_gan and not recipe.data.real_images:
             raise ValueError("a GAN phase needs data.real_images (latent cache, image folder, shards or builtin:fmnist)")
+        self.real = (RealSource(recipe.data.real_images, recipe.data.resolution, self.teacher.encode_images)
+                     if uses_gan else None)
+        if uses_gan:
+            self._check_gan_fits()
         self.ema = EMA(self.tsm.state_dict(), tc.ema_decay) if tc.ema_decay else None
         self.ckpt = CheckpointManager(self.run_dir, keep_last=tc.keep_last, accelerator=self.acc)
-        self.logger = RunLogger(self.run_dir, enabled=self.acc.is_main_process)
+        # Opened by train(), once the run folder has been checked: building a trainer writes nothing.
+        self.logger: RunLogger | None = None
+        self.started = False  # True once the first iteration ran (the CLI's line between setup and a bug)
         self.global_step = 0
         self.phase_index = 0
         self.phase_step = 0
@@ -116,6 +176,37 @@ class DMD2Trainer:
                       f"{self.acc.num_processes} process(es); warm-up {ph.warmup_steps} iterations", flush=True)
 
     # ------------------------------------------------------------------ set-up
+    def _pixels(self, size: int) -> int:
+        """The image size in pixels of a model-space size (VAE factor 2^(levels - 1); 1 without a VAE)."""
+        vae = self.teacher.vae
+        return size * 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else size
+
+    @torch.no_grad()
+    def _check_gan_fits(self) -> None:
+        """Real samples must have the generator's shape, and D must run on it: checked with one dummy pass
+        now, so a mismatch is a clear error at start, not a kernel-size error at the first GAN step."""
+        dc = self.recipe.data
+        size = self.teacher.latent_size
+        fake_shape = (self.teacher.latent_channels, size, size)
+        if self.real.cache is not None:
+            real_shape, source = tuple(self.real.cache.shape[1:]), f"data.real_images {dc.real_images}"
+        else:  # folders and shards are resized to data.resolution, then encoded
+            dummy = torch.zeros(1, 3, dc.resolution, dc.resolution, device=self.device)
+            real_shape = tuple(self.teacher.encode_images(dummy).shape[1:])
+            source = f"data.resolution {dc.resolution}"
+        if real_shape != fake_shape:
+            raise ValueError(
+                f"{source} gives real samples of shape {real_shape} (model space), but the student generates "
+                f"{fake_shape} ({self._pixels(size)} px, the teacher UNet's sample_size {size}): D must see "
+                f"reals and fakes at one size; use real images at {self._pixels(size)} px "
+                f"(data.resolution: {self._pixels(size)}, or a latent cache of that size)")
+        try:
+            self.critic.fit_head(torch.zeros(1, *fake_shape, device=self.device), self.uncond)
+        except ValueError as e:
+            raise ValueError(f"the GAN cannot run at the student's resolution {self._pixels(size)} px "
+                             f"({size}x{size} in model space): {e}; use a teacher with a larger sample_size "
+                             "or fewer down blocks, or no GAN phase") from e
+
     def _init_experts(self, path: str, scales: list[int]) -> None:
         """Copy the experts of ``scales`` from a saved adapter (e.g. the LoRA run as the n = 1 context)."""
         from tsm_core.serialization import read_adapter_file
@@ -208,7 +299,10 @@ class DMD2Trainer:
                 with record as gates:  # forward only: checkpoint recomputes in backward are not recorded
                     x0 = self.student.x0(x_in, t, cond)
                 T = sched.num_timesteps
-                s = _randint(int(tc.min_step_percent * T), int(tc.max_step_percent * T) + 1, B, generator, x0.device)
+                # DMD2 clamps the range to the schedule's timesteps (max_step_percent = 1 is t = T - 1).
+                low = min(int(tc.min_step_percent * T), T - 1)
+                high = min(int(tc.max_step_percent * T) + 1, T)
+                s = _randint(low, high, B, generator, x0.device)
                 x_s = sched.add_noise(x0.detach(), _randn_like(x0, generator), s)
                 x0_fake = self._fake_x0_fp32(x_s, s, cond)
                 with torch.no_grad():
@@ -216,6 +310,7 @@ class DMD2Trainer:
                     # its x0 is formed in float64 like the fake one.
                     out_real = self.student.real_output(x_s, s, cond, self.uncond, tc.real_guidance_scale)
                     x0_real = sched.to_x0(x_s.double(), out_real.double(), s)
+                self._check_scores(x0_real, x0_fake)
                 loss = losses.dmd_loss(x0, x0_real, x0_fake)
                 logs["loss_dmd"] = loss.detach()
                 if ph.gan:
@@ -321,6 +416,19 @@ class DMD2Trainer:
     def _check_finite(self, loss: torch.Tensor, which: str) -> None:
         check_finite(loss, self.global_step, f"{which} (phase {self.phase.name!r})", self.ckpt.latest())
 
+    def _check_scores(self, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> None:
+        """Stop on a non-finite real or fake score, as on a NaN loss: the DMD gradient's nan_to_num would
+        otherwise turn it into a loss of exactly 0 and the run would go on learning nothing."""
+        finite = torch.stack([torch.isfinite(x0_real).all(), torch.isfinite(x0_fake).all()]).tolist()  # one sync
+        if all(finite):
+            return
+        scale = self.recipe.train.real_guidance_scale
+        name = (f"real score (the teacher with real_guidance_scale {scale})" if not finite[0]
+                else "fake score (the critic's denoiser)")
+        bad = x0_real if not finite[0] else x0_fake
+        check_finite(bad, self.global_step, f"the {name}'s x0 is not finite in phase {self.phase.name!r}, so the "
+                     "generator's DMD", self.ckpt.latest())
+
     def _state(self) -> dict:
         return {"phase": self.phase_index, "phase_step": self.phase_step, "global_step": self.global_step,
                 "seconds": self.seconds}
@@ -349,8 +457,9 @@ class DMD2Trainer:
         state = json.loads((path / "trainer_state.json").read_text())
         self.phase_index, self.phase_step, self.global_step = state["phase"], state["phase_step"], state["global_step"]
         self.seconds = state.get("seconds", {})
-        if self.phase_index < len(self.recipe.phases):
-            self._enter_phase(self.phase_index)
+        # A run that finished its last phase (killed while writing adapter/, or resumed when done) still
+        # enters that phase: its modules (the router, in a mixture phase) must exist to load into.
+        self._enter_phase(min(self.phase_index, len(self.recipe.phases) - 1))
         self.ckpt.load(path, *self._checkpoint_parts(with_optimizers=self.phase_step > 0))
 
     # ------------------------------------------------------------------ samples
@@ -371,16 +480,31 @@ class DMD2Trainer:
             return None
         path = save_image_grid(self.teacher.decode(x0).float().cpu(), self.run_dir / "samples" / f"{tag}.png",
                                nrow=len(tc.sample_seeds))
-        self.logger.log_image(self.global_step, "samples", path)
+        if self.logger is not None:
+            self.logger.log_image(self.global_step, "samples", path)
         return path
 
     # ------------------------------------------------------------------ the run
-    def train(self, resume: bool = False) -> Path:
-        """Run every phase; returns the folder of the final adapter (``run_dir/adapter``)."""
+    def train(self, resume: bool = False, overwrite: bool = False) -> Path:
+        """Run every phase; returns the folder of the final adapter (``run_dir/adapter``).
+
+        Args:
+            resume: continue from the run folder's latest checkpoint (a finished run rebuilds its final
+                adapters and returns).
+            overwrite: start again in a run folder that holds an earlier run, deleting its checkpoints,
+                phases/, adapter*/, samples and logs first. Without it (or ``resume``) such a folder is
+                refused (:func:`check_run_folder`).
+        """
         tc, phases = self.recipe.train, self.recipe.phases
+        check_run_folder(self.run_dir, resume, overwrite)
+        self.acc.wait_for_everyone()  # every process has looked before the main one deletes anything
         if self.acc.is_main_process:
+            if overwrite:
+                _clear_run(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_recipe(self.recipe, self.run_dir / "recipe.yaml")
+        self.acc.wait_for_everyone()
+        self.logger = RunLogger(self.run_dir, enabled=self.acc.is_main_process)
         if resume:
             self._resume()
         total = sum(ph.iterations for ph in phases)
@@ -393,6 +517,7 @@ class DMD2Trainer:
             ph = self.phase
             start = time.perf_counter()
             while self.phase_step < ph.iterations:
+                self.started = True
                 logs = self.iteration()
                 self.phase_step += 1
                 self.global_step += 1
@@ -418,19 +543,26 @@ class DMD2Trainer:
         bar.close()
         out = self.run_dir / "adapter"
         if self.acc.is_main_process:
-            self.tsm.save(out)
-            if self.ema is not None:
-                live = self.tsm.state_dict()
-                backup = {k: v.clone() for k, v in live.items()}
-                self.ema.copy_to(live)
-                self.tsm.save(self.run_dir / "adapter_ema")
-                with torch.no_grad():
-                    for k, v in live.items():
-                        v.copy_(backup[k])
+            self._save_final(out)
             self.sample_grid("final")
         self.logger.close()
         self.acc.wait_for_everyone()
         return out
+
+    def _save_final(self, out: Path) -> None:
+        """Write the final adapter (and the EMA one), removing temp files a killed earlier write left."""
+        for folder in (out, self.run_dir / "adapter_ema"):
+            for stale in folder.glob(".tmp_*"):
+                stale.unlink()
+        self.tsm.save(out)
+        if self.ema is not None:
+            live = self.tsm.state_dict()
+            backup = {k: v.clone() for k, v in live.items()}
+            self.ema.copy_to(live)
+            self.tsm.save(self.run_dir / "adapter_ema")
+            with torch.no_grad():
+                for k, v in live.items():
+                    v.copy_(backup[k])
 
     def _add_seconds(self, name: str, start: float) -> None:
         self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
@@ -443,4 +575,4 @@ def load_student(teacher_path: str | Path, adapter_dir: str | Path):
     return teacher, tsm
 
 
-__all__ = ["DMD2Trainer", "NonFiniteLossError", "load_student"]
+__all__ = ["DMD2Trainer", "NonFiniteLossError", "check_run_folder", "load_student"]

@@ -160,6 +160,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if value is False and "no" in allowed:
+            value = "no"  # YAML 1.1 reads a bare `no` (e.g. accelerate's `mixed_precision: no`) as false
         # `True == 1` in Python, so compare types too: a bool must not pass for the literal 1.
         for a in allowed:
             if value == a and type(value) is type(a):
