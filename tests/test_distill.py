@@ -200,18 +200,23 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(env, tmp_path,
 
 
 # ---------------------------------------------------------------------------- scale-out
-def test_two_process_run_keeps_weights_in_sync(env, tmp_path):
-    d, pipe = env
-    r = {"teacher": str(pipe), "experts": {"rank": 2, "alpha": 2, "scales": [4], "target_modules": ["to_q", "to_v"]},
-         "data": {"prompts": str(d / "prompts.txt")}, "train": {"sample_every": 0, "checkpoint_every": 2},
-         "phases": [phase("e", iterations=2, scale=4, experts=[3])]}
-    (tmp_path / "recipe.json").write_text(json.dumps(r))
+def run_two_processes(recipe_dict: dict, tmp_path: Path):
+    """Run ``tests/distill_worker.py`` on ``recipe_dict`` under torchrun with 2 processes; the ranks' adapters."""
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe_dict))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "tests" / "distill_worker.py"), str(tmp_path / "recipe.json"), str(tmp_path / "run")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    w0, w1 = (load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
+    return tuple(load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
+
+
+def test_two_process_run_keeps_weights_in_sync(env, tmp_path):
+    d, pipe = env
+    r = {"teacher": str(pipe), "experts": {"rank": 2, "alpha": 2, "scales": [4], "target_modules": ["to_q", "to_v"]},
+         "data": {"prompts": str(d / "prompts.txt")}, "train": {"sample_every": 0, "checkpoint_every": 2},
+         "phases": [phase("e", iterations=2, scale=4, experts=[3])]}
+    w0, w1 = run_two_processes(r, tmp_path)
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
     assert any(".s4_e3" in k and "lora_B" in k and w0[k].abs().sum() > 0 for k in w0)  # it trained
     # the two ranks drew different prompts (so the sync is what keeps them equal)

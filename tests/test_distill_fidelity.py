@@ -6,9 +6,6 @@ what D and the real latents are.
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests import tiny
-from tests.test_distill import REPO, phase, recipe
+from tests.test_distill import phase, recipe, run_two_processes
 from tsm_core.train.accel import make_accelerator
 from tsm_distill import DMD2Trainer
 from tsm_distill.critic import Critic
@@ -85,13 +82,7 @@ def test_two_processes_draw_their_own_noise_and_stay_in_sync(env, tmp_path):
          "train": {"sample_every": 0, "checkpoint_every": 100},
          "phases": [phase("e", iterations=3, scale=2, student_steps=[1], batch_size=4, gan=True,
                           fake_updates_per_generator_update=2)]}
-    (tmp_path / "recipe.json").write_text(json.dumps(r))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "distill_worker.py"), str(tmp_path / "recipe.json"), str(tmp_path / "run")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    w0, w1 = (load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
+    w0, w1 = run_two_processes(r, tmp_path)
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
     c0, c1 = (load_file(tmp_path / f"critic{r}.safetensors") for r in (0, 1))
     assert c0.keys() == c1.keys() and all(torch.equal(c0[k], c1[k]) for k in c0)
