@@ -125,6 +125,13 @@ def save_gate_plot(curves: dict[str, dict[int, list[float]]], student_timesteps:
     ax.set_ylabel("gate of the n = 1 context expert (LoRA)")
     ax.set_title("TSM router: gate vs timestep")
     ax.legend(fontsize=6, loc="best")
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path) -> Path:
+    """Lay out ``fig``, write it to ``path`` (folders made) at 100 dpi, close it; returns the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -309,12 +309,9 @@ def save_seed_plot(agg: dict, path: str | Path) -> Path:
     right.set_xticks(range(len(PAIRS)), [PAIR_LABELS[tsm] for tsm, _ in PAIRS], fontsize=8)
     right.set_ylabel("paired FID difference (< 0: TSM better)")
     right.set_title("per seed, and mean with bootstrap 95% CI")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    from .demo_report import save_figure
+
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------- folders
