@@ -87,7 +87,7 @@ def test_rollout_uses_each_steps_own_expert(env):
 # ---------------------------------------------------------------------------- steps change only their own params
 def test_generator_and_critic_steps_touch_only_their_parameters(env, tmp_path):
     tr = DMD2Trainer(recipe(env, [phase("e3gan", scale=4, experts=[3], gan=True)]), tmp_path / "run")
-    tr._enter_phase(0)
+    tr.enter_phase(0)
     cond = tr.teacher.encode_prompts(["a cat", "a dog"])
     x_in = torch.randn(2, 3, 16, 16)
     t = torch.full((2,), 999)
@@ -144,7 +144,7 @@ def test_kill_and_resume_equals_uninterrupted(env, tmp_path, monkeypatch):
     ref_gen, ref_critic = _final_state(tmp_path / "a")
 
     calls = {"n": 0}
-    original = DMD2Trainer.iteration
+    original = DMD2Trainer.train_step
 
     def dies_at_step_4(self):
         calls["n"] += 1
@@ -152,10 +152,10 @@ def test_kill_and_resume_equals_uninterrupted(env, tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         return original(self)
 
-    monkeypatch.setattr(DMD2Trainer, "iteration", dies_at_step_4)
+    monkeypatch.setattr(DMD2Trainer, "train_step", dies_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         DMD2Trainer(recipe(env, phases, checkpoint_every=2), tmp_path / "b").train()
-    monkeypatch.setattr(DMD2Trainer, "iteration", original)
+    monkeypatch.setattr(DMD2Trainer, "train_step", original)
     DMD2Trainer(recipe(env, phases, checkpoint_every=2), tmp_path / "b").train(resume=True)
     gen, critic = _final_state(tmp_path / "b")
     assert gen.keys() == ref_gen.keys() and critic.keys() == ref_critic.keys()
@@ -193,7 +193,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(env, tmp_path,
 
     monkeypatch.setattr(L, "dmd_loss", poisoned)
     run = tmp_path / "run"
-    with pytest.raises(NonFiniteLossError, match="at step 2") as e:
+    with pytest.raises(NonFiniteLossError, match=r"at step 3\b") as e:  # the third iteration; two are checkpointed
         DMD2Trainer(recipe(env, [phase("e", iterations=5, scale=4)], checkpoint_every=1), run).train()
     assert "step_00000002" in str(e.value)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]

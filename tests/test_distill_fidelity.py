@@ -106,7 +106,7 @@ def test_discriminator_sees_prompts_for_fakes_and_captions_for_reals(env, tmp_pa
     tr = DMD2Trainer(recipe(env, [phase("g", scale=4, experts=[3], gan=True, batch_size=4)]), tmp_path / "run")
     tr.recipe.data.real_images = str(d / "images")
     tr.real = RealSource(str(d / "images"), 16, tr.teacher.encode_images)
-    tr._enter_phase(0)
+    tr.enter_phase(0)
     calls = []
     original = Critic.discriminate
 
@@ -169,7 +169,7 @@ def test_dmd_fake_score_and_gan_head_run_in_fp32_under_bf16(env, tmp_path, monke
 
     tr = DMD2Trainer(recipe(env, [phase("g", scale=4, experts=[3], gan=True)], mixed_precision="bf16"),
                      tmp_path / "run", accelerator=bf16_accelerator)
-    tr._enter_phase(0)
+    tr.enter_phase(0)
     seen = {"predict": [], "head": [], "dmd": []}
     predict = Critic.predict
 

@@ -50,7 +50,7 @@ def test_paper_values():
     assert plan_phases(seq)[-1].end == 32000  # Tab. 8: 4K steps per expert, 32K in all
 
 
-def test_cli_runs_a_recipe_with_overrides(tmp_path, pixel_pipeline_path):
+def test_cli_runs_a_recipe_with_overrides(tmp_path, pixel_pipeline_path, capsys):
     from tsm_core.finetune.cli import main
 
     data = tmp_path / "data"
@@ -70,5 +70,9 @@ def test_cli_runs_a_recipe_with_overrides(tmp_path, pixel_pipeline_path):
     assert (run / "images" / "samples" / "00000004.png").is_file()
     assert load_recipe(run / "recipe.yaml", FinetuneRecipe).data.crop == "resize"
     assert main(argv + ["--resume"]) == 0  # already finished: resumes at the end and rewrites the adapter
-    with pytest.raises(SystemExit):
-        main([str(RECIPES / "mnist_domain_tsm.yaml"), "--set", "lora.bogus=1"])
+    capsys.readouterr()
+    assert main(argv) == 2  # a used folder without --resume/--overwrite: refused, nothing changed
+    assert "already holds a run" in capsys.readouterr().err
+    assert main([str(RECIPES / "mnist_domain_tsm.yaml"), "--set", "lora.bogus=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "lora.bogus" in err and err.count("\n") == 1

@@ -182,7 +182,7 @@ def test_zero_iterations_in_some_phases_and_sampling_off_are_allowed(env):
 
 def test_max_step_percent_1_draws_the_last_timestep_not_past_it(env, tmp_path, monkeypatch):
     tr = DMD2Trainer(recipe(env, [phase("e", scale=4)], min_step_percent=1.0, max_step_percent=1.0), tmp_path / "r")
-    tr._enter_phase(0)
+    tr.enter_phase(0)
     seen = []
     predict = Critic.predict
     monkeypatch.setattr(Critic, "predict", lambda self, x, t, c: seen.append(t.clone()) or predict(self, x, t, c))
@@ -260,7 +260,7 @@ def test_cli_keeps_tracebacks_for_bugs(env, tmp_path, monkeypatch):
     def broken_step(self):
         raise ValueError("a bug inside a training step")
 
-    monkeypatch.setattr(DMD2Trainer, "iteration", broken_step)
+    monkeypatch.setattr(DMD2Trainer, "train_step", broken_step)
     with pytest.raises(ValueError, match="a bug inside"):
         cli.main([str(path), "--run-dir", str(tmp_path / "a")])
 
@@ -275,7 +275,7 @@ def test_cli_keeps_tracebacks_for_bugs(env, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------- 6. non-finite scores
 def test_infinite_real_guidance_stops_the_run(env, tmp_path):
     run = tmp_path / "run"
-    with pytest.raises(NonFiniteLossError, match=r"real score .*real_guidance_scale inf.* at step 0.*no checkpoint"):
+    with pytest.raises(NonFiniteLossError, match=r"real score .*real_guidance_scale inf.* at step 1\b.*no checkpoint"):
         DMD2Trainer(recipe(env, [phase("e", iterations=2, scale=4)], real_guidance_scale=float("inf")), run).train()
     assert not (run / "checkpoints").exists()
 

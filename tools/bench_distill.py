@@ -42,7 +42,7 @@ def make_trainer(kind: str, teacher: str, prompts: Path, run_dir: Path, batch: i
                     "fake_updates_per_generator_update": 1, **phase}],
     }, DistillRecipe)
     tr = DMD2Trainer(recipe, run_dir)
-    tr._enter_phase(0)
+    tr.enter_phase(0)
     return tr
 
 
@@ -64,7 +64,7 @@ def memory_child(args) -> None:
     work, teacher, prompts = setup(args)
     tr = make_trainer(args.memory_child, teacher, prompts, work / "run", args.batch, args.rank)
     cuda = torch.cuda.is_available()
-    tr.iteration()  # warm-up: allocator pools, lazy inits
+    tr.train_step()  # warm-up: allocator pools, lazy inits
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -81,7 +81,7 @@ def memory_child(args) -> None:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         for _ in range(args.mem_iters):
-            tr.iteration()
+            tr.train_step()
     adapter = sum(p.numel() * p.element_size() for p in tr.tsm.adapter_parameters())
     optim = sum(v.numel() * v.element_size() for st in tr.gen_opt.state.values() for v in st.values()
                 if torch.is_tensor(v))
@@ -118,13 +118,13 @@ def main() -> None:
     work, teacher, prompts = setup(args)
     trainers = {k: make_trainer(k, teacher, prompts, work / k, args.batch, args.rank) for k in ("lora", "tsm")}
     for tr in trainers.values():
-        tr.iteration()  # warm-up
+        tr.train_step()  # warm-up
     times = {k: [] for k in trainers}
     for r in range(rounds):
         order = ("lora", "tsm") if r % 2 == 0 else ("tsm", "lora")
         for k in order:
             t0 = time.perf_counter()
-            trainers[k].iteration()
+            trainers[k].train_step()
             times[k].append(time.perf_counter() - t0)
     per_round = [t / lo for t, lo in zip(times["tsm"], times["lora"])]
     mem = {}

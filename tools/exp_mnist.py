@@ -133,7 +133,7 @@ def main(argv=None) -> dict:
             bb, tsm = load_backbone("unet", teacher), None
         else:
             recipe = load_recipe(all_recipes[name], FinetuneRecipe)
-            FinetuneTrainer(recipe).train()
+            FinetuneTrainer(recipe).train(overwrite=True)  # a re-run of the experiment replaces its runs
             bb, tsm, _ = load_finetuned("unet", teacher, recipe.train.run_dir)
         t_train = time.time() - t0
         imgs = generate(bb, tsm, args.n_fid, args.sample_steps, seed=1)

@@ -22,25 +22,16 @@ Set-up semantics follow DMD2's ``main/train_sd.py`` and ``main/sd_guidance.py``:
 from __future__ import annotations
 
 import contextlib
-import shutil
-import time
 from pathlib import Path
 
 import torch
 
 from tsm_core import TSMConfig, attach, load_adapter
 from tsm_core.train.accel import step_generator
-from tsm_core.train.checkpoint import CheckpointManager
 from tsm_core.train.ema import EMA
-from tsm_core.train.logging import RunLogger, progress, save_image_grid
-from tsm_core.train.optim import (
-    NonFiniteLossError,
-    check_finite,
-    clip_gradients,
-    sync_gradients,
-    warmup_schedule,
-)
-from tsm_core.train.recipe import save_recipe
+from tsm_core.train.logging import save_image_grid
+from tsm_core.train.optim import NonFiniteLossError
+from tsm_core.train.skeleton import PhasedTrainer, check_run_folder
 
 from . import losses
 from .config import DistillRecipe, PhaseConfig, per_process_batch
@@ -54,10 +45,6 @@ from .teacher import load_teacher
 # draw to one does not shift the others.
 _DATA_STREAM, _NOISE_STREAM = 1, 2
 
-# What a run writes into its folder (beside recipe.yaml): a new run must not mix with an old one's.
-_RUN_OUTPUTS = ("checkpoints", "phases", "adapter", "adapter_ema", "samples", "images", "tb", "stats.jsonl")
-
-
 def _randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Standard normal noise shaped like ``x``, drawn on the generator's device (CPU), then moved."""
     return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
@@ -67,54 +54,7 @@ def _randint(low: int, high: int, n: int, generator: torch.Generator, device) ->
     return torch.randint(low, high, (n,), generator=generator).to(device)
 
 
-def _old_run(run_dir: Path) -> list[str]:
-    """What of an earlier run ``run_dir`` holds: complete checkpoints, saved adapters, logged rows."""
-    latest = CheckpointManager(run_dir, keep_last=None).latest()
-    found = [f"checkpoints/{latest.name}"] if latest is not None else []
-    for name in ("phases", "adapter", "adapter_ema"):
-        if (run_dir / name).is_dir():
-            found.append(f"{name}/")
-    stats = run_dir / "stats.jsonl"
-    if stats.is_file() and stats.stat().st_size > 0:
-        found.append("stats.jsonl")
-    return found
-
-
-def check_run_folder(run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> None:
-    """Refuse to start where the run would mix with an earlier one (cheap: call it before loading models).
-
-    A new run needs a run folder without an earlier run's checkpoints, adapters or logged rows;
-    ``resume`` needs a checkpoint; ``overwrite`` allows a used folder (the trainer clears it).
-
-    Raises:
-        ValueError: both flags, or a used folder with neither.
-        FileNotFoundError: ``resume`` without a checkpoint to resume from.
-    """
-    run_dir = Path(run_dir)
-    if resume and overwrite:
-        raise ValueError("--resume continues the run in the folder and --overwrite deletes it: pass only one")
-    if resume:
-        if CheckpointManager(run_dir, keep_last=None).latest() is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start the run without "
-                                    "--resume (add --overwrite if the folder holds a stopped run's files)")
-        return
-    found = _old_run(run_dir)
-    if found and not overwrite:
-        raise ValueError(f"run folder {run_dir} already holds a run ({', '.join(found)}); pass --resume to continue it, "
-                         "--overwrite to delete it and start again, or choose another --run-dir")
-
-
-def _clear_run(run_dir: Path) -> None:
-    """Delete an earlier run's outputs (``--overwrite``); other files in the folder stay."""
-    for name in _RUN_OUTPUTS:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
-class DMD2Trainer:
+class DMD2Trainer(PhasedTrainer):
     """Runs a :class:`DistillRecipe` in ``run_dir``. Pass an ``accelerate.Accelerator`` to scale out.
 
     Settings that would fail mid-run are checked here, before anything trains: the recipe's own
@@ -122,15 +62,15 @@ class DMD2Trainer:
     have the generator's size and the GAN head fits the fake UNet's bottleneck.
     """
 
-    def __init__(self, recipe: DistillRecipe, run_dir: str | Path, accelerator=None):
-        from tsm_core.train.accel import make_accelerator
+    desc = "distill"
 
-        self.recipe, self.run_dir = recipe, Path(run_dir)
+    def __init__(self, recipe: DistillRecipe, run_dir: str | Path, accelerator=None):
         tc = recipe.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
-        self.acc = accelerator or make_accelerator(mixed_precision=tc.mixed_precision, run_dir=self.run_dir, seed=tc.seed)
-        self.device = self.acc.device
+        super().__init__(recipe, run_dir, seed=tc.seed, mixed_precision=tc.mixed_precision,
+                         checkpoint_every=tc.checkpoint_every, log_every=tc.log_every, sample_every=tc.sample_every,
+                         keep_last=tc.keep_last, max_grad_norm=tc.max_grad_norm, accelerator=accelerator)
         self.teacher = load_teacher(recipe.teacher)
         T = self.teacher.schedule.num_timesteps
         uses_gan = any(ph.gan for ph in recipe.phases)
@@ -160,14 +100,6 @@ class DMD2Trainer:
         if uses_gan:
             self._check_gan_fits()
         self.ema = EMA(self.tsm.state_dict(), tc.ema_decay) if tc.ema_decay else None
-        self.ckpt = CheckpointManager(self.run_dir, keep_last=tc.keep_last, accelerator=self.acc)
-        # Opened by train(), once the run folder has been checked: building a trainer writes nothing.
-        self.logger: RunLogger | None = None
-        self.started = False  # True once the first iteration ran (the CLI's line between setup and a bug)
-        self.global_step = 0
-        self.phase_index = 0
-        self.phase_step = 0
-        self.seconds = {}
         self.per_process_batch = [per_process_batch(ph.batch_size, self.acc.num_processes, f"phases[{i}] "
                                                     f"({ph.name!r}).batch_size") for i, ph in enumerate(recipe.phases)]
         if self.acc.is_main_process:
@@ -237,7 +169,12 @@ class DMD2Trainer:
                              f"{sorted(experts)} of scale {ph.scale}; set student_steps explicitly")
         return steps
 
-    def _enter_phase(self, index: int) -> None:
+    def phase_lengths(self) -> list[tuple[str, int]]:
+        """(name, iterations) of every phase: a skeleton step is one DMD2 iteration."""
+        return [(ph.name, ph.iterations) for ph in self.recipe.phases]
+
+    def enter_phase(self, index: int) -> None:
+        """Route the generator for phase ``index`` and build fresh optimizers for its trained set."""
         ph = self.recipe.phases[index]
         if ph.mode == "expert":
             self.tsm.set_mode("expert", scale=ph.scale, experts=ph.experts)
@@ -249,21 +186,15 @@ class DMD2Trainer:
         self.gen_params = list(self.tsm.trainable_parameters())
         self.critic_params = [p for p in self.critic.parameters() if p.requires_grad]
 
-        def adamw(params, lr):
-            return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=ph.weight_decay)
-
-        self.gen_opt = self.acc.prepare(adamw(self.gen_params, ph.lr_generator))
-        self.critic_opt = self.acc.prepare(adamw(self.critic_params, ph.lr_critic))
-        # Stepped once per iteration in iteration() (PhaseConfig: warm-up counts iterations).
-        self.gen_sched = warmup_schedule(self.gen_opt, ph.warmup_steps)
-        self.critic_sched = warmup_schedule(self.critic_opt, ph.warmup_steps)
+        # Both schedules step once per iteration in train_step() (PhaseConfig: warm-up counts iterations).
+        self.gen_opt, self.gen_sched = self.make_optimizer(self.gen_params, ph.lr_generator, ph.warmup_steps,
+                                                           weight_decay=ph.weight_decay)
+        self.critic_opt, self.critic_sched = self.make_optimizer(self.critic_params, ph.lr_critic, ph.warmup_steps,
+                                                                 weight_decay=ph.weight_decay)
+        self.optimizers = {"generator": self.gen_opt, "critic": self.critic_opt}
+        self.schedulers = {"generator": self.gen_sched, "critic": self.critic_sched}
 
     # ------------------------------------------------------------------ one iteration
-    def _sync_and_clip(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
-        """Average gradients over processes (no DDP wrapper: the trained set changes per phase), then clip."""
-        sync_gradients(params, self.acc)
-        return clip_gradients(params, self.acc, self.recipe.train.max_grad_norm)
-
     def _d_input(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """What D sees: the clean x at t = 0 (DMD2 without diffusion-GAN: no noise at all), or x noised
         at a random t with the diffusion-GAN option."""
@@ -319,14 +250,12 @@ class DMD2Trainer:
                     g_gan = losses.gan_generator_loss(self.critic.discriminate(d_in, d_t, cond))
                     logs["loss_gan_generator"] = g_gan.detach()
                     loss = loss + ph.gan_generator_weight * g_gan
-                self._check_finite(loss, "generator")
+                self.check_finite(loss, "generator")
                 self.acc.backward(loss)  # inside tsm.timesteps: checkpoint recomputes route correctly
         finally:
             for p in self.critic_params:
                 p.requires_grad_(True)
-        logs["grad_norm_generator"] = self._sync_and_clip(self.gen_params)
-        self.gen_opt.step()
-        self.gen_opt.zero_grad(set_to_none=True)
+        logs["grad_norm_generator"] = self.apply_gradients(self.gen_opt)
         if self.ema is not None:
             self.ema.update({k: p for k, p in self.tsm.named_adapter_parameters() if p.requires_grad})
         if gates:
@@ -363,14 +292,12 @@ class DMD2Trainer:
                 logs["loss_gan_critic"] = d_loss.detach()
                 logs["d_accuracy"] = losses.discriminator_accuracy(fake_logits, real_logits)
                 loss = loss + ph.gan_critic_weight * d_loss
-        self._check_finite(loss, "critic")
+        self.check_finite(loss, "critic")
         self.acc.backward(loss)
-        logs["grad_norm_critic"] = self._sync_and_clip(self.critic_params)
-        self.critic_opt.step()
-        self.critic_opt.zero_grad(set_to_none=True)
+        logs["grad_norm_critic"] = self.apply_gradients(self.critic_opt)
         return logs
 
-    def iteration(self) -> dict:
+    def train_step(self) -> dict:
         """One DMD2 iteration of the current phase (student step k shared across processes).
 
         Both learning-rate schedules step here, once per iteration, whether or not the generator
@@ -413,9 +340,6 @@ class DMD2Trainer:
                 out[f"gate/t{t}/scale{s}"] = g[j]
         return out
 
-    def _check_finite(self, loss: torch.Tensor, which: str) -> None:
-        check_finite(loss, self.global_step, f"{which} (phase {self.phase.name!r})", self.ckpt.latest())
-
     def _check_scores(self, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> None:
         """Stop on a non-finite real or fake score, as on a NaN loss: the DMD gradient's nan_to_num would
         otherwise turn it into a loss of exactly 0 and the run would go on learning nothing."""
@@ -426,45 +350,18 @@ class DMD2Trainer:
         name = (f"real score (the teacher with real_guidance_scale {scale})" if not finite[0]
                 else "fake score (the critic's denoiser)")
         bad = x0_real if not finite[0] else x0_fake
-        check_finite(bad, self.global_step, f"the {name}'s x0 is not finite in phase {self.phase.name!r}, so the "
-                     "generator's DMD", self.ckpt.latest())
+        self.check_finite(bad, f"the {name}'s x0 is not finite, so the generator's DMD")
 
-    def _state(self) -> dict:
-        return {"phase": self.phase_index, "phase_step": self.phase_step, "global_step": self.global_step,
-                "seconds": self.seconds}
-
-    def _checkpoint_parts(self, with_optimizers: bool):
-        """(modules, optimizers, schedulers) of a checkpoint; the same dicts serve save and load."""
+    def checkpoint_modules(self) -> dict:
         modules = {"generator": self.tsm.state_dict(),
                    "critic": {k: v.detach() for k, v in self.critic.trainable_state().items()}}
         if self.ema is not None:
             modules["ema"] = self.ema.state_dict()
-        if not with_optimizers:
-            return modules, {}, {}
-        return (modules, {"generator": self.gen_opt, "critic": self.critic_opt},
-                {"generator": self.gen_sched, "critic": self.critic_sched})
-
-    def save_checkpoint(self, with_optimizers: bool = True) -> Path:
-        return self.ckpt.save(self.global_step, *self._checkpoint_parts(with_optimizers), self._state())
-
-    def _resume(self) -> None:
-        """Restore the latest checkpoint, entering its phase first (fresh optimizers at a phase boundary)."""
-        import json
-
-        path = self.ckpt.latest()
-        if path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
-        state = json.loads((path / "trainer_state.json").read_text())
-        self.phase_index, self.phase_step, self.global_step = state["phase"], state["phase_step"], state["global_step"]
-        self.seconds = state.get("seconds", {})
-        # A run that finished its last phase (killed while writing adapter/, or resumed when done) still
-        # enters that phase: its modules (the router, in a mixture phase) must exist to load into.
-        self._enter_phase(min(self.phase_index, len(self.recipe.phases) - 1))
-        self.ckpt.load(path, *self._checkpoint_parts(with_optimizers=self.phase_step > 0))
+        return modules
 
     # ------------------------------------------------------------------ samples
     @torch.no_grad()
-    def sample_grid(self, tag: str) -> Path | None:
+    def sample(self, tag: str) -> Path | None:
         """Images for the recipe's fixed prompts and seeds with the current student (rows = prompts)."""
         tc, dc = self.recipe.train, self.recipe.data
         prompts = [p for p in dc.sample_prompts for _ in tc.sample_seeds]
@@ -485,75 +382,21 @@ class DMD2Trainer:
         return path
 
     # ------------------------------------------------------------------ the run
-    def train(self, resume: bool = False, overwrite: bool = False) -> Path:
-        """Run every phase; returns the folder of the final adapter (``run_dir/adapter``).
-
-        Args:
-            resume: continue from the run folder's latest checkpoint (a finished run rebuilds its final
-                adapters and returns).
-            overwrite: start again in a run folder that holds an earlier run, deleting its checkpoints,
-                phases/, adapter*/, samples and logs first. Without it (or ``resume``) such a folder is
-                refused (:func:`check_run_folder`).
-        """
-        tc, phases = self.recipe.train, self.recipe.phases
-        check_run_folder(self.run_dir, resume, overwrite)
-        self.acc.wait_for_everyone()  # every process has looked before the main one deletes anything
+    def end_phase(self, index: int) -> None:
+        """Keep each phase's adapter (``phases/NN_name``): the intermediate students of the schedule."""
         if self.acc.is_main_process:
-            if overwrite:
-                _clear_run(self.run_dir)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_recipe(self.recipe, self.run_dir / "recipe.yaml")
-        self.acc.wait_for_everyone()
-        self.logger = RunLogger(self.run_dir, enabled=self.acc.is_main_process)
-        if resume:
-            self._resume()
-        total = sum(ph.iterations for ph in phases)
-        bar = progress(total, desc="distill", disable=not self.acc.is_main_process)
-        bar.update(self.global_step)
-        while self.phase_index < len(phases):
-            if not resume:  # a resumed run's phase was entered by _resume, before its weights loaded
-                self._enter_phase(self.phase_index)
-            resume = False
-            ph = self.phase
-            start = time.perf_counter()
-            while self.phase_step < ph.iterations:
-                self.started = True
-                logs = self.iteration()
-                self.phase_step += 1
-                self.global_step += 1
-                bar.update(1)
-                if self.global_step % tc.log_every == 0 or self.phase_step == ph.iterations:
-                    scalars = {k: v for k, v in logs.items() if not isinstance(v, dict)}
-                    scalars["lr_generator"] = self.gen_sched.get_last_lr()[0]
-                    scalars["lr_critic"] = self.critic_sched.get_last_lr()[0]
-                    shown = self.logger.log(self.global_step, scalars)
-                    bar.set_postfix(phase=ph.name, **{k: f"{v:.4g}" for k, v in shown.items() if k.startswith("loss")})
-                if tc.sample_every and self.global_step % tc.sample_every == 0:
-                    self.sample_grid(f"step_{self.global_step:08d}")
-                if self.global_step % tc.checkpoint_every == 0 and self.phase_step < ph.iterations:
-                    self._add_seconds(ph.name, start)
-                    start = time.perf_counter()
-                    self.save_checkpoint()
-            self._add_seconds(ph.name, start)
-            if self.acc.is_main_process:
-                self.tsm.save(self.run_dir / "phases" / f"{self.phase_index:02d}_{ph.name}")
-            self.phase_index += 1
-            self.phase_step = 0
-            self.save_checkpoint(with_optimizers=False)  # phase boundary: the next phase starts fresh optimizers
-        bar.close()
+            self.tsm.save(self.run_dir / "phases" / f"{index:02d}_{self.recipe.phases[index].name}")
+
+    def save_final(self) -> Path:
+        """The final adapter (and the EMA one) and the final sample grid; returns ``run_dir/adapter``."""
         out = self.run_dir / "adapter"
         if self.acc.is_main_process:
             self._save_final(out)
-            self.sample_grid("final")
-        self.logger.close()
-        self.acc.wait_for_everyone()
+            self.sample("final")
         return out
 
     def _save_final(self, out: Path) -> None:
-        """Write the final adapter (and the EMA one), removing temp files a killed earlier write left."""
-        for folder in (out, self.run_dir / "adapter_ema"):
-            for stale in folder.glob(".tmp_*"):
-                stale.unlink()
+        """Write the final adapter (and the EMA one); the skeleton removed temp files of a killed write."""
         self.tsm.save(out)
         if self.ema is not None:
             live = self.tsm.state_dict()
@@ -563,9 +406,6 @@ class DMD2Trainer:
             with torch.no_grad():
                 for k, v in live.items():
                     v.copy_(backup[k])
-
-    def _add_seconds(self, name: str, start: float) -> None:
-        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
 
 
 def load_student(teacher_path: str | Path, adapter_dir: str | Path):

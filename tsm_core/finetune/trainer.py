@@ -7,11 +7,13 @@ its own interval's expert, and text-encoder experts see the same per-sample time
 
 Randomness per step (timesteps, noise, VAE samples) comes from a generator seeded by (seed, step),
 and folder data is indexed by step, so ``resume`` continues exactly as an uninterrupted run.
+
+The run loop, checkpoints, resume and optimizer plumbing are the shared `PhasedTrainer`'s; a skeleton
+step here is one optimizer step.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -19,22 +21,17 @@ import torch
 import torch.nn.functional as F
 
 from .. import TSMConfig, attach, load_adapter
-from ..train.accel import make_accelerator, step_generator
+from ..train.accel import step_generator
 from ..train.backbones import Backbone, load_backbone
-from ..train.checkpoint import CheckpointManager
-from ..train.logging import RunLogger, progress
-from ..train.optim import check_finite, clip_gradients, sync_gradients, warmup_schedule
-from ..train.recipe import save_recipe
+from ..train.skeleton import PhasedTrainer
 from .data import batch_stream, build_dataset
-from .recipe import FinetuneRecipe, Phase, plan_phases
-
-log = logging.getLogger(__name__)
+from .recipe import FinetuneRecipe, plan_phases
 
 ADAPTER_DIR = "adapter"
 TEXT_ADAPTER_DIR = "adapter_text_encoder{}"
 
 
-class FinetuneTrainer:
+class FinetuneTrainer(PhasedTrainer):
     """Run a `FinetuneRecipe`: build the backbone and adapters, then train its phases in order.
 
     Args:
@@ -42,18 +39,21 @@ class FinetuneTrainer:
         run_dir: overrides ``recipe.train.run_dir``.
 
     Attributes after construction: ``backbone``, ``tsm`` (the denoiser's adapter), ``text_adapters``
-    (one per text encoder that has matching layers), ``phases``, ``accelerator``.
+    (one per text encoder that has matching layers), ``phases``, ``acc`` (the accelerator).
     """
 
+    desc = "finetune"
+
     def __init__(self, recipe: FinetuneRecipe, run_dir: str | os.PathLike | None = None):
-        self.recipe = recipe
         tr = recipe.train
-        self.run_dir = Path(run_dir if run_dir is not None else tr.run_dir)
-        # Seeded before attach(), so the experts start from the same random A matrices every run.
-        self.accelerator = make_accelerator(tr.mixed_precision, 1, self.run_dir, seed=tr.seed)
+        # Seeded here, before attach(), so the experts start from the same random A matrices every run.
+        super().__init__(recipe, run_dir if run_dir is not None else tr.run_dir, seed=tr.seed,
+                         mixed_precision=tr.mixed_precision, checkpoint_every=tr.checkpoint_every,
+                         log_every=tr.log_every, sample_every=tr.sample_every, keep_last=tr.keep_last,
+                         max_grad_norm=tr.max_grad_norm, tensorboard=tr.tensorboard)
         self.backbone: Backbone = load_backbone(recipe.model.kind, recipe.model.path,
                                                 recipe.model.max_sequence_length)
-        self.backbone.to(self.accelerator.device)
+        self.backbone.to(self.device)
         bb = self.backbone
         lora = recipe.lora
         common = dict(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, scales=recipe.scales,
@@ -77,7 +77,7 @@ class FinetuneTrainer:
             bb.enable_gradient_checkpointing(text_encoders=bool(self.text_adapters))
         self.phases = plan_phases(recipe, bb.num_timesteps)
         self.total_steps = self.phases[-1].end
-        self.ckpt = CheckpointManager(self.run_dir, keep_last=tr.keep_last, accelerator=self.accelerator)
+        self.last_loss = torch.tensor(float("nan"))
         self.dataset = build_dataset(recipe.data)
         self._latent_cache: dict[int, torch.Tensor] = {}
         self._text_cache: dict[str, dict] = {}
@@ -87,8 +87,12 @@ class FinetuneTrainer:
     def adapters(self):
         return [self.tsm, *self.text_adapters]
 
-    def _enter_phase(self, ph: Phase):
-        """Set every adapter's mode for ``ph`` and build a fresh optimizer and LR schedule."""
+    def phase_lengths(self) -> list[tuple[str, int]]:
+        return [(ph.name, ph.steps) for ph in self.phases]
+
+    def enter_phase(self, index: int) -> None:
+        """Set every adapter's mode for phase ``index`` and build a fresh optimizer and LR schedule."""
+        ph = self.phases[index]
         st, tr = self.recipe.stages[ph.stage], self.recipe.train
         for a in self.adapters:
             if ph.mode == "expert":
@@ -101,11 +105,11 @@ class FinetuneTrainer:
             groups.append({"params": te_params, "lr": st.text_encoder_lr or st.lr,
                            "weight_decay": st.weight_decay if st.text_encoder_weight_decay is None
                            else st.text_encoder_weight_decay})
-        # Through accelerate: with fp16 its optimizer unscales the loss-scaled gradients before stepping.
-        opt = self.accelerator.prepare(torch.optim.AdamW(groups, betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_eps))
-        return opt, warmup_schedule(opt, st.lr_warmup_steps)
+        opt, sched = self.make_optimizer(groups, st.lr, st.lr_warmup_steps, betas=(tr.adam_beta1, tr.adam_beta2),
+                                         eps=tr.adam_eps, weight_decay=st.weight_decay)
+        self.optimizers, self.schedulers = {"opt": opt}, {"sched": sched}
 
-    def _modules(self) -> dict:
+    def checkpoint_modules(self) -> dict:
         mods = {"adapter": self.tsm.state_dict()}
         for i, a in enumerate(self.text_adapters):
             mods[f"adapter_text_encoder{i}"] = a.state_dict()
@@ -124,7 +128,7 @@ class FinetuneTrainer:
         return {k: torch.cat([self._text_cache[t][k] for t in texts]) for k in self._text_cache[texts[0]]}
 
     def _latents(self, batch: dict, g: torch.Generator) -> torch.Tensor:
-        bb, dev = self.backbone, self.accelerator.device
+        bb, dev = self.backbone, self.device
         if not (self.recipe.data.cache_latents and "index" in batch):
             return bb.vae_encode(batch["pixel_values"].to(dev), generator=g if bb.vae is not None else None)
         todo = [j for j, i in enumerate(batch["index"]) if i not in self._latent_cache]
@@ -134,13 +138,14 @@ class FinetuneTrainer:
                 self._latent_cache[batch["index"][j]] = zz.detach()
         return torch.stack([self._latent_cache[i] for i in batch["index"]])
 
-    def train_step(self, ph: Phase, step: int, data, opt, sched) -> torch.Tensor:
-        """One optimizer step (``gradient_accumulation_steps`` micro-batches); returns the mean loss."""
-        tr, bb, acc = self.recipe.train, self.backbone, self.accelerator
+    def train_step(self) -> dict:
+        """One optimizer step (``gradient_accumulation_steps`` micro-batches); logs the mean loss."""
+        tr, bb, acc = self.recipe.train, self.backbone, self.acc
+        ph, step = self.phases[self.phase_index], self.global_step
         total = torch.zeros(())
         for micro in range(tr.gradient_accumulation_steps):
             g = step_generator(tr.seed, step, acc.process_index, micro)
-            batch = next(data)
+            batch = next(self._data)
             x0 = self._latents(batch, g)
             t = bb.sample_timesteps(x0.shape[0], *ph.t_range, generator=g)
             noise = torch.randn(x0.shape, generator=g).to(x0.device)
@@ -151,85 +156,31 @@ class FinetuneTrainer:
                 loss = F.mse_loss(pred.float(), bb.target(x0, noise, t).float())
                 acc.backward(loss / tr.gradient_accumulation_steps)
             total += loss.detach().cpu() / tr.gradient_accumulation_steps
-        params = [p for grp in opt.param_groups for p in grp["params"]]
-        sync_gradients(params, acc)
-        clip_gradients(params, acc, tr.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        return total
+        # Before the update: a NaN loss must not reach the weights the last checkpoint is compared with.
+        self.check_finite(total, "diffusion")
+        self.apply_gradients(self.optimizers["opt"])
+        self.schedulers["sched"].step()
+        self.last_loss = total
+        return {"loss": total, "phase": ph.index, "data/skipped": self.skipped}
 
     # ------------------------------------------------------------------ the run
-    def _phase_at(self, done: int) -> tuple[Phase, bool]:
-        """The phase that runs step ``done + 1`` and whether it is already under way."""
-        for ph in self.phases:
-            if ph.start <= done < ph.end:
-                return ph, done > ph.start
-        return self.phases[-1], True
+    def on_start(self) -> None:
+        # Indexed by step: a resumed run reads the batches the uninterrupted run would have read.
+        tr, acc = self.recipe.train, self.acc
+        self._data = batch_stream(self.dataset, self.recipe.data, tr.batch_size, tr.seed,
+                                  start_batch=self.global_step * tr.gradient_accumulation_steps,
+                                  rank=acc.process_index, world=acc.num_processes)
 
-    def train(self, resume: bool = False) -> dict:
-        """Train every phase; returns ``{"step", "loss", "adapter_dir", "skipped"}``.
-
-        With ``resume`` it continues from the run folder's latest checkpoint (FileNotFoundError if
-        there is none). The resolved recipe is written to ``run_dir/recipe.yaml``.
-
-        Raises:
-            NonFiniteLossError: (a ``FloatingPointError``) the loss became NaN/inf; the last checkpoint is
-                kept and the step is named.
-        """
-        tr, acc = self.recipe.train, self.accelerator
-        done = 0
-        if resume:
-            latest = self.ckpt.latest()
-            if latest is None:
-                raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt.dir}; start without --resume")
-            done = int(latest.name.split("_")[1])
-        if acc.is_main_process:
-            save_recipe(self.recipe, self.run_dir / "recipe.yaml")
-        logger = RunLogger(self.run_dir, enabled=acc.is_main_process, use_tensorboard=tr.tensorboard)
-        bar = progress(self.total_steps, desc="finetune", disable=not acc.is_main_process)
-        bar.update(done)
-        data = batch_stream(self.dataset, self.recipe.data, tr.batch_size, tr.seed,
-                            start_batch=done * tr.gradient_accumulation_steps,
-                            rank=acc.process_index, world=acc.num_processes)
-        loss = torch.tensor(float("nan"))
-        current, opt, sched = None, None, None
-        if resume:
-            ph, under_way = self._phase_at(done)
-            # Set the mode first, so a stage-2 checkpoint's routers exist to load into.
-            current = ph
-            opt, sched = self._enter_phase(ph)
-            self.ckpt.load(latest, self._modules(),
-                           {"opt": opt} if under_way else None, {"sched": sched} if under_way else None)
-        step = done
-        while step < self.total_steps:
-            ph, _ = self._phase_at(step)
-            if ph is not current:
-                current = ph
-                opt, sched = self._enter_phase(ph)
-                log.info("phase %s: steps %d-%d", ph.name, ph.start + 1, ph.end)
-            loss = self.train_step(ph, step, data, opt, sched)
-            step += 1
-            check_finite(loss, step, f"diffusion ({ph.name})", self.ckpt.latest())
-            bar.update(1)
-            if step % tr.log_every == 0 or step == self.total_steps:
-                logger.log(step, {"loss": loss, "lr": opt.param_groups[0]["lr"], "phase": ph.index,
-                                  "data/skipped": self.skipped})
-                bar.set_postfix(loss=f"{float(loss):.4f}", phase=ph.name)
-            if tr.sample_every and step % tr.sample_every == 0:
-                self._log_samples(logger, step)
-            if step % tr.checkpoint_every == 0 or step == self.total_steps:
-                self.ckpt.save(step, self._modules(), {"opt": opt}, {"sched": sched},
-                               state={"phase": ph.index, "phase_name": ph.name})
-        bar.close()
-        if acc.is_main_process:
+    def save_final(self) -> dict:
+        """Write ``adapter/`` and ``adapter_text_encoder{i}/`` and the final samples; returns
+        ``{"step", "loss", "adapter_dir", "skipped"}``."""
+        if self.acc.is_main_process:
             self.tsm.save(self.run_dir / ADAPTER_DIR)
             for i, a in zip(self.text_encoder_index, self.text_adapters):
                 a.save(self.run_dir / TEXT_ADAPTER_DIR.format(i))
-        if tr.sample_prompts:
-            self._log_samples(logger, step)
-        logger.close()
-        return {"step": step, "loss": float(loss), "adapter_dir": self.run_dir / ADAPTER_DIR, "skipped": self.skipped}
+        self.sample("final")
+        return {"step": self.global_step, "loss": float(self.last_loss), "adapter_dir": self.run_dir / ADAPTER_DIR,
+                "skipped": self.skipped}
 
     @property
     def skipped(self) -> int:
@@ -237,7 +188,8 @@ class FinetuneTrainer:
         counter = getattr(self.dataset, "skip_counter", None)
         return counter.count if counter is not None else 0
 
-    def _log_samples(self, logger: RunLogger, step: int) -> None:
+    def sample(self, tag: str) -> None:
+        """A grid of the recipe's sample prompts with the current adapters, logged at this step."""
         tr = self.recipe.train
         if not tr.sample_prompts:
             return
@@ -245,7 +197,7 @@ class FinetuneTrainer:
                                       guidance_scale=tr.guidance_scale,
                                       generator=torch.Generator().manual_seed(tr.seed), size=tr.sample_size,
                                       reencode_prompts=bool(self.text_adapters))
-        logger.log_image(step, "samples", images)
+        self.logger.log_image(self.global_step, "samples", images)
 
 
 def load_finetuned(kind: str, model_path: str | os.PathLike, run_dir: str | os.PathLike,

@@ -265,6 +265,18 @@ class CheckpointManager:
             shutil.rmtree(p, ignore_errors=True)
 
     # -- loading
+    def read_state(self, path: str | os.PathLike) -> dict:
+        """The trainer state a checkpoint holds (``save``'s ``state`` plus ``"step"``), without loading it.
+
+        Raises:
+            FileNotFoundError: ``path`` is not a complete checkpoint.
+        """
+        path = Path(path)
+        if not (path / STATE_FILE).is_file():
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE}); "
+                                    f"use CheckpointManager.latest() to find one")
+        return json.loads((path / STATE_FILE).read_text())
+
     def load(
         self,
         path: str | os.PathLike,
@@ -285,9 +297,7 @@ class CheckpointManager:
                 or a saved tensor has no matching key or a different shape.
         """
         path = Path(path)
-        if not (path / STATE_FILE).is_file():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE}); "
-                                    f"use CheckpointManager.latest() to find one")
+        state = self.read_state(path)
         optimizers, schedulers = optimizers or {}, schedulers or {}
 
         for name, target in modules.items():
@@ -317,7 +327,7 @@ class CheckpointManager:
                           stacklevel=2)
             rng_file = path / "rng_state_0.pt"
         restore_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
-        return json.loads((path / STATE_FILE).read_text())
+        return state
 
     def _load_tensors(self, name: str, target: Any, saved: dict[str, torch.Tensor], strict: bool) -> None:
         # Check everything before copying anything, so a mismatch leaves the target untouched.

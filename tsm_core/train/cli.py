@@ -1,0 +1,58 @@
+"""What every training command shares: its arguments, and how a run's errors reach the user.
+
+``tsm-finetune`` and ``tsm-distill`` both take ``RECIPE [--set KEY=VALUE ...] [--run-dir DIR]
+[--resume | --overwrite]``. A user's mistake found before training starts (a bad recipe key or
+value, a missing model or data set, a used run folder) prints one line ``error: ...`` on stderr and
+exits with status 2; anything else, and any error once training has started, keeps its traceback.
+Ctrl-C or SIGTERM writes a checkpoint and exits with status 130 and a line that says how to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .recipe import add_recipe_args, load_recipe
+from .skeleton import PhasedTrainer, TrainingInterrupted, check_run_folder
+
+USER_ERROR = 2  # argparse's own status for a bad command line
+INTERRUPTED = 130  # the shell's status for a run stopped by SIGINT
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`add_recipe_args` plus ``--overwrite``."""
+    add_recipe_args(parser)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start again in a run folder that holds an earlier run, deleting its checkpoints, "
+                             "phases/, adapter*/, samples and logs")
+    return parser
+
+
+def run_recipe(args: argparse.Namespace, schema: type, run_dir_of: Callable[[Any], Path],
+               build: Callable[[Any, Path], PhasedTrainer]) -> tuple[int, Any]:
+    """Load ``args.recipe`` into ``schema``, check the run folder, build the trainer and train.
+
+    Args:
+        run_dir_of: the run folder of a loaded recipe (``--run-dir`` already applied by the caller).
+        build: ``(recipe, run_dir) -> trainer``.
+
+    Returns ``(status, result)``: ``(0, train()'s result)``, or a non-zero status after printing one line.
+    """
+    trainer = None
+    try:
+        recipe = load_recipe(args.recipe, schema, args.overrides)
+        run_dir = Path(run_dir_of(recipe))
+        check_run_folder(run_dir, args.resume, args.overwrite)  # before the models load
+        trainer = build(recipe, run_dir)
+        return 0, trainer.train(resume=args.resume, overwrite=args.overwrite)
+    except TrainingInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return INTERRUPTED, None
+    except (ValueError, FileNotFoundError) as e:
+        if trainer is not None and trainer.started:
+            raise  # raised by a training step: a bug's traceback, not a setting to fix
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return USER_ERROR, None

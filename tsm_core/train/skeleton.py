@@ -1,0 +1,414 @@
+"""The training skeleton both trainers subclass: one run loop, one resume, one checkpoint schedule.
+
+A run is a list of *phases* (fostering one scale or one expert, assembling the router, a DMD2 phase
+with or without the GAN); each phase has a name and a number of *steps*. What one step is belongs to
+the subclass: an optimizer step of the diffusion loss (``tsm_core.finetune``) or one DMD2 iteration
+(``tsm_distill``). The skeleton owns everything around the step:
+
+* accelerate set-up, optimizers through ``accelerator.prepare`` (fp16 loss scaling is undone before
+  clipping and stepping) and warm-up through diffusers' ``constant_with_warmup`` (`optim`);
+* gradient sync of sparse expert gradients and clipping (`PhasedTrainer.apply_gradients`);
+* the NaN stop (`PhasedTrainer.check_finite`);
+* the run folder: a used folder is refused without ``resume``/``overwrite``; temp files a killed
+  write left are removed; ``recipe.yaml`` is written;
+* checkpoints every ``checkpoint_every`` steps and at every phase boundary (without optimizers: the
+  next phase starts fresh ones), resume through `CheckpointManager`, bit-exact when the subclass draws
+  its randomness from `step_generator`;
+* SIGINT/SIGTERM: the current step finishes, a checkpoint is written and `TrainingInterrupted` says
+  how to resume;
+* logging: scalars every ``log_every`` steps and at each phase end. Values a step did not produce
+  (the DMD loss on a critic-only DMD2 iteration) keep their latest value, so every logged row holds
+  every loss; a resumed run drops the rows logged after its checkpoint, so no step appears twice.
+
+Subclasses implement `phase_lengths`, `enter_phase` (set the adapters' mode, fill ``self.optimizers``
+and ``self.schedulers``), `train_step`, `checkpoint_modules` and `save_final`; optionally `on_start`,
+`end_phase` and `sample`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .accel import make_accelerator
+from .checkpoint import TMP_PREFIX, CheckpointManager
+from .logging import RunLogger, progress
+from .optim import check_finite, clip_gradients, sync_gradients, warmup_schedule
+from .recipe import save_recipe
+
+log = logging.getLogger(__name__)
+
+# What a run writes into its folder (beside recipe.yaml): a new run must not mix with an old one's.
+RUN_OUTPUTS = ("checkpoints", "phases", "adapter", "adapter_ema", "samples", "images", "tb", "stats.jsonl")
+STATS_FILE = "stats.jsonl"
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped the run after a checkpoint; ``checkpoint`` is its folder."""
+
+    def __init__(self, message: str, checkpoint: Path):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+def _adapter_folders(run_dir: Path) -> list[Path]:
+    """Folders a run saves adapters into (not checkpoints: CheckpointManager cleans its own)."""
+    found = [p for p in run_dir.glob("adapter*") if p.is_dir()]
+    phases = run_dir / "phases"
+    if phases.is_dir():
+        found += [p for p in phases.iterdir() if p.is_dir()]
+    return found
+
+
+def old_run(run_dir: str | Path) -> list[str]:
+    """What of an earlier run ``run_dir`` holds: complete checkpoints, saved adapters, logged rows."""
+    run_dir = Path(run_dir)
+    latest = CheckpointManager(run_dir, keep_last=None).latest()
+    found = [f"checkpoints/{latest.name}"] if latest is not None else []
+    for name in ("phases", "adapter", "adapter_ema"):
+        if (run_dir / name).is_dir():
+            found.append(f"{name}/")
+    stats = run_dir / STATS_FILE
+    if stats.is_file() and stats.stat().st_size > 0:
+        found.append(STATS_FILE)
+    return found
+
+
+def check_run_folder(run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse to start where the run would mix with an earlier one (cheap: call it before loading models).
+
+    A new run needs a run folder without an earlier run's checkpoints, adapters or logged rows;
+    ``resume`` needs a checkpoint; ``overwrite`` allows a used folder (the trainer clears it).
+
+    Raises:
+        ValueError: both flags, or a used folder with neither.
+        FileNotFoundError: ``resume`` without a checkpoint to resume from.
+    """
+    run_dir = Path(run_dir)
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in the folder and --overwrite deletes it: pass only one")
+    if resume:
+        if CheckpointManager(run_dir, keep_last=None).latest() is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start the run without "
+                                    "--resume (add --overwrite if the folder holds a stopped run's files)")
+        return
+    found = old_run(run_dir)
+    if found and not overwrite:
+        raise ValueError(f"run folder {run_dir} already holds a run ({', '.join(found)}); pass --resume to continue it, "
+                         "--overwrite to delete it and start again, or choose another --run-dir")
+
+
+def clear_run(run_dir: str | Path) -> None:
+    """Delete an earlier run's outputs (``--overwrite``); other files in the folder stay."""
+    for name in RUN_OUTPUTS:
+        path = Path(run_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def remove_stale_temp_files(run_dir: str | Path) -> list[Path]:
+    """Delete the ``.tmp_*`` files a killed adapter write left in ``adapter*/`` and ``phases/*/``."""
+    removed = []
+    for folder in _adapter_folders(Path(run_dir)):
+        for stale in folder.glob(f"{TMP_PREFIX}*"):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+            removed.append(stale)
+    return removed
+
+
+def truncate_stats(run_dir: str | Path, step: int) -> int:
+    """Drop the rows of ``stats.jsonl`` logged after ``step`` (a resumed run logs them again); returns
+    how many were dropped. Written atomically; a torn last line (a killed write) is dropped too."""
+    path = Path(run_dir) / STATS_FILE
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
+
+
+class PhasedTrainer:
+    """The run loop, checkpoints, resume, logging and optimizer plumbing of every tsm trainer.
+
+    Args:
+        recipe: the resolved recipe (a dataclass); written to ``run_dir/recipe.yaml``.
+        run_dir: the run folder.
+        seed: seeds every generator at start (before the adapters are attached, so experts start equal).
+        mixed_precision: accelerate's "no", "fp16" or "bf16".
+        checkpoint_every / log_every / sample_every: in steps (``sample_every`` 0: no grids mid-run).
+        keep_last: complete checkpoints to keep (None: all).
+        max_grad_norm: clip at this norm (None/0: no clipping).
+        tensorboard: also log to ``run_dir/tb``.
+        accelerator: an existing ``accelerate.Accelerator`` (tests, notebooks); default: a new one.
+    """
+
+    desc = "train"  # the progress bar's label
+
+    def __init__(self, recipe: Any, run_dir: str | os.PathLike, *, seed: int, mixed_precision: str,
+                 checkpoint_every: int, log_every: int, sample_every: int, keep_last: int | None,
+                 max_grad_norm: float | None, tensorboard: bool = True, accelerator: Any = None):
+        for name, value in (("checkpoint_every", checkpoint_every), ("log_every", log_every)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1 (steps between two), got {value}; use a large value to make "
+                                 "it rare")
+        self.recipe, self.run_dir = recipe, Path(run_dir)
+        self.seed, self.checkpoint_every, self.log_every = seed, checkpoint_every, log_every
+        self.sample_every, self.max_grad_norm, self.tensorboard = sample_every, max_grad_norm, tensorboard
+        self.acc = accelerator or make_accelerator(mixed_precision, 1, self.run_dir, seed=seed)
+        self.device = self.acc.device
+        self.ckpt = CheckpointManager(self.run_dir, keep_last=keep_last, accelerator=self.acc)
+        # Opened by train(), once the run folder has been checked: building a trainer writes nothing.
+        self.logger: RunLogger | None = None
+        self.started = False  # True once the first step ran (the CLIs' line between set-up and a bug)
+        self.global_step = self.phase_index = self.phase_step = 0
+        self.seconds: dict[str, float] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, Any] = {}
+        self._latest_logs: dict[str, Any] = {}
+        self._stop_signal: int | None = None
+
+    # ------------------------------------------------------------------ what a subclass provides
+    def phase_lengths(self) -> list[tuple[str, int]]:
+        """(name, steps) of every phase, in order."""
+        raise NotImplementedError
+
+    def enter_phase(self, index: int) -> None:
+        """Set the adapters' mode for phase ``index`` and build its optimizers (`make_optimizer`) into
+        ``self.optimizers`` / ``self.schedulers``."""
+        raise NotImplementedError
+
+    def train_step(self) -> dict:
+        """One step of the current phase (``self.phase_index``, ``self.global_step`` before the step);
+        returns the scalars to log."""
+        raise NotImplementedError
+
+    def checkpoint_modules(self) -> dict:
+        """name -> module or dict of tensors that a checkpoint holds (the trained tensors)."""
+        raise NotImplementedError
+
+    def save_final(self) -> Any:
+        """Write the final adapters (every process calls it; write on the main one); returns ``train``'s result."""
+        raise NotImplementedError
+
+    def on_start(self) -> None:
+        """Called once before the first step, after a resume restored the counters (e.g. open data streams)."""
+
+    def end_phase(self, index: int) -> None:
+        """Called after the last step of phase ``index``, before its boundary checkpoint."""
+
+    def sample(self, tag: str) -> None:
+        """Write a sample grid named ``tag`` (every ``sample_every`` steps); default: none."""
+
+    # ------------------------------------------------------------------ optimizer plumbing
+    def make_optimizer(self, groups: Sequence, lr: float, warmup_steps: int, betas=(0.9, 0.999), eps: float = 1e-8,
+                       weight_decay: float = 0.0):
+        """AdamW through ``accelerator.prepare`` and its warm-up schedule (stepped by the subclass once
+        per step; see `warmup_schedule`). Returns ``(optimizer, scheduler)``."""
+        opt = self.acc.prepare(torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        return opt, warmup_schedule(opt, warmup_steps)
+
+    def apply_gradients(self, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """Average the gradients over processes, clip them, step and zero; returns the norm before clipping."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        sync_gradients(params, self.acc)
+        norm = clip_gradients(params, self.acc, self.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def check_finite(self, loss: torch.Tensor, what: str) -> None:
+        """Stop with `NonFiniteLossError` naming the step (1-based: the step under way), the phase and the
+        last good checkpoint. Call it before the update, so the weights stay those of the last step."""
+        name = self.phase_lengths()[min(self.phase_index, len(self.phase_lengths()) - 1)][0]
+        check_finite(loss, self.global_step + 1, f"{what} (phase {name!r})", self.ckpt.latest())
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict:
+        return {"phase": self.phase_index, "phase_step": self.phase_step, "global_step": self.global_step,
+                "seconds": self.seconds}
+
+    def save_checkpoint(self, with_optimizers: bool = True) -> Path:
+        """An atomic checkpoint of the current step (optimizers off at a phase boundary)."""
+        return self.ckpt.save(self.global_step, self.checkpoint_modules(),
+                              self.optimizers if with_optimizers else {},
+                              self.schedulers if with_optimizers else {}, self._state())
+
+    def _resume(self) -> None:
+        """Restore the latest checkpoint, entering its phase first (its modules, e.g. a router, must
+        exist to load into; a boundary checkpoint restores no optimizers: the phase starts fresh ones)."""
+        path = self.ckpt.latest()
+        if path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt.dir}; start without --resume")
+        state = self.ckpt.read_state(path)
+        self.phase_index, self.phase_step, self.global_step = state["phase"], state["phase_step"], state["global_step"]
+        self.seconds = state.get("seconds", {})
+        # A finished run (killed while writing adapter/, or resumed when done) still enters its last phase.
+        self.enter_phase(min(self.phase_index, len(self.phase_lengths()) - 1))
+        under_way = self.phase_step > 0
+        self.ckpt.load(path, self.checkpoint_modules(), self.optimizers if under_way else None,
+                       self.schedulers if under_way else None)
+        if self.acc.is_main_process:
+            truncate_stats(self.run_dir, self.global_step)
+
+    # ------------------------------------------------------------------ signals
+    @contextlib.contextmanager
+    def _stop_on_signal(self):
+        """SIGINT/SIGTERM set a flag that the loop checks after each step (a second SIGINT stops at once)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be installed from the main thread
+            return
+
+        def handler(signum, frame):
+            if self._stop_signal == signal.SIGINT and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
+            self._stop_signal = signum
+            print(f"\n{signal.Signals(signum).name}: finishing step {self.global_step + 1}, then writing a checkpoint "
+                  "(Ctrl-C again to stop at once)", flush=True)
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _stop_requested(self) -> bool:
+        """Whether any process got a stop signal (all processes agree, so all write the checkpoint)."""
+        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.device)
+        if self.acc.num_processes > 1:
+            flag = self.acc.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
+
+    def _interrupt(self, with_optimizers: bool) -> None:
+        path = self.save_checkpoint(with_optimizers=with_optimizers)
+        raise TrainingInterrupted(f"stopped at step {self.global_step}; checkpoint {path} written. Continue with the "
+                                  "same command plus --resume", path)
+
+    # ------------------------------------------------------------------ logging
+    def _log(self, bar) -> None:
+        scalars = {k: v for k, v in self._latest_logs.items() if not isinstance(v, dict)}
+        if len(self.schedulers) == 1:
+            scalars["lr"] = next(iter(self.schedulers.values())).get_last_lr()[0]
+        else:
+            scalars.update({f"lr_{name}": s.get_last_lr()[0] for name, s in self.schedulers.items()})
+        shown = self.logger.log(self.global_step, scalars)
+        name = self.phase_lengths()[self.phase_index][0]
+        bar.set_postfix(phase=name, **{k: f"{v:.4g}" for k, v in shown.items() if k.startswith("loss")})
+
+    def _add_seconds(self, name: str, start: float) -> None:
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+
+    # ------------------------------------------------------------------ the run
+    def _prepare_folder(self, resume: bool, overwrite: bool) -> None:
+        check_run_folder(self.run_dir, resume, overwrite)
+        self.acc.wait_for_everyone()  # every process has looked before the main one deletes anything
+        if self.acc.is_main_process:
+            if overwrite:
+                clear_run(self.run_dir)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            for stale in remove_stale_temp_files(self.run_dir):
+                log.warning("removed %s, left by a write that was killed", stale)
+            save_recipe(self.recipe, self.run_dir / "recipe.yaml")
+        self.acc.wait_for_everyone()
+
+    def train(self, resume: bool = False, overwrite: bool = False) -> Any:
+        """Run every phase, then `save_final`; returns what it returns.
+
+        Args:
+            resume: continue from the run folder's latest checkpoint (a finished run rebuilds its final
+                adapters and returns).
+            overwrite: start again in a run folder that holds an earlier run, deleting its checkpoints,
+                phases/, adapter*/, samples and logs first. Without it (or ``resume``) such a folder is
+                refused (`check_run_folder`).
+
+        Raises:
+            NonFiniteLossError: a loss became NaN/inf; the last good checkpoint is named.
+            TrainingInterrupted: SIGINT/SIGTERM; a checkpoint of the last finished step was written.
+        """
+        self._prepare_folder(resume, overwrite)
+        if resume:
+            self._resume()
+        # Opened after _resume trimmed stats.jsonl (the logger appends through an open handle).
+        self.logger = RunLogger(self.run_dir, enabled=self.acc.is_main_process, use_tensorboard=self.tensorboard)
+        self.on_start()
+        bar = progress(sum(n for _, n in self.phase_lengths()), desc=self.desc, disable=not self.acc.is_main_process)
+        bar.update(self.global_step)
+        try:
+            with self._stop_on_signal():
+                self._run_phases(bar, resumed=resume)
+        except BaseException:
+            self.logger.close()  # keep every row logged so far; the checkpoint is the way back
+            raise
+        finally:
+            bar.close()
+        result = self.save_final()
+        self.logger.close()
+        self.acc.wait_for_everyone()
+        return result
+
+    def _run_phases(self, bar, resumed: bool) -> None:
+        lengths = self.phase_lengths()
+        while self.phase_index < len(lengths):
+            name, steps = lengths[self.phase_index]
+            if not resumed:  # a resumed run's phase was entered by _resume, before its weights loaded
+                self.enter_phase(self.phase_index)
+                log.info("phase %s: steps %d-%d", name, self.global_step + 1, self.global_step + steps)
+            resumed = False
+            self._run_phase(bar, name, steps)
+            self.end_phase(self.phase_index)
+            self.phase_index += 1
+            self.phase_step = 0
+            self._latest_logs = {}  # the next phase's rows hold only its own losses
+            if self._stop_requested():
+                self._interrupt(with_optimizers=False)
+            self.save_checkpoint(with_optimizers=False)  # phase boundary: the next phase starts fresh optimizers
+
+    def _run_phase(self, bar, name: str, steps: int) -> None:
+        """The steps of the current phase, from ``phase_step`` on, with their logs, samples and checkpoints."""
+        start = time.perf_counter()
+        while self.phase_step < steps:
+            self.started = True
+            self._latest_logs.update(self.train_step())
+            self.phase_step += 1
+            self.global_step += 1
+            bar.update(1)
+            if self.global_step % self.log_every == 0 or self.phase_step == steps:
+                self._log(bar)
+            if self.sample_every and self.global_step % self.sample_every == 0:
+                self.sample(f"step_{self.global_step:08d}")
+            if self.phase_step == steps:
+                break  # the boundary checkpoint follows in _run_phases
+            stop = self._stop_requested()
+            if stop or self.global_step % self.checkpoint_every == 0:
+                self._add_seconds(name, start)
+                start = time.perf_counter()
+                if stop:
+                    self._interrupt(with_optimizers=True)
+                self.save_checkpoint()
+        self._add_seconds(name, start)
