@@ -46,23 +46,23 @@ def test_recipes_have_equal_generator_step_budgets(tmp_path):
     lora, tsm, budget = demo.build_recipes(args, tmp_path, TEACHER)
     assert budget["lora"] == budget["tsm_stage1"] > 0
     assert budget["tsm_stage2_router"] > 0
-    assert tsm.phases[-1].mode == "mixture" and tsm.experts.init_from == str(tmp_path / "lora" / "adapter")
+    assert tsm.phases[-1].type == "assemble" and tsm.experts.init_from == str(tmp_path / "lora" / "adapter")
     # Same F, batch and learning rates on both sides, so fake-score updates are equal too.
-    settings = {(p.fake_updates_per_generator_update, p.batch_size, p.lr_generator, p.lr_critic) for p in lora.phases}
-    assert settings == {(p.fake_updates_per_generator_update, p.batch_size, p.lr_generator, p.lr_critic)
+    settings = {(p.fake_updates_per_generator_update, p.batch_size, p.lr, p.lr_critic) for p in lora.phases}
+    assert settings == {(p.fake_updates_per_generator_update, p.batch_size, p.lr, p.lr_critic)
                         for p in tsm.phases}
     for g in (16, 40):
         args = demo.parse_args(["--run-dir", str(tmp_path), "--budget", str(g), "--fake-updates", "3"])
         lora, tsm, budget = demo.build_recipes(args, tmp_path, TEACHER)
         assert budget["lora"] == budget["tsm_stage1"] == g
-        assert sum(p.iterations for p in lora.phases) == 3 * g
+        assert sum(p.steps for p in lora.phases) == 3 * g
 
 
 def test_unequal_recipes_are_refused(tmp_path):
     bad = tmp_path / "tsm.yaml"
     bad.write_text(f"base: {demo.RECIPES / 'demo_fmnist_tsm.yaml'}\nphases:\n"
-                   "  - {name: e, scale: 4, iterations: 8, fake_updates_per_generator_update: 4}\n"
-                   "  - {name: r, mode: mixture, core_scale: 4, context_scales: [1], iterations: 4}\n")
+                   "  - {name: e, scale: 4, steps: 8, fake_updates_per_generator_update: 4}\n"
+                   "  - {name: r, type: assemble, core_scale: 4, context_scales: [1], steps: 4}\n")
     args = demo.parse_args(["--run-dir", str(tmp_path), "--tsm-recipe", str(bad)])
     with pytest.raises(ValueError, match="unequal budgets"):
         demo.build_recipes(args, tmp_path, TEACHER)

@@ -34,17 +34,17 @@ def env(tmp_path_factory):
 
 def recipe(env, phases, **train):
     d, pipe = env
-    r = {"teacher": str(pipe),
+    r = {"model": {"path": str(pipe)},
          "experts": {"rank": 2, "alpha": 2, "scales": [1, 4], "target_modules": ["to_q", "to_v", "conv1"]},
-         "data": {"prompts": str(d / "prompts.txt"), "real_images": str(d / "real.pt"), "sample_prompts": ["a cat"]},
-         "train": {"checkpoint_every": 1000, "sample_every": 0, "sample_seeds": [0], "log_every": 1, **train},
+         "data": {"prompts": str(d / "prompts.txt"), "real_images": str(d / "real.pt")},
+         "train": {"checkpoint_every": 1000, "sample_every": 0, "sample_prompts": ["a cat"], "sample_seeds": [0], "log_every": 1, **train},
          "phases": phases}
     return load_recipe(r, DistillRecipe)
 
 
-def phase(name, iterations=1, **kw):
-    return {"name": name, "iterations": iterations, "batch_size": 2, "warmup_steps": 0,
-            "fake_updates_per_generator_update": 1, "lr_generator": 1e-3, "lr_critic": 1e-3, **kw}
+def phase(name, steps=1, **kw):
+    return {"name": name, "steps": steps, "batch_size": 2, "warmup_steps": 0,
+            "fake_updates_per_generator_update": 1, "lr": 1e-3, "lr_critic": 1e-3, **kw}
 
 
 def params(module):
@@ -108,7 +108,7 @@ def test_generator_and_critic_steps_touch_only_their_parameters(env, tmp_path):
 # ---------------------------------------------------------------------------- every phase kind
 def test_every_phase_kind_runs_and_saves(env, tmp_path):
     phases = [phase("lora", scale=1), phase("e3", scale=4, experts=[3]),
-              phase("e3gan", scale=4, experts=[3], gan=True), phase("router", mode="mixture", gan=True)]
+              phase("e3gan", scale=4, experts=[3], gan=True), phase("router", type="assemble", gan=True)]
     run = tmp_path / "run"
     out = DMD2Trainer(recipe(env, phases, sample_every=2, ema_decay=0.5), run).train()
     stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
@@ -138,8 +138,8 @@ def _final_state(run):
 
 
 def test_kill_and_resume_equals_uninterrupted(env, tmp_path, monkeypatch):
-    phases = [phase("e3", iterations=3, scale=4, experts=[3], fake_updates_per_generator_update=2),
-              phase("router", iterations=2, mode="mixture", gan=True)]
+    phases = [phase("e3", steps=3, scale=4, experts=[3], fake_updates_per_generator_update=2),
+              phase("router", steps=2, type="assemble", gan=True)]
     DMD2Trainer(recipe(env, phases, checkpoint_every=2), tmp_path / "a").train()
     ref_gen, ref_critic = _final_state(tmp_path / "a")
 
@@ -172,7 +172,7 @@ def test_bad_inputs_get_clear_errors(env, tmp_path):
     with pytest.raises(ValueError, match="scale 8 is not one of"):
         recipe(env, [phase("bad", scale=8)])
     d, pipe = env
-    base = {"teacher": str(pipe), "phases": [phase("p", scale=1)], "experts": {"scales": [1]}}
+    base = {"model": {"path": str(pipe)}, "phases": [phase("p", scale=1)], "experts": {"scales": [1]}}
     with pytest.raises(ValueError, match="out of range"):
         load_recipe({**base, "student_timesteps": [1000, 500]}, DistillRecipe)
     (tmp_path / "empty.txt").write_text("\n\n")
@@ -194,7 +194,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(env, tmp_path,
     monkeypatch.setattr(L, "dmd_loss", poisoned)
     run = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match=r"at step 3\b") as e:  # the third iteration; two are checkpointed
-        DMD2Trainer(recipe(env, [phase("e", iterations=5, scale=4)], checkpoint_every=1), run).train()
+        DMD2Trainer(recipe(env, [phase("e", steps=5, scale=4)], checkpoint_every=1), run).train()
     assert "step_00000002" in str(e.value)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
 
@@ -213,9 +213,9 @@ def run_two_processes(recipe_dict: dict, tmp_path: Path):
 
 def test_two_process_run_keeps_weights_in_sync(env, tmp_path):
     d, pipe = env
-    r = {"teacher": str(pipe), "experts": {"rank": 2, "alpha": 2, "scales": [4], "target_modules": ["to_q", "to_v"]},
+    r = {"model": {"path": str(pipe)}, "experts": {"rank": 2, "alpha": 2, "scales": [4], "target_modules": ["to_q", "to_v"]},
          "data": {"prompts": str(d / "prompts.txt")}, "train": {"sample_every": 0, "checkpoint_every": 2},
-         "phases": [phase("e", iterations=2, scale=4, experts=[3])]}
+         "phases": [phase("e", steps=2, scale=4, experts=[3])]}
     w0, w1 = run_two_processes(r, tmp_path)
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
     assert any(".s4_e3" in k and "lora_B" in k and w0[k].abs().sum() > 0 for k in w0)  # it trained
@@ -232,22 +232,22 @@ def test_every_distill_recipe_loads_and_a3_schedule_is_exact():
         load_recipe(p, DistillRecipe)
     tsm = load_recipe(REPO / "recipes" / "sd15_dmd2_tsm.yaml", DistillRecipe)
     assert tsm.experts.rank == 64 and tsm.experts.alpha == 8 and len(tsm.experts.target_modules) == 14
-    sched = [(p.mode, p.scale, p.experts, p.gan, p.iterations, p.batch_size) for p in tsm.phases]
+    sched = [(p.type, p.scale, p.experts, p.gan, p.steps, p.batch_size) for p in tsm.phases]
     assert sched == [
-        ("expert", 4, [3], False, 20000, 32), ("expert", 4, [3], True, 5000, 16),
-        ("expert", 4, [2], False, 20000, 32), ("expert", 4, [2], True, 5000, 16),
-        ("expert", 4, [1], False, 5000, 32), ("expert", 4, [1], True, 20000, 16),
-        ("expert", 4, [0], False, 5000, 32), ("expert", 4, [0], True, 40000, 16),
-        ("mixture", None, None, True, 2000, 16),
+        ("foster", 4, [3], False, 20000, 32), ("foster", 4, [3], True, 5000, 16),
+        ("foster", 4, [2], False, 20000, 32), ("foster", 4, [2], True, 5000, 16),
+        ("foster", 4, [1], False, 5000, 32), ("foster", 4, [1], True, 20000, 16),
+        ("foster", 4, [0], False, 5000, 32), ("foster", 4, [0], True, 40000, 16),
+        ("assemble", None, None, True, 2000, 16),
     ]
     assert tsm.phases[-1].core_scale == 4 and tsm.phases[-1].context_scales == [1]
     lora = load_recipe(REPO / "recipes" / "sd15_dmd2_lora.yaml", DistillRecipe)
     # A.3: "The batch size is 32 without GAN loss and 16 with it (4 times for vanilla LoRA)", global batches.
-    assert [(p.scale, p.gan, p.iterations, p.batch_size) for p in lora.phases] == [(1, False, 40000, 128), (1, True, 5000, 64)]
+    assert [(p.scale, p.gan, p.steps, p.batch_size) for p in lora.phases] == [(1, False, 40000, 128), (1, True, 5000, 64)]
     for p in tsm.phases + lora.phases:
         assert p.warmup_steps == 8, p.name  # DMD2's effective warm-up: 500 / 64 GPUs iterations
         # DMD2's rates: 1e-5 without GAN; its LoRA rate 5e-5 with it (generator = fake score, as in DMD2).
-        assert (p.lr_generator, p.lr_critic) == ((5e-5, 5e-5) if p.gan else (1e-5, 1e-5)), p.name
+        assert (p.lr, p.lr_critic) == ((5e-5, 5e-5) if p.gan else (1e-5, 1e-5)), p.name
 
 
 # ---------------------------------------------------------------------------- real images

@@ -49,8 +49,8 @@ def stats(run: Path) -> list[dict]:
 def test_warmup_counts_iterations_for_both_optimizers(env, tmp_path):
     """DMD2 steps both schedules every iteration: with 4 fake updates per generator update, a warm-up
     of 8 ends after 8 iterations (2 generator updates), for the generator and the critic alike."""
-    ph = phase("e", iterations=10, scale=4, warmup_steps=8, fake_updates_per_generator_update=4,
-               lr_generator=2e-3, lr_critic=1e-3)
+    ph = phase("e", steps=10, scale=4, warmup_steps=8, fake_updates_per_generator_update=4,
+               lr=2e-3, lr_critic=1e-3)
     run = tmp_path / "run"
     DMD2Trainer(recipe(env, [ph]), run).train()
     rows = stats(run)
@@ -75,12 +75,12 @@ def test_two_processes_draw_their_own_noise_and_stay_in_sync(env, tmp_path):
     differs between ranks, as DMD2 seeds seed + process_index; each rank draws half of the global
     batch; the experts and the critic still end identical on both ranks."""
     d, pipe = env
-    r = {"teacher": str(pipe), "student_timesteps": [999, 499],
+    r = {"model": {"path": str(pipe)}, "student_timesteps": [999, 499],
          "experts": {"rank": 2, "alpha": 2, "scales": [2], "target_modules": ["to_q", "to_v"]},
          "critic": {"diffusion_gan": True},
          "data": {"prompts": str(d / "prompts.txt"), "real_images": str(d / "real.pt")},
          "train": {"sample_every": 0, "checkpoint_every": 100},
-         "phases": [phase("e", iterations=3, scale=2, student_steps=[1], batch_size=4, gan=True,
+         "phases": [phase("e", steps=3, scale=2, student_steps=[1], batch_size=4, gan=True,
                           fake_updates_per_generator_update=2)]}
     w0, w1 = run_two_processes(r, tmp_path)
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)

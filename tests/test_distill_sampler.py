@@ -58,18 +58,18 @@ def test_cli_runs_a_recipe_and_resumes(pixel_pipeline_path, tmp_path):
     from tsm_distill.cli import main
 
     (tmp_path / "p.txt").write_text("a cat\na dog\n")
-    recipe = {"teacher": str(pixel_pipeline_path),
+    recipe = {"model": {"path": str(pixel_pipeline_path)},
               "experts": {"rank": 2, "alpha": 2, "scales": [4], "target_modules": ["to_q"]},
-              "data": {"prompts": str(tmp_path / "p.txt"), "sample_prompts": ["a cat"]},
-              "train": {"sample_every": 0, "sample_seeds": [0], "log_every": 1},
-              "phases": [{"name": "e", "iterations": 1, "scale": 4, "batch_size": 1}]}
+              "data": {"prompts": str(tmp_path / "p.txt")},
+              "train": {"sample_every": 0, "sample_prompts": ["a cat"], "sample_seeds": [0], "log_every": 1},
+              "phases": [{"name": "e", "steps": 1, "scale": 4, "batch_size": 1}]}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     run = tmp_path / "run"
-    assert main([str(tmp_path / "r.yaml"), "--run-dir", str(run), "--set", "phases.0.iterations=2"]) == 0
-    assert yaml.safe_load((run / "recipe.yaml").read_text())["phases"][0]["iterations"] == 2
+    assert main([str(tmp_path / "r.yaml"), "--run-dir", str(run), "--set", "phases.0.steps=2"]) == 0
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["phases"][0]["steps"] == 2
     assert len((run / "stats.jsonl").read_text().splitlines()) == 2
     # --resume of a finished run loads the last checkpoint and has nothing left to do
-    assert main([str(tmp_path / "r.yaml"), "--run-dir", str(run), "--set", "phases.0.iterations=2", "--resume"]) == 0
+    assert main([str(tmp_path / "r.yaml"), "--run-dir", str(run), "--set", "phases.0.steps=2", "--resume"]) == 0
     assert len((run / "stats.jsonl").read_text().splitlines()) == 2
 
 

@@ -43,7 +43,7 @@ def _recipe(model_kind, model_path, data_path, run_dir, stages, te=(), **train):
     d = {
         "model": {"kind": model_kind, "path": str(model_path), "max_sequence_length": 8},
         "data": {"source": "folder", "path": str(data_path), "resolution": 16},
-        "lora": {"rank": 2, "alpha": 2, "text_encoder_targets": list(te)},
+        "experts": {"rank": 2, "alpha": 2, "text_encoder_targets": list(te)},
         "stages": stages,
         "train": {"run_dir": str(run_dir), "batch_size": 2, "checkpoint_every": 3, "keep_last": None,
                   "log_every": 1, "tensorboard": False, **train},
@@ -151,8 +151,8 @@ def test_overfitting_one_batch_halves_the_loss(scale, tmp_path, pixel_pipeline_p
     targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out", "conv_in", "conv_out"]
     r = _recipe("unet", pixel_pipeline_path, data, tmp_path / "run",
                 [{"type": "foster", "scale": scale, "steps": 50, "lr": 1e-2}], checkpoint_every=1000)
-    r.lora.target_modules = targets
-    r.lora.rank = 8
+    r.experts.target_modules = targets
+    r.experts.rank = 8
     trainer = FinetuneTrainer(r)
     trainer.tsm.set_mode("expert", scale=scale)
     before = _eval_loss(trainer)
@@ -240,7 +240,7 @@ def test_bad_recipes(tmp_path, folder, sd_pipeline_path):
     with pytest.raises(ValueError, match="cache_text"):
         r = _recipe("unet", sd_pipeline_path, folder, tmp_path, [{"type": "foster", "steps": 1}], te=["q_proj"])
         load_recipe({**{"model": vars(r.model), "stages": [{"type": "foster", "steps": 1}]},
-                     "data": {**vars(r.data), "cache_text": True}, "lora": {"text_encoder_targets": ["q_proj"]}},
+                     "data": {**vars(r.data), "cache_text": True}, "experts": {"text_encoder_targets": ["q_proj"]}},
                     FinetuneRecipe)
     with pytest.raises(ValueError, match="match no layer"):
         FinetuneTrainer(_recipe("unet", sd_pipeline_path, folder, tmp_path, [{"type": "foster", "steps": 1}],

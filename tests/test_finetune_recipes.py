@@ -27,10 +27,10 @@ def test_recipes_exist_for_every_family():
 def test_every_recipe_loads(path):
     r = load_recipe(path, FinetuneRecipe)
     phases = plan_phases(r)
-    assert phases and r.lora.target_modules
+    assert phases and r.experts.target_modules
     if not path.name.startswith("mnist"):
         assert r.train.batch_size * r.train.gradient_accumulation_steps == 64  # the paper's global batch
-        assert r.lora.rank == 4  # lost in the paper's text: Tab. 5 default
+        assert r.experts.rank == 4  # lost in the paper's text: Tab. 5 default
     if "_tsm" in path.name:
         assert phases[-1].mode == "mixture"
         if not path.name.startswith("mnist"):
@@ -41,9 +41,9 @@ def test_paper_values():
     sd3 = load_recipe(RECIPES / "sd3_domain_tsm.yaml", FinetuneRecipe)
     st = sd3.stages[0]
     assert (st.lr, st.weight_decay, st.text_encoder_lr, st.text_encoder_weight_decay) == (1e-5, 1e-4, 5e-6, 1e-3)
-    assert sd3.lora.text_encoder_targets == ["q_proj", "k_proj", "v_proj", "out_proj"]
+    assert sd3.experts.text_encoder_targets == ["q_proj", "k_proj", "v_proj", "out_proj"]
     pix = load_recipe(RECIPES / "pixart_domain_tsm.yaml", FinetuneRecipe)
-    assert pix.lora.text_encoder_targets == ["q", "v"] and pix.stages[0].lr == 2e-5
+    assert pix.experts.text_encoder_targets == ["q", "v"] and pix.stages[0].lr == 2e-5
     sd15 = load_recipe(RECIPES / "sd15_domain_lora.yaml", FinetuneRecipe)
     assert [(s.scale, s.steps, s.lr) for s in sd15.stages] == [(1, 4000, 1e-4)]
     seq = load_recipe(RECIPES / "sd15_ablation_foster_n8_sequential.yaml", FinetuneRecipe)
@@ -73,6 +73,6 @@ def test_cli_runs_a_recipe_with_overrides(tmp_path, pixel_pipeline_path, capsys)
     capsys.readouterr()
     assert main(argv) == 2  # a used folder without --resume/--overwrite: refused, nothing changed
     assert "already holds a run" in capsys.readouterr().err
-    assert main([str(RECIPES / "mnist_domain_tsm.yaml"), "--set", "lora.bogus=1"]) == 2
+    assert main([str(RECIPES / "mnist_domain_tsm.yaml"), "--set", "experts.bogus=1"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "lora.bogus" in err and err.count("\n") == 1
+    assert err.startswith("error: ") and "experts.bogus" in err and err.count("\n") == 1

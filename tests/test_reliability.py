@@ -31,10 +31,10 @@ def env(tmp_path_factory):
     return d, pipe
 
 
-def expert_then_router(iterations=1, gan=True):
+def expert_then_router(steps=1, gan=True):
     """The paper's schedule in small: an expert phase, then the router (mixture) phase last."""
-    return [phase("e3", iterations=iterations, scale=4, experts=[3]),
-            phase("router", iterations=iterations, mode="mixture", gan=gan)]
+    return [phase("e3", steps=steps, scale=4, experts=[3]),
+            phase("router", steps=steps, type="assemble", gan=gan)]
 
 
 def adapter(run, name="adapter"):
@@ -58,10 +58,10 @@ def stats_steps(run):
 def write_recipe(env, path, phases, **train):
     """The recipe of tests.test_distill.recipe as a YAML file, for the CLI."""
     d, pipe = env
-    raw = {"teacher": str(pipe),
+    raw = {"model": {"path": str(pipe)},
            "experts": {"rank": 2, "alpha": 2, "scales": [1, 4], "target_modules": ["to_q", "to_v", "conv1"]},
-           "data": {"prompts": str(d / "prompts.txt"), "real_images": str(d / "real.pt"), "sample_prompts": ["a cat"]},
-           "train": {"checkpoint_every": 1000, "sample_every": 0, "sample_seeds": [0], "log_every": 1, **train},
+           "data": {"prompts": str(d / "prompts.txt"), "real_images": str(d / "real.pt")},
+           "train": {"checkpoint_every": 1000, "sample_every": 0, "sample_prompts": ["a cat"], "sample_seeds": [0], "log_every": 1, **train},
            "phases": phases}
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -157,9 +157,10 @@ BAD_SETTINGS = [
     (["train.max_step_percent=2.0"], "0 <= min <= max <= 1"),
     (["train.min_step_percent=-0.1"], "0 <= min <= max <= 1"),
     (["train.min_step_percent=0.6", "train.max_step_percent=0.5"], "0 <= min <= max <= 1"),
-    (["phases.0.iterations=0", "phases.1.iterations=0"], "every phase has 0 iterations"),
+    (["phases.0.steps=0", "phases.1.steps=0"], "every phase has 0 steps"),
     (["experts.rnk=8"], "'experts.rnk' is not a recipe key"),
-    (["teacher=/no/such/teacher"], "not found"),
+    (["model.path=/no/such/teacher"], "not found"),
+    (["teacher=/no/such/teacher"], "was renamed: write model"),
 ]
 
 
@@ -176,8 +177,8 @@ def test_bad_settings_stop_the_cli_before_training_with_one_line(env, tmp_path, 
 
 
 def test_zero_iterations_in_some_phases_and_sampling_off_are_allowed(env):
-    r = recipe(env, [phase("e", iterations=0, scale=4), phase("l", scale=1)], sample_every=0)
-    assert r.train.sample_every == 0 and r.phases[0].iterations == 0
+    r = recipe(env, [phase("e", steps=0, scale=4), phase("l", scale=1)], sample_every=0)
+    assert r.train.sample_every == 0 and r.phases[0].steps == 0
 
 
 def test_max_step_percent_1_draws_the_last_timestep_not_past_it(env, tmp_path, monkeypatch):
@@ -218,7 +219,7 @@ def teacher_2px(tmp_path_factory):
 
 def test_gan_head_that_cannot_fit_the_bottleneck_is_refused_at_start(env, teacher_2px, tmp_path):
     r = recipe(env, [phase("g", scale=4, gan=True)])
-    r.teacher, r.data.real_images = str(teacher_2px / "pipe"), str(teacher_2px / "real.pt")
+    r.model.path, r.data.real_images = str(teacher_2px / "pipe"), str(teacher_2px / "real.pt")
     with pytest.raises(ValueError, match=r"resolution 2 px \(2x2 in model space\).*1x1 bottleneck"):
         DMD2Trainer(r, tmp_path / "run")
     assert not (tmp_path / "run").exists()
@@ -276,7 +277,7 @@ def test_cli_keeps_tracebacks_for_bugs(env, tmp_path, monkeypatch):
 def test_infinite_real_guidance_stops_the_run(env, tmp_path):
     run = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match=r"real score .*real_guidance_scale inf.* at step 1\b.*no checkpoint"):
-        DMD2Trainer(recipe(env, [phase("e", iterations=2, scale=4)], real_guidance_scale=float("inf")), run).train()
+        DMD2Trainer(recipe(env, [phase("e", steps=2, scale=4)], real_guidance_scale=float("inf")), run).train()
     assert not (run / "checkpoints").exists()
 
 

@@ -32,13 +32,13 @@ def make_trainer(kind: str, teacher: str, prompts: Path, run_dir: Path, batch: i
 
     scales, phase = ([1], {"scale": 1}) if kind == "lora" else ([1, 4], {"scale": 4, "experts": [1]})
     recipe = load_recipe({
-        "teacher": teacher,
+        "model": {"path": teacher},
         "experts": {"rank": rank, "alpha": rank, "scales": scales,
                     "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]},
         "data": {"prompts": str(prompts)},
         "train": {"sample_every": 0, "checkpoint_every": 10**9, "log_every": 10**9},
         # student step 2 (t = 499) for both: the same rollout length; expert 1 of scale 4 owns t = 499
-        "phases": [{"name": "bench", "iterations": 10**6, "batch_size": batch, "student_steps": [2],
+        "phases": [{"name": "bench", "steps": 10**6, "batch_size": batch, "student_steps": [2],
                     "fake_updates_per_generator_update": 1, **phase}],
     }, DistillRecipe)
     tr = DMD2Trainer(recipe, run_dir)

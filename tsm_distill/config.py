@@ -7,23 +7,18 @@ One recipe = one run. ``phases`` lists the schedule; the paper's A.3 schedule is
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
-A3_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
-              "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+from tsm_core.train.sections import ExpertsSection, ModelSection
 
 
 @dataclass
-class ExpertsConfig:
-    """The generator's TSM experts (tsm_core.TSMConfig fields)."""
+class DistillExperts(ExpertsSection):
+    """The generator's experts: the shared settings (`ExpertsSection`; A.3 uses rank 64, alpha 8 and 14
+    target layers, see ``recipes/sd15_dmd2_lora.yaml``), the scales to build, and experts to copy in."""
 
-    rank: int = 64
-    alpha: float = 8.0
     scales: list[int] = field(default_factory=lambda: [1, 4])
-    target_modules: list[str] = field(default_factory=lambda: list(A3_TARGETS))
-    dropout: float = 0.0
-    router_input: Literal["features", "timestep", "both"] = "both"
-    router_activation: Literal["none", "sigmoid", "softmax"] = "none"
+    """Interval counts n whose experts exist (paper eq. 3); the router phase's core is the finest."""
     init_from: str | None = None
     """A saved TSM adapter (e.g. the vanilla-LoRA run's final adapter) to copy experts from."""
     init_scales: list[int] = field(default_factory=list)
@@ -50,7 +45,8 @@ class DataConfig:
     """Real images for the GAN: a .pt/.safetensors latent cache, an image folder with metadata.jsonl,
     webdataset shards (.tar pattern), or 'builtin:fmnist'. Needed only by GAN phases."""
     resolution: int = 512
-    sample_prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a red car on a road"])
+
+    renamed_keys: ClassVar[dict[str, str]] = {"sample_prompts": "train.sample_prompts"}
 
 
 @dataclass
@@ -59,7 +55,7 @@ class PhaseConfig:
 
     Units follow DMD2's ``main/train_sd.py``:
 
-    * ``iterations`` counts *iterations*. Every iteration updates the fake score (and D); every
+    * ``steps`` counts DMD2 *iterations*. Every iteration updates the fake score (and D); every
       ``fake_updates_per_generator_update``-th iteration also updates the generator.
     * ``warmup_steps`` counts *iterations* too, for both optimizers: both learning-rate schedules
       (diffusers' ``constant_with_warmup``) step once per iteration, whether or not the generator
@@ -73,21 +69,24 @@ class PhaseConfig:
     """
 
     name: str
-    iterations: int
-    mode: Literal["expert", "mixture"] = "expert"
+    steps: int
+    """DMD2 iterations of this phase."""
+    type: Literal["foster", "assemble"] = "foster"
+    """foster (stage 1): train experts of ``scale``; assemble (stage 2): train only the router."""
     scale: int | None = None
-    """Expert mode: the scale whose experts route the generator."""
+    """foster: the scale whose experts route the generator."""
     experts: list[int] | None = None
-    """Expert mode: the experts of ``scale`` this phase trains (None: all)."""
+    """foster: the experts of ``scale`` this phase trains (None: all)."""
     student_steps: list[int] | None = None
     """Student step indices k trained in this phase (None: those whose timestep falls in a trained
-    expert's interval; every step in mixture mode)."""
+    expert's interval; every step when assembling)."""
     core_scale: int | None = None
     context_scales: list[int] | None = None
     gan: bool = False
     batch_size: int = 32
     """Global batch (all processes together)."""
-    lr_generator: float = 1e-5
+    lr: float = 1e-5
+    """The generator's (experts' or router's) learning rate."""
     lr_critic: float = 1e-5
     weight_decay: float = 0.01
     warmup_steps: int = 500
@@ -95,6 +94,12 @@ class PhaseConfig:
     fake_updates_per_generator_update: int = 10
     gan_generator_weight: float = 1e-3
     gan_critic_weight: float = 1e-2
+
+    renamed_keys: ClassVar[dict[str, str]] = {
+        "iterations": "steps (it counts DMD2 iterations, as iterations did)",
+        "lr_generator": "lr",
+        "mode": "type (expert -> foster, mixture -> assemble)",
+    }
 
 
 @dataclass
@@ -108,9 +113,11 @@ class TrainConfig:
     min_step_percent: float = 0.02
     max_step_percent: float = 0.98
     checkpoint_every: int = 500
-    keep_last: int = 3
+    keep_last: int | None = 3
+    """Complete checkpoints to keep (null: all)."""
     log_every: int = 10
     sample_every: int = 1000
+    sample_prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a red car on a road"])
     sample_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     threads: int | None = None
 
@@ -131,32 +138,40 @@ class TrainConfig:
 
 @dataclass
 class DistillRecipe:
-    teacher: str
-    """A diffusers pipeline folder or hub id (SD1.5 family; a pixel-space pipeline without VAE works too)."""
+    """A whole distillation run: the teacher (``model``), the student's experts, critic, data, phases."""
+
+    model: ModelSection
+    """The teacher: a diffusers pipeline folder or hub id (kind unet: the SD1.5 family; a pixel-space
+    pipeline without VAE works too)."""
     phases: list[PhaseConfig]
     student_timesteps: list[int] = field(default_factory=lambda: [999, 749, 499, 249])
-    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    experts: DistillExperts = field(default_factory=DistillExperts)
     critic: CriticConfig = field(default_factory=CriticConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    renamed_keys: ClassVar[dict[str, str]] = {"teacher": "model: {path: ...} (the teacher pipeline)"}
+
     def __post_init__(self):
         from .rollout import check_student_timesteps
 
+        if self.model.kind != "unet":
+            raise ValueError(f"model.kind {self.model.kind!r}: distillation supports UNet teachers (the SD1.5 family); "
+                             "set model.kind: unet")
         check_student_timesteps(self.student_timesteps)
         if not self.phases:
             raise ValueError("a recipe needs at least one phase")
-        if all(ph.iterations == 0 for ph in self.phases):
-            raise ValueError("every phase has 0 iterations, so the run would write an untrained adapter; "
-                             "give at least one phase iterations > 0")
+        if all(ph.steps == 0 for ph in self.phases):
+            raise ValueError("every phase has 0 steps, so the run would write an untrained adapter; "
+                             "give at least one phase steps > 0")
         if not self.experts.scales:
             raise ValueError("experts.scales is empty; list the interval counts, e.g. [1, 4]")
         scales = set(self.experts.scales)
         for i, ph in enumerate(self.phases):
             where = f"phases[{i}] ({ph.name!r})"
-            if ph.iterations < 0 or ph.batch_size < 1 or ph.fake_updates_per_generator_update < 1:
-                raise ValueError(f"{where}: iterations >= 0, batch_size >= 1 and fake_updates_per_generator_update >= 1")
-            if ph.mode == "expert":
+            if ph.steps < 0 or ph.batch_size < 1 or ph.fake_updates_per_generator_update < 1:
+                raise ValueError(f"{where}: steps >= 0, batch_size >= 1 and fake_updates_per_generator_update >= 1")
+            if ph.type == "foster":
                 if ph.scale not in scales:
                     raise ValueError(f"{where}: scale {ph.scale!r} is not one of experts.scales {sorted(scales)}")
                 bad = [e for e in (ph.experts or []) if not 0 <= e < ph.scale]

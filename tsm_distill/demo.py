@@ -57,7 +57,7 @@ BUDGET_DEFINITION = __doc__.split("Equal generator-step budget: ")[1].split("\n\
 # ---------------------------------------------------------------------------- budget
 def generator_steps(phase: dict) -> int:
     """Generator updates a phase makes: the trainer updates the student on every F-th iteration."""
-    return math.ceil(phase["iterations"] / phase.get("fake_updates_per_generator_update", 10))
+    return math.ceil(phase["steps"] / phase.get("fake_updates_per_generator_update", 10))
 
 
 def split_budget(weights: list[int], total: int) -> list[int]:
@@ -79,21 +79,21 @@ def rescale_phases(phases: list[dict], budget: int | None, fake_updates: int | N
     Warm-up counts iterations (``PhaseConfig``); it stays the same fraction of each phase's iterations.
     """
     phases = [dict(p) for p in phases]
-    warmup_fraction = [p.get("warmup_steps", 500) / max(1, p["iterations"]) for p in phases]
+    warmup_fraction = [p.get("warmup_steps", 500) / max(1, p["steps"]) for p in phases]
     for p in phases:
         if fake_updates is not None:
             g = generator_steps(p)
             p["fake_updates_per_generator_update"] = fake_updates
-            p["iterations"] = g * fake_updates
+            p["steps"] = g * fake_updates
         if batch_size is not None:
             p["batch_size"] = batch_size
     if budget is not None:
         old = [generator_steps(p) for p in phases]
         for p, g in zip(phases, split_budget(old, budget)):
             f = p.get("fake_updates_per_generator_update", 10)
-            p["iterations"] = g * f
+            p["steps"] = g * f
     for p, fraction in zip(phases, warmup_fraction):
-        p["warmup_steps"] = min(p["iterations"], round(fraction * p["iterations"]))
+        p["warmup_steps"] = min(p["steps"], round(fraction * p["steps"]))
     return phases
 
 
@@ -115,10 +115,10 @@ def build_recipes(args, run_dir: Path, teacher: Path):
 
     lora = read_recipe_dict(args.lora_recipe)
     tsm = read_recipe_dict(args.tsm_recipe)
-    experts = [p for p in tsm["phases"] if p.get("mode", "expert") == "expert"]
-    routers = [p for p in tsm["phases"] if p.get("mode", "expert") != "expert"]
+    experts = [p for p in tsm["phases"] if p.get("type", "foster") == "foster"]
+    routers = [p for p in tsm["phases"] if p.get("type", "foster") != "foster"]
     if not routers or tsm["phases"][-len(routers):] != routers:
-        raise ValueError(f"{args.tsm_recipe}: the TSM recipe must end with its router (mixture) phase(s)")
+        raise ValueError(f"{args.tsm_recipe}: the TSM recipe must end with its router (assemble) phase(s)")
     lora["phases"] = scale_batch(rescale_phases(lora["phases"], args.budget, args.fake_updates, args.batch_size),
                                  args.lora_batch_multiplier)
     experts = rescale_phases(experts, args.budget, args.fake_updates, args.batch_size)
@@ -133,7 +133,7 @@ def build_recipes(args, run_dir: Path, teacher: Path):
         raise ValueError(f"unequal budgets: LoRA makes {budget['lora']} generator steps, the TSM expert phases "
                          f"{budget['tsm_stage1']}; fix the recipes or pass --budget")
     for r in (lora, tsm):
-        r["teacher"] = str(teacher)
+        r["model"] = {"path": str(teacher)}
         r.setdefault("train", {})
         r["train"].update({"seed": args.seed, "checkpoint_every": 10**9, "sample_every": 0})
         if args.threads:
@@ -324,7 +324,7 @@ def _run(args, argv: list[str]) -> int:
     lora_adapter = stages.run("distill LoRA", lora_tr.train, overwrite=True)
     tsm_tr = DMD2Trainer(tsm_recipe, run_dir / "tsm")
     tsm_adapter = stages.run("distill TSM", tsm_tr.train, overwrite=True)
-    n_experts = len(tsm_recipe.phases) - sum(p.mode != "expert" for p in tsm_recipe.phases)
+    n_experts = len(tsm_recipe.phases) - sum(p.type != "foster" for p in tsm_recipe.phases)
     stage1 = run_dir / "tsm" / "phases" / f"{n_experts - 1:02d}_{tsm_recipe.phases[n_experts - 1].name}"
 
     prompts, seeds = ev.eval_prompts(args.n)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from tsm_core import TSMConfig, attach, load_adapter
+from tsm_core import attach, load_adapter
 from tsm_core.train.accel import step_generator
 from tsm_core.train.ema import EMA
 from tsm_core.train.logging import save_image_grid
@@ -71,15 +71,13 @@ class DMD2Trainer(PhasedTrainer):
         super().__init__(recipe, run_dir, seed=tc.seed, mixed_precision=tc.mixed_precision,
                          checkpoint_every=tc.checkpoint_every, log_every=tc.log_every, sample_every=tc.sample_every,
                          keep_last=tc.keep_last, max_grad_norm=tc.max_grad_norm, accelerator=accelerator)
-        self.teacher = load_teacher(recipe.teacher)
+        self.teacher = load_teacher(recipe.model.path)
         T = self.teacher.schedule.num_timesteps
         uses_gan = any(ph.gan for ph in recipe.phases)
         # The fake score is copied from the clean teacher before the experts are attached.
         self.critic = Critic(self.teacher.unet, recipe.critic.lora_rank, tuple(recipe.critic.lora_targets), uses_gan)
         ec = recipe.experts
-        self.tsm = attach(self.teacher.unet, TSMConfig(
-            rank=ec.rank, alpha=ec.alpha, scales=tuple(ec.scales), target_modules=list(ec.target_modules),
-            dropout=ec.dropout, num_timesteps=T, router_input=ec.router_input, router_activation=ec.router_activation))
+        self.tsm = attach(self.teacher.unet, ec.tsm_config(ec.scales, T))
         if ec.init_from:
             self._init_experts(ec.init_from, ec.init_scales)
         self.teacher.to(self.device)
@@ -159,7 +157,7 @@ class DMD2Trainer(PhasedTrainer):
         """Student steps trained in a phase: given, or those inside the trained experts' intervals."""
         if ph.student_steps is not None:
             return list(ph.student_steps)
-        if ph.mode == "mixture" or ph.scale == 1:
+        if ph.type == "assemble" or ph.scale == 1:
             return list(range(len(self.timesteps)))
         experts = set(ph.experts if ph.experts is not None else range(ph.scale))
         idx = self.tsm.intervals.index(torch.tensor(self.timesteps), ph.scale).tolist()
@@ -171,12 +169,12 @@ class DMD2Trainer(PhasedTrainer):
 
     def phase_lengths(self) -> list[tuple[str, int]]:
         """(name, iterations) of every phase: a skeleton step is one DMD2 iteration."""
-        return [(ph.name, ph.iterations) for ph in self.recipe.phases]
+        return [(ph.name, ph.steps) for ph in self.recipe.phases]
 
     def enter_phase(self, index: int) -> None:
         """Route the generator for phase ``index`` and build fresh optimizers for its trained set."""
         ph = self.recipe.phases[index]
-        if ph.mode == "expert":
+        if ph.type == "foster":
             self.tsm.set_mode("expert", scale=ph.scale, experts=ph.experts)
         else:
             self.tsm.set_mode("mixture", core_scale=ph.core_scale, context_scales=ph.context_scales)
@@ -187,7 +185,7 @@ class DMD2Trainer(PhasedTrainer):
         self.critic_params = [p for p in self.critic.parameters() if p.requires_grad]
 
         # Both schedules step once per iteration in train_step() (PhaseConfig: warm-up counts iterations).
-        self.gen_opt, self.gen_sched = self.make_optimizer(self.gen_params, ph.lr_generator, ph.warmup_steps,
+        self.gen_opt, self.gen_sched = self.make_optimizer(self.gen_params, ph.lr, ph.warmup_steps,
                                                            weight_decay=ph.weight_decay)
         self.critic_opt, self.critic_sched = self.make_optimizer(self.critic_params, ph.lr_critic, ph.warmup_steps,
                                                                  weight_decay=ph.weight_decay)
@@ -225,7 +223,7 @@ class DMD2Trainer(PhasedTrainer):
         self.critic.requires_grad_(False)  # D's and fake's weights are constants in this step
         logs = {}
         try:
-            record = self.tsm.record_gates() if ph.mode == "mixture" else contextlib.nullcontext(None)
+            record = self.tsm.record_gates() if ph.type == "assemble" else contextlib.nullcontext(None)
             with self.tsm.timesteps(t), self.acc.autocast():
                 with record as gates:  # forward only: checkpoint recomputes in backward are not recorded
                     x0 = self.student.x0(x_in, t, cond)
@@ -363,9 +361,9 @@ class DMD2Trainer(PhasedTrainer):
     @torch.no_grad()
     def sample(self, tag: str) -> Path | None:
         """Images for the recipe's fixed prompts and seeds with the current student (rows = prompts)."""
-        tc, dc = self.recipe.train, self.recipe.data
-        prompts = [p for p in dc.sample_prompts for _ in tc.sample_seeds]
-        seeds = [s for _ in dc.sample_prompts for s in tc.sample_seeds]
+        tc = self.recipe.train
+        prompts = [p for p in tc.sample_prompts for _ in tc.sample_seeds]
+        seeds = [s for _ in tc.sample_prompts for s in tc.sample_seeds]
         cond = self.teacher.encode_prompts(prompts)
         shape = (self.teacher.latent_channels, self.teacher.latent_size, self.teacher.latent_size)
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(self.device)

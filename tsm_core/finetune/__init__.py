@@ -11,8 +11,8 @@
 
 from .recipe import (
     DataSection,
+    FinetuneExperts,
     FinetuneRecipe,
-    LoRASection,
     ModelSection,
     Phase,
     StageSection,
@@ -24,8 +24,8 @@ from .trainer import FinetuneTrainer, load_finetuned
 __all__ = [
     "DataSection",
     "FinetuneRecipe",
+    "FinetuneExperts",
     "FinetuneTrainer",
-    "LoRASection",
     "ModelSection",
     "Phase",
     "StageSection",

@@ -16,36 +16,18 @@ global step counter, which is what checkpoints and ``--resume`` count.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from ..intervals import TimestepIntervals
+from ..train.sections import ExpertsSection, ModelSection
 
 
 @dataclass
-class ModelSection:
-    """Which diffusers pipeline to adapt."""
+class FinetuneExperts(ExpertsSection):
+    """The shared expert settings (`ExpertsSection`), plus experts on the text encoders."""
 
-    kind: Literal["unet", "pixart", "sd3"]
-    """Backbone family: "unet" (SD1.5 / SD2 / pixel-space SD), "pixart" (PixArt-alpha), "sd3"."""
-    path: str
-    """Pipeline folder or hub id (loaded with from_pretrained)."""
-    max_sequence_length: int | None = None
-    """T5 prompt length (PixArt default 120, SD3 default 256)."""
-
-
-@dataclass
-class LoRASection:
-    """Expert (LoRA) settings shared by every stage."""
-
-    rank: int = 4
-    alpha: float = 4.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    """Denoiser layers that get experts (peft-style suffixes)."""
     text_encoder_targets: list[str] = field(default_factory=list)
     """Text-encoder layers that get experts (e.g. [q_proj, v_proj] for CLIP, [q, v] for T5); empty: none."""
-    router_input: Literal["features", "timestep", "both"] = "both"
-    router_activation: Literal["none", "sigmoid", "softmax"] = "none"
 
 
 @dataclass
@@ -88,7 +70,10 @@ class StageSection:
     """assemble: the core (finest) scale; default the finest fostered scale."""
     context_scales: list[int] | None = None
     """assemble: the gated context scales; default every other fostered scale."""
-    lr_warmup_steps: int = 0
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up, in optimizer steps (diffusers' constant_with_warmup)."""
+
+    renamed_keys: ClassVar[dict[str, str]] = {"lr_warmup_steps": "warmup_steps"}
 
     def __post_init__(self):
         if self.steps < 1:
@@ -115,7 +100,7 @@ class TrainSection:
     adam_eps: float = 1e-8
     max_grad_norm: float | None = 1.0
     checkpoint_every: int = 500
-    keep_last: int | None = 2
+    keep_last: int | None = 3
     """Complete checkpoints to keep (null: all)."""
     log_every: int = 10
     tensorboard: bool = True
@@ -135,8 +120,10 @@ class FinetuneRecipe:
     model: ModelSection
     data: DataSection
     stages: list[StageSection]
-    lora: LoRASection = field(default_factory=LoRASection)
+    experts: FinetuneExperts = field(default_factory=FinetuneExperts)
     train: TrainSection = field(default_factory=TrainSection)
+
+    renamed_keys: ClassVar[dict[str, str]] = {"lora": "experts (same keys: rank, alpha, target_modules, ...)"}
 
     def __post_init__(self):
         if not self.stages:
@@ -148,8 +135,8 @@ class FinetuneRecipe:
             elif len(set(fostered)) < 2:
                 raise ValueError(f"stages[{i}] assembles, but it needs experts of at least two scales fostered "
                                  f"before it (core and context); fostered so far: {fostered}")
-        if self.data.cache_text and self.lora.text_encoder_targets:
-            raise ValueError("data.cache_text cannot be used with lora.text_encoder_targets: text-encoder experts "
+        if self.data.cache_text and self.experts.text_encoder_targets:
+            raise ValueError("data.cache_text cannot be used with experts.text_encoder_targets: text-encoder experts "
                              "change the embeddings every step; turn one of them off")
 
     @property

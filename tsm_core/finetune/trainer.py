@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import TSMConfig, attach, load_adapter
+from .. import attach, load_adapter
 from ..train.accel import step_generator
 from ..train.backbones import Backbone, load_backbone
 from ..train.skeleton import PhasedTrainer
@@ -55,23 +55,20 @@ class FinetuneTrainer(PhasedTrainer):
                                                 recipe.model.max_sequence_length)
         self.backbone.to(self.device)
         bb = self.backbone
-        lora = recipe.lora
-        common = dict(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, scales=recipe.scales,
-                      num_timesteps=bb.num_timesteps, router_input=lora.router_input,
-                      router_activation=lora.router_activation)
-        self.tsm = attach(bb.denoiser, TSMConfig(target_modules=lora.target_modules, **common))
+        ex = recipe.experts
+        self.tsm = attach(bb.denoiser, ex.tsm_config(recipe.scales, bb.num_timesteps))
         self.text_adapters = []
         self.text_encoder_index: list[int] = []  # which encoder each text adapter sits on
-        if lora.text_encoder_targets:
-            te_cfg = TSMConfig(target_modules=lora.text_encoder_targets, **common)
-            ends = tuple("." + t for t in lora.text_encoder_targets)
+        if ex.text_encoder_targets:
+            te_cfg = ex.tsm_config(recipe.scales, bb.num_timesteps, target_modules=ex.text_encoder_targets)
+            ends = tuple("." + t for t in ex.text_encoder_targets)
             for i, te in enumerate(bb.text_encoders):
                 # e.g. SD3: CLIP q_proj/v_proj targets match the two CLIPs, not the T5
                 if any(n.endswith(ends) for n, _ in te.named_modules()):
                     self.text_adapters.append(attach(te, te_cfg, context=self.tsm.context))
                     self.text_encoder_index.append(i)
             if not self.text_adapters:
-                raise ValueError(f"lora.text_encoder_targets={lora.text_encoder_targets} match no layer of any "
+                raise ValueError(f"experts.text_encoder_targets={ex.text_encoder_targets} match no layer of any "
                                  f"text encoder of this {recipe.model.kind} model")
         if tr.gradient_checkpointing:
             bb.enable_gradient_checkpointing(text_encoders=bool(self.text_adapters))
@@ -105,7 +102,7 @@ class FinetuneTrainer(PhasedTrainer):
             groups.append({"params": te_params, "lr": st.text_encoder_lr or st.lr,
                            "weight_decay": st.weight_decay if st.text_encoder_weight_decay is None
                            else st.text_encoder_weight_decay})
-        opt, sched = self.make_optimizer(groups, st.lr, st.lr_warmup_steps, betas=(tr.adam_beta1, tr.adam_beta2),
+        opt, sched = self.make_optimizer(groups, st.lr, st.warmup_steps, betas=(tr.adam_beta1, tr.adam_beta2),
                                          eps=tr.adam_eps, weight_decay=st.weight_decay)
         self.optimizers, self.schedulers = {"opt": opt}, {"sched": sched}
 

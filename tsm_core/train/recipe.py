@@ -15,6 +15,10 @@ value, lists included, replaces the base value whole. This lets demo recipes sha
 
 Command-line overrides (``--set a.b=value``, ``--set phases.1.lr=1e-5``) are applied to the merged
 mapping before the dataclasses are built; the value is parsed with ``yaml.safe_load``.
+
+Renamed keys: a schema may declare ``renamed_keys: ClassVar[dict[str, str]]`` (old key -> what to
+write instead). An old key in a recipe or an override is then an error that names the new one, so a
+recipe written for an older version fails with the fix, not with "unknown key".
 """
 
 from __future__ import annotations
@@ -214,12 +218,21 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     raise TypeError(f"{_fmt_path(path)}: recipe schemas do not support the type {_type_name(tp)}")
 
 
+def _check_renamed(cls: type, keys: Sequence, path: str) -> None:
+    """Raise for the first of ``keys`` that ``cls`` lists as renamed, naming its replacement."""
+    renamed = getattr(cls, "renamed_keys", {})
+    for k in keys:
+        if k in renamed:
+            raise ValueError(f"recipe key {_join(path, str(k))!r} was renamed: write {renamed[k]} instead")
+
+
 def _build(cls: type[T], data: Mapping, path: str) -> T:
     """Build dataclass ``cls`` from mapping ``data``, checking keys and values (``path`` names it in errors)."""
     fields = _init_fields(cls)
     names = [f.name for f in fields]
     hints = _hints(cls)
     unknown = [k for k in data if k not in names]
+    _check_renamed(cls, unknown, path)
     if unknown:
         where = f" in {path}" if path else ""
         raise ValueError(
@@ -276,6 +289,7 @@ def apply_override(raw: dict, override: str, schema: type) -> None:
         origin = typing.get_origin(tp)
         if dataclasses.is_dataclass(tp):
             names = [f.name for f in _init_fields(tp)]
+            _check_renamed(tp, [part], path)
             if part not in names:
                 raise ValueError(
                     f"override key {key!r}: {_join(path, part)!r} is not a recipe key; "
