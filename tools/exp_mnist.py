@@ -59,7 +59,7 @@ def recipes(teacher: Path, data: Path, out: Path, steps: int, batch: int, lr: fl
         "model": {"kind": "unet", "path": str(teacher)},
         "data": {"source": "folder", "path": str(data), "resolution": 32, "cache_text": True, "cache_latents": True},
         # conv1/conv2 as well as attention: the teacher has attention only at 8x8, too little to move a domain.
-        "lora": {"rank": 4, "alpha": 4, "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]},
+        "experts": {"rank": 4, "alpha": 4, "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]},
         "train": {"batch_size": batch, "checkpoint_every": steps, "keep_last": 1, "log_every": 20,
                   "tensorboard": False, "seed": 0},
     }
