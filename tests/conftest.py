@@ -8,7 +8,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-from tests import tiny  # noqa: E402
+from tsm_core.testing import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +66,7 @@ def pixel_pipeline_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def pixart_path(tmp_path_factory):
     """Folder of a tiny PixArt-alpha pipeline (transformer, T5 encoder, tokenizer, scheduler, VAE)."""
-    from tests import tiny_dit
+    from tsm_core.testing import tiny_dit
 
     return tiny_dit.build_pixart_pipeline(tmp_path_factory.mktemp("pixart"))
 
@@ -74,6 +74,6 @@ def pixart_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sd3_path(tmp_path_factory):
     """Folder of a tiny SD3 pipeline (MM-DiT, two CLIP encoders + T5, flow-matching scheduler, VAE)."""
-    from tests import tiny_dit
+    from tsm_core.testing import tiny_dit
 
     return tiny_dit.build_sd3_pipeline(tmp_path_factory.mktemp("sd3"), with_t5=True)

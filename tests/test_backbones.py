@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from tests import tiny_dit
 from tests.numerics import close
 from tests.test_core import perturb
 from tsm_core import TimestepContextError, TSMConfig, attach
+from tsm_core.testing import tiny_dit
 from tsm_core.train.backbones import cat_cond, load_backbone, route_by_timestep
 
 
@@ -31,7 +31,7 @@ def test_unet_latent_epsilon(sd_pipeline_path):
 
 
 def test_unet_pixel_v_prediction(tmp_path):
-    from tests import tiny
+    from tsm_core.testing import tiny
 
     bb = load_backbone("unet", tiny.build_sd_pipeline(tmp_path, with_vae=False, prediction_type="v_prediction"))
     assert bb.vae is None and bb.prediction_type == "v_prediction"

@@ -166,7 +166,7 @@ def test_optimizer_step_changes_only_trainable(unet, mode):
 
 
 def test_gradient_checkpointing_same_gradients(tiny_dir):
-    from tests import tiny
+    from tsm_core.testing import tiny
 
     grads = []
     for ckpt in (False, True):
@@ -234,7 +234,7 @@ def test_merge_refuses_feature_dependent_gate(unet):
 
 
 def test_save_load_same_outputs(unet, tiny_dir, tmp_path):
-    from tests import tiny
+    from tsm_core.testing import tiny
 
     tsm = attach(unet, TSMConfig(rank=3, alpha=6, scales=(1, 4), target_modules=UNET_TARGETS))
     perturb(tsm)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests import tiny
 from tests.numerics import assert_close, close
 from tests.test_core import perturb
 from tsm_core import TSMConfig, attach
+from tsm_core.testing import tiny
 from tsm_core.train.recipe import load_recipe
 from tsm_distill import DistillRecipe, DMD2Trainer, NonFiniteLossError
 from tsm_distill.rollout import backward_simulation, renoise

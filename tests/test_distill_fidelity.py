@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests import tiny
 from tests.test_distill import phase, recipe, run_two_processes
+from tsm_core.testing import tiny
 from tsm_core.train.accel import make_accelerator
 from tsm_distill import DMD2Trainer
 from tsm_distill.critic import Critic

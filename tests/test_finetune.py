@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests import tiny, tiny_dit
 from tests.numerics import assert_close
 from tests.test_core import perturb  # noqa: F401  (shared helper; keeps the import graph explicit)
 from tsm_core.finetune import FinetuneRecipe, FinetuneTrainer, load_finetuned, plan_phases
+from tsm_core.testing import tiny, tiny_dit
 from tsm_core.train.logging import read_stats
 from tsm_core.train.recipe import load_recipe
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from tests import tiny
+from tsm_core.testing import tiny
 
 
 def test_tokenizer_tokenizes_words_not_bytes(tokenizer):

@@ -14,8 +14,8 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests import tiny
 from tests.test_distill import phase, recipe
+from tsm_core.testing import tiny
 from tsm_core.train.recipe import load_recipe
 from tsm_distill import DistillRecipe, DMD2Trainer, NonFiniteLossError, cli
 from tsm_distill.critic import Critic

@@ -46,9 +46,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tests import tiny  # noqa: E402
 from tsm_core import TSMConfig, attach  # noqa: E402
 from tsm_core.layers import expert_key  # noqa: E402
+from tsm_core.testing import tiny  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 RANK = 4

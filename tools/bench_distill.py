@@ -50,7 +50,7 @@ def setup(args):
     work = Path(tempfile.mkdtemp(prefix="bench_distill_"))
     teacher = args.teacher
     if teacher is None:
-        from tests import tiny
+        from tsm_core.testing import tiny
 
         teacher = str(tiny.build_sd_pipeline(work / "teacher", with_vae=False))
     prompts = work / "prompts.txt"

@@ -21,12 +21,12 @@ WORDS = (
 def write_clip_tokenizer(folder: str | Path, words=WORDS, model_max_length: int = 16):
     """A tiny CLIP BPE tokenizer holding ``words`` whole, written to ``folder`` and loaded by path.
 
-    The package's builder (the one the embedded teacher ships with) does the work; transformers 5
-    ignores ``CLIPTokenizer(vocab_file=...)``, so it loads with ``from_pretrained(folder)`` like a real one.
+    The package's builder (the one the embedded teacher ships with) does the work; it loads with
+    ``from_pretrained(folder)`` like a real one.
     """
-    from tsm_core.train.fmnist import write_clip_tokenizer as build
+    from tsm_core.train.tokenizer import write_clip_tokenizer as build
 
-    return build(folder, words=list(words), model_max_length=model_max_length)
+    return build(folder, words, model_max_length)
 
 
 def tiny_unet_config(sample_size: int = 16, in_channels: int = 4, cross_attention_dim: int = 32, **kw) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from tests import tiny
+from tsm_core.testing import tiny
 
 
 def _tiny_vae(shift_factor: float | None = None):
