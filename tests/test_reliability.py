@@ -144,6 +144,25 @@ def test_cli_refuses_a_used_folder_then_overwrites_it(env, tmp_path, capsys):
     assert stats_steps(run) == [1]
 
 
+def test_resume_refuses_a_model_shape_change_and_records_other_changes(env, tmp_path, capsys):
+    """--resume compares the recipe with the saved recipe.yaml first: a rank change is refused with
+    recipe.yaml untouched; a learning-rate change is printed, kept in resume_history.jsonl and in
+    recipe.yaml."""
+    path = write_recipe(env, tmp_path / "r.yaml", [phase("e", scale=4)])
+    run = tmp_path / "run"
+    assert cli.main([str(path), "--run-dir", str(run)]) == 0
+    saved = (run / "recipe.yaml").read_text()
+    capsys.readouterr()
+    assert cli.main([str(path), "--run-dir", str(run), "--resume", "--set", "experts.rank=8"]) == 2
+    assert "experts.rank: 2 -> 8" in one_line_error(capsys)
+    assert (run / "recipe.yaml").read_text() == saved
+    assert cli.main([str(path), "--run-dir", str(run), "--resume", "--set", "phases.0.lr=5e-4"]) == 0
+    assert "resume: phases.0.lr 0.001 -> 0.0005" in capsys.readouterr().out
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["phases"][0]["lr"] == 5e-4
+    history = [json.loads(x) for x in (run / "resume_history.jsonl").read_text().splitlines()]
+    assert [c["key"] for c in history[-1]["changes"]] == ["phases.0.lr"]
+
+
 # ---------------------------------------------------------------------------- 3 + 5. settings checked at start-up
 BAD_SETTINGS = [
     (["phases.1.core_scale=8"], "core_scale 8 is not one of experts.scales"),

@@ -4,6 +4,7 @@ the NaN stop. The two real trainers run on it too (tests/test_finetune.py, tests
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from dataclasses import dataclass, field
@@ -155,3 +156,23 @@ def test_truncate_stats_drops_later_rows_and_a_torn_line(tmp_path):
     (tmp_path / "stats.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')
     assert truncate_stats(tmp_path, 2) == 2
     assert [r["step"] for r in read_stats(tmp_path)] == [1, 2]
+
+
+def test_resume_records_recipe_changes_and_refuses_shape_changes(tmp_path):
+    import yaml
+
+    class Trainer(LinearTrainer):
+        shape_keys = ("phases*",)
+
+    Trainer(tmp_path, checkpoint_every=100).train()
+    saved = (tmp_path / "recipe.yaml").read_text()
+    with pytest.raises(ValueError, match=r"phases: \[3, 4\] -> \[3, 4, 2\]"):
+        Trainer(tmp_path, recipe=LinearRecipe(phases=[3, 4, 2])).train(resume=True)
+    assert (tmp_path / "recipe.yaml").read_text() == saved  # refused before anything was written
+    assert not (tmp_path / "resume_history.jsonl").exists()
+
+    Trainer(tmp_path, recipe=LinearRecipe(lr=0.05)).train(resume=True)
+    assert yaml.safe_load((tmp_path / "recipe.yaml").read_text())["lr"] == 0.05  # recipe.yaml stays true
+    rows = [json.loads(line) for line in (tmp_path / "resume_history.jsonl").read_text().splitlines()]
+    assert rows[-1]["changes"] == [{"key": "lr", "old": 0.1, "new": 0.05}]
+    assert rows[-1]["checkpoint"].endswith("step_00000007")

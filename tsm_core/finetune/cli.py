@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
             recipe.train.run_dir = str(args.run_dir)
         return Path(recipe.train.run_dir)
 
-    status, result = run_recipe(args, FinetuneRecipe, run_dir_of, lambda recipe, run_dir: FinetuneTrainer(recipe, run_dir))
+    status, result = run_recipe(args, FinetuneRecipe, run_dir_of, FinetuneTrainer)
     if status == 0:
         print(f"done: step {result['step']}, loss {result['loss']:.4f}, adapter in {result['adapter_dir']}, "
               f"{result['skipped']} unreadable samples skipped")

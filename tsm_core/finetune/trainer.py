@@ -43,6 +43,9 @@ class FinetuneTrainer(PhasedTrainer):
     """
 
     desc = "finetune"
+    shape_keys = PhasedTrainer.shape_keys + ("experts.text_encoder_targets*", "stages", "stages.*.type",
+                                             "stages.*.scale", "stages.*.schedule", "stages.*.core_scale",
+                                             "stages.*.context_scales*")
 
     def __init__(self, recipe: FinetuneRecipe, run_dir: str | os.PathLike | None = None):
         tr = recipe.train

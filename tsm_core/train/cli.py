@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .recipe import add_recipe_args, load_recipe
-from .skeleton import PhasedTrainer, TrainingInterrupted, check_run_folder
+from .skeleton import PhasedTrainer, TrainingInterrupted, check_resume_recipe, check_run_folder
 
 USER_ERROR = 2  # argparse's own status for a bad command line
 INTERRUPTED = 130  # the shell's status for a run stopped by SIGINT
@@ -32,12 +32,13 @@ def add_run_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run_recipe(args: argparse.Namespace, schema: type, run_dir_of: Callable[[Any], Path],
-               build: Callable[[Any, Path], PhasedTrainer]) -> tuple[int, Any]:
-    """Load ``args.recipe`` into ``schema``, check the run folder, build the trainer and train.
+               trainer_class: type[PhasedTrainer]) -> tuple[int, Any]:
+    """Load ``args.recipe`` into ``schema``, check the run folder (and with ``--resume`` the recipe
+    against the saved one) before any model loads, build the trainer and train.
 
     Args:
-        run_dir_of: the run folder of a loaded recipe (``--run-dir`` already applied by the caller).
-        build: ``(recipe, run_dir) -> trainer``.
+        run_dir_of: the run folder of a loaded recipe (``--run-dir`` applied).
+        trainer_class: built as ``trainer_class(recipe, run_dir)``.
 
     Returns ``(status, result)``: ``(0, train()'s result)``, or a non-zero status after printing one line.
     """
@@ -46,7 +47,9 @@ def run_recipe(args: argparse.Namespace, schema: type, run_dir_of: Callable[[Any
         recipe = load_recipe(args.recipe, schema, args.overrides)
         run_dir = Path(run_dir_of(recipe))
         check_run_folder(run_dir, args.resume, args.overwrite)  # before the models load
-        trainer = build(recipe, run_dir)
+        if args.resume:
+            check_resume_recipe(run_dir, recipe, trainer_class.shape_keys)
+        trainer = trainer_class(recipe, run_dir)
         return 0, trainer.train(resume=args.resume, overwrite=args.overwrite)
     except TrainingInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)

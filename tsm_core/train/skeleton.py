@@ -28,6 +28,7 @@ and ``self.schedulers``), `train_step`, `checkpoint_modules` and `save_final`; o
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import logging
 import os
@@ -35,23 +36,26 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from .accel import make_accelerator
 from .checkpoint import TMP_PREFIX, CheckpointManager
 from .logging import RunLogger, progress
 from .optim import check_finite, clip_gradients, sync_gradients, warmup_schedule
-from .recipe import save_recipe
+from .recipe import recipe_to_dict, save_recipe
 
 log = logging.getLogger(__name__)
 
 # What a run writes into its folder (beside recipe.yaml): a new run must not mix with an old one's.
 RUN_OUTPUTS = ("checkpoints", "phases", "adapter", "adapter_ema", "samples", "images", "tb", "stats.jsonl")
 STATS_FILE = "stats.jsonl"
+RECIPE_FILE = "recipe.yaml"
+RESUME_HISTORY = "resume_history.jsonl"
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -153,6 +157,40 @@ def truncate_stats(run_dir: str | Path, step: int) -> int:
     return dropped
 
 
+def recipe_changes(saved: Any, new: Any, key: str = "") -> list[tuple[str, Any, Any]]:
+    """Every ``(key, old, new)`` where two plain recipe dicts differ; keys are dotted as in ``--set``
+    (``phases.0.lr``). Lists of equal length compare item by item, others as a whole."""
+    if isinstance(saved, Mapping) and isinstance(new, Mapping):
+        out = []
+        for k in list(saved) + [k for k in new if k not in saved]:
+            sub = f"{key}.{k}" if key else str(k)
+            out += recipe_changes(saved.get(k), new.get(k), sub)
+        return out
+    if isinstance(saved, list) and isinstance(new, list) and len(saved) == len(new):
+        return [c for i, (a, b) in enumerate(zip(saved, new)) for c in recipe_changes(a, b, f"{key}.{i}")]
+    return [] if saved == new else [(key, saved, new)]
+
+
+def check_resume_recipe(run_dir: str | Path, recipe: Any, shape_keys: Sequence[str]) -> list[tuple[str, Any, Any]]:
+    """How ``recipe`` differs from the one ``run_dir/recipe.yaml`` holds (cheap: call it before loading
+    models); ``shape_keys`` are fnmatch patterns of keys a resumed run may not change.
+
+    Raises:
+        ValueError: a change to a key matching ``shape_keys`` (the checkpoint would not fit, or would
+            mean something else).
+    """
+    path = Path(run_dir) / RECIPE_FILE
+    if not path.is_file():
+        return []  # a folder from before recipes were saved: nothing to compare with
+    changes = recipe_changes(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, recipe_to_dict(recipe))
+    fixed = [c for c in changes if any(fnmatch.fnmatchcase(c[0], p) for p in shape_keys)]
+    if fixed:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in fixed)
+        raise ValueError(f"--resume: the recipe changes what the checkpoint holds ({listed}); resume with the "
+                         f"values saved in {path}, or start a new run (--overwrite or another --run-dir)")
+    return changes
+
+
 class PhasedTrainer:
     """The run loop, checkpoints, resume, logging and optimizer plumbing of every tsm trainer.
 
@@ -169,6 +207,10 @@ class PhasedTrainer:
     """
 
     desc = "train"  # the progress bar's label
+    # Recipe keys (fnmatch patterns on --set style keys) that a resumed run may not change: they fix
+    # the shapes or the meaning of what the checkpoint holds. Other changes are listed and recorded.
+    shape_keys: tuple[str, ...] = ("model.kind", "model.max_sequence_length", "experts.rank", "experts.alpha",
+                                   "experts.target_modules*", "experts.router_input", "experts.router_activation")
 
     def __init__(self, recipe: Any, run_dir: str | os.PathLike, *, seed: int, mixed_precision: str,
                  checkpoint_every: int, log_every: int, sample_every: int, keep_last: int | None,
@@ -325,8 +367,18 @@ class PhasedTrainer:
         self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
 
     # ------------------------------------------------------------------ the run
+    def _record_resume(self, changes: list[tuple[str, Any, Any]]) -> None:
+        """Print the changes a resumed run makes and append them to ``resume_history.jsonl``."""
+        for key, old, new in changes:
+            print(f"resume: {key} {old!r} -> {new!r}", flush=True)
+        row = {"time": round(time.time(), 3), "checkpoint": str(self.ckpt.latest()),
+               "changes": [{"key": k, "old": old, "new": new} for k, old, new in changes]}
+        with open(self.run_dir / RESUME_HISTORY, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
     def _prepare_folder(self, resume: bool, overwrite: bool) -> None:
         check_run_folder(self.run_dir, resume, overwrite)
+        changes = check_resume_recipe(self.run_dir, self.recipe, self.shape_keys) if resume else []
         self.acc.wait_for_everyone()  # every process has looked before the main one deletes anything
         if self.acc.is_main_process:
             if overwrite:
@@ -334,7 +386,9 @@ class PhasedTrainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             for stale in remove_stale_temp_files(self.run_dir):
                 log.warning("removed %s, left by a write that was killed", stale)
-            save_recipe(self.recipe, self.run_dir / "recipe.yaml")
+            if resume:
+                self._record_resume(changes)
+            save_recipe(self.recipe, self.run_dir / RECIPE_FILE)  # recipe.yaml: what the run now runs
         self.acc.wait_for_everyone()
 
     def train(self, resume: bool = False, overwrite: bool = False) -> Any:
