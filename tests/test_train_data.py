@@ -48,6 +48,21 @@ def test_read_prompts_txt_and_jsonl(tmp_path):
     assert read_prompts(tmp_path / "p.jsonl") == ["one", "two", "three"]
 
 
+def test_read_prompts_json_lists_and_coco_and_the_fid_tool_reads_the_same(tmp_path):
+    from tsm_core.eval import generate
+
+    (tmp_path / "p.json").write_text('["a cat", {"text": "a dog"}, {"caption": " a cow "}]')
+    assert read_prompts(tmp_path / "p.json") == ["a cat", "a dog", "a cow"]
+    (tmp_path / "coco.json").write_text('{"annotations": [{"image_id": 1, "caption": "two dogs"}]}')
+    assert read_prompts(tmp_path / "coco.json") == ["two dogs"]
+    # tools/fid.py generate used to reject the "text" key that training accepts: one reader now.
+    (tmp_path / "t.jsonl").write_text('{"text": "one"}\n')
+    assert generate.read_prompts(tmp_path / "t.jsonl") == read_prompts(tmp_path / "t.jsonl") == ["one"]
+    (tmp_path / "bad.json").write_text('[{"label": 3}]')
+    with pytest.raises(ValueError, match="item 0 is neither"):
+        read_prompts(tmp_path / "bad.json")
+
+
 def test_read_prompts_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         read_prompts(tmp_path / "missing.txt")

@@ -38,20 +38,18 @@ class PromptSource:
 
 
 def _shard_captions(spec: str) -> list[str]:
-    """Every caption (``txt``, or ``json`` text/prompt/caption) of webdataset shards, images not decoded."""
-    import json
-
+    """Every caption of webdataset shards (``shard_caption``: txt, or json text/prompt/caption), images
+    not decoded; samples without one are left out."""
     import webdataset as wds
 
-    from tsm_core.train.data import expand_shards
+    from tsm_core.train.data import expand_shards, shard_caption
 
     captions = []
     for sample in wds.WebDataset(expand_shards(spec), shardshuffle=False):
-        if "txt" in sample:
-            captions.append(sample["txt"].decode("utf-8").strip())
-        elif "json" in sample:
-            meta = json.loads(sample["json"])
-            captions.append(str(meta.get("text") or meta.get("prompt") or meta.get("caption") or "").strip())
+        try:
+            captions.append(shard_caption(sample))
+        except ValueError:
+            continue
     captions = [c for c in captions if c]
     if not captions:
         raise ValueError(f"the shards {spec!r} hold no captions (txt, or json with text/prompt/caption)")

@@ -63,6 +63,10 @@ class DMD2Trainer(PhasedTrainer):
     """
 
     desc = "distill"
+    shape_keys = PhasedTrainer.shape_keys + (
+        "experts.scales*", "critic.lora_rank", "critic.lora_targets*", "student_timesteps*", "phases",
+        "phases.*.type", "phases.*.scale", "phases.*.experts*", "phases.*.core_scale", "phases.*.context_scales*",
+        "phases.*.gan")
 
     def __init__(self, recipe: DistillRecipe, run_dir: str | Path, accelerator=None):
         tc = recipe.train

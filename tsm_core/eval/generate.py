@@ -18,32 +18,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ..train.data import read_prompts  # noqa: F401  (tools/fid.py generate reads prompts through here)
 from .preprocess import images_from_batch
-
-
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """Prompts from a .txt (one per line), .json (list of strings, or COCO captions) or .jsonl file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Prompt file {path} does not exist.")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        data = json.loads(text)
-        if isinstance(data, dict) and "annotations" in data:
-            prompts = [a["caption"] for a in data["annotations"]]
-        elif isinstance(data, list):
-            prompts = [p if isinstance(p, str) else p.get("prompt") or p.get("caption") for p in data]
-        else:
-            raise ValueError(f"{path}: expected a JSON list of prompts or a COCO captions file.")
-    elif path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        prompts = [r.get("prompt") or r.get("caption") for r in rows]
-    else:
-        prompts = text.splitlines()
-    prompts = [p.strip() for p in prompts if p and p.strip()]
-    if not prompts:
-        raise ValueError(f"Prompt file {path} holds no prompts.")
-    return prompts
 
 
 def pipeline_has_vae(path: str | os.PathLike) -> bool:

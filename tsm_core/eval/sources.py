@@ -12,17 +12,16 @@ import io
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ..train.data import IMAGE_KEYS, expand_shards
 from .preprocess import images_from_batch, to_rgb_uint8
 
 # The extensions clean-fid collects from a folder (cleanfid/utils.py), so both see the same files.
 EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp", "npy", "JPEG", "JPG", "PNG")
 # Keys that hold an image in a webdataset sample.
-SHARD_IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "ppm", "pgm")
 
 
 @dataclass
@@ -93,24 +92,6 @@ def generator_items(generate: Callable[[int], object], n_images: int, batch_size
             made += 1
 
 
-def _expand_shards(urls: str | os.PathLike | Iterable[str]) -> list[str]:
-    if isinstance(urls, (str, os.PathLike)):
-        urls = [str(urls)]
-    expanded: list[str] = []
-    for url in urls:
-        url = str(url)
-        if "{" in url or "://" in url:
-            expanded.append(url)  # brace patterns and remote URLs are webdataset's business
-            continue
-        matches = sorted(glob.glob(url)) if any(c in url for c in "*?[") else [url]
-        if not matches or not all(Path(m).is_file() for m in matches):
-            raise FileNotFoundError(f"Shard {url} does not exist. Give .tar files, a glob, or a brace pattern.")
-        expanded.extend(matches)
-    if not expanded:
-        raise FileNotFoundError("No shards given.")
-    return expanded
-
-
 def _decode_bytes(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as img:
         return np.array(img.convert("RGB"))
@@ -130,11 +111,11 @@ def shard_items(urls, errors: list[tuple[str, str]] | None = None) -> Iterator[I
         errors.append(("shard", repr(exn)))
         return True  # continue with the next sample
 
-    dataset = wds.WebDataset(_expand_shards(urls), shardshuffle=False, handler=handler, empty_check=False)
+    dataset = wds.WebDataset(expand_shards(urls), shardshuffle=False, handler=handler, empty_check=False)
     for sample in dataset:
         key = sample.get("__key__", "?")
         name = f"{sample.get('__url__', 'shard')}:{key}"
-        data = next((sample[k] for k in SHARD_IMAGE_KEYS if k in sample), None)
+        data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
         if data is None:
             reason = f"no image in sample (keys: {sorted(k for k in sample if not k.startswith('__'))})"
             if errors is None:

@@ -28,7 +28,8 @@ from torch.utils.data import Dataset
 
 log = logging.getLogger(__name__)
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+# Image and caption keys of webdataset samples (and JSON caption objects), for training and FID alike.
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm")
 CAPTION_KEYS = ("text", "prompt", "caption")
 
 
@@ -47,8 +48,10 @@ def _jsonl_rows(path: Path, lines: list[str]):
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
-    """Read prompts from a ``.txt`` file (one per line) or a ``.jsonl`` file (key "text", "prompt" or "caption").
+    """Read prompts: ``.txt`` (one per line), ``.jsonl`` (objects with "text", "prompt" or "caption"),
+    or ``.json`` (a list of such strings or objects, or a COCO captions file's ``annotations``).
 
+    Training (``data.prompts``) and ``tools/fid.py generate`` read prompts with this one function.
     Blank lines are ignored and prompts are stripped.
 
     Raises:
@@ -58,11 +61,14 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
     prompts: list[str] = []
-    if path.suffix.lower() == ".jsonl":
+    if path.suffix.lower() == ".json":
+        prompts = [p.strip() for p in _json_prompts(path, text) if p.strip()]
+    elif path.suffix.lower() == ".jsonl":
         for n, row in _jsonl_rows(path, lines):
-            text = _caption_of(row) if isinstance(row, dict) else None
+            text = caption_of(row) if isinstance(row, dict) else None
             if text is None:
                 raise ValueError(f"{path}:{n}: expected an object with one of the keys {list(CAPTION_KEYS)}")
             if text.strip():
@@ -74,11 +80,46 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     return prompts
 
 
-def _caption_of(row: dict) -> str | None:
+def _json_prompts(path: Path, text: str) -> list[str]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        data = data["annotations"]  # a COCO captions file
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of prompts, or a COCO captions file with 'annotations'")
+    out = []
+    for i, item in enumerate(data):
+        found = item if isinstance(item, str) else caption_of(item) if isinstance(item, dict) else None
+        if found is None:
+            raise ValueError(f"{path}: item {i} is neither a string nor an object with one of {list(CAPTION_KEYS)}")
+        out.append(found)
+    return out
+
+
+def caption_of(row: dict) -> str | None:
+    """The caption of a JSON object: its first string among ``CAPTION_KEYS`` (None if it has none)."""
     for key in CAPTION_KEYS:
         if isinstance(row.get(key), str):
             return row[key]
     return None
+
+
+def shard_caption(sample: dict) -> str:
+    """The caption of a webdataset sample: its ``txt``, or the caption of its ``json``.
+
+    Raises:
+        ValueError: neither, or a ``json`` without a caption key.
+    """
+    if "txt" in sample:
+        return sample["txt"].decode("utf-8").strip()
+    if "json" in sample:
+        text = caption_of(json.loads(sample["json"]))
+        if text is None:
+            raise ValueError(f"json has none of the keys {list(CAPTION_KEYS)}")
+        return text.strip()
+    raise ValueError("no caption (txt or json) in sample")
 
 
 # --------------------------------------------------------------------------- transforms
@@ -252,14 +293,7 @@ def _decode_samples(src: Iterable[dict], transform: Callable, counter: SkipCount
             image_key = next((k for k in IMAGE_KEYS if k in sample), None)
             if image_key is None:
                 raise ValueError(f"no image ({'/'.join(IMAGE_KEYS)}) in sample")
-            if "txt" in sample:
-                text = sample["txt"].decode("utf-8").strip()
-            elif "json" in sample:
-                text = _caption_of(json.loads(sample["json"]))
-                if text is None:
-                    raise ValueError(f"json has none of the keys {list(CAPTION_KEYS)}")
-            else:
-                raise ValueError("no caption (txt or json) in sample")
+            text = shard_caption(sample)
             pixels = transform(_open_rgb(sample[image_key]))
         except Exception as e:  # any decoding failure: count it and move on
             counter.add(f"{sample.get('__url__', '?')}:{key}: {type(e).__name__}: {e}")
