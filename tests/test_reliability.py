@@ -305,3 +305,24 @@ def test_non_finite_fake_score_stops_the_run(env, tmp_path, monkeypatch):
     monkeypatch.setattr(DMD2Trainer, "_fake_x0_fp32", lambda self, *a: original(self, *a) * float("nan"))
     with pytest.raises(NonFiniteLossError, match="fake score"):
         DMD2Trainer(recipe(env, [phase("e", scale=4)]), tmp_path / "run").train()
+
+
+# ---------------------------------------------------------------------------- timesteps that have no interval
+@pytest.mark.parametrize("t, message", [
+    (torch.tensor([float("nan"), 10.0]), "finite numbers, got \\[nan\\]"),
+    (torch.tensor([float("inf")]), "finite numbers, got \\[inf\\]"),
+    (torch.tensor([True, False]), "got booleans"),
+    (True, "got booleans"),
+])
+def test_nan_and_boolean_timesteps_are_refused(t, message):
+    from tsm_core import TimestepIntervals, TSMConfig, attach
+
+    iv = TimestepIntervals(1000, (1, 4))
+    with pytest.raises(ValueError, match=message):
+        iv.index(t, 4)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    tsm = attach(model, TSMConfig(rank=2, alpha=2, scales=(1, 4), target_modules=["0"]))
+    tsm.set_mode("expert", scale=4)
+    with pytest.raises(ValueError, match=message):
+        with tsm.timesteps(t):
+            model(torch.zeros(2, 4))

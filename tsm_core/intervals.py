@@ -52,6 +52,12 @@ class TimestepIntervals:
             t = t.reshape(1)
         if t.ndim != 1:
             raise ValueError(f"timesteps must be a scalar or a 1-D per-sample tensor, got shape {tuple(t.shape)}")
+        if t.dtype == torch.bool:
+            raise ValueError("timesteps must be numbers, got booleans (True/False would silently pick timestep 1/0)")
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = t[~torch.isfinite(t)][:4].tolist()
+            raise ValueError(f"timesteps must be finite numbers, got {bad}: a NaN or inf timestep has no interval "
+                             "(check the sampler or the sigma -> t mapping that produced it)")
         T = self.num_timesteps
         hi = T - 1 if not t.is_floating_point() else T
         if t.numel() and (bool((t < 0).any()) or bool((t > hi).any())):
