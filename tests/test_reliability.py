@@ -326,3 +326,20 @@ def test_nan_and_boolean_timesteps_are_refused(t, message):
     with pytest.raises(ValueError, match=message):
         with tsm.timesteps(t):
             model(torch.zeros(2, 4))
+
+
+def test_cli_reports_a_full_disk_mid_run_in_one_line(env, tmp_path, monkeypatch, capsys):
+    import shutil as sh
+
+    import tsm_core.train.checkpoint as ck
+
+    def full(obj, path):
+        monkeypatch.setattr(sh, "disk_usage", lambda p: sh._ntuple_diskusage(10**9, 10**9, 0))
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(ck, "_torch_save", full)
+    path = write_recipe(env, tmp_path / "r.yaml", [phase("e", scale=4)])
+    assert cli.main([str(path), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars: one line, no traceback
+    assert err.startswith("error: could not write checkpoint step 1: no space left on the device")
+    assert err.endswith("no checkpoint was written yet; free space, then start again")

@@ -176,3 +176,53 @@ def test_resume_records_recipe_changes_and_refuses_shape_changes(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "resume_history.jsonl").read_text().splitlines()]
     assert rows[-1]["changes"] == [{"key": "lr", "old": 0.1, "new": 0.05}]
     assert rows[-1]["checkpoint"].endswith("step_00000007")
+
+
+def test_a_read_only_run_folder_is_refused_in_words_before_training(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    from tsm_core.train.skeleton import RunFolderError
+
+    real = Path.write_bytes
+
+    def read_only(self, data):
+        if self.name.startswith(".tmp_write_probe"):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    tr = LinearTrainer(tmp_path / "run")
+    with pytest.raises(RunFolderError, match="read-only file system; choose another --run-dir"):
+        tr.train()
+    assert not tr.started
+
+
+def test_a_full_disk_at_a_checkpoint_says_so_and_names_the_last_checkpoint(tmp_path, monkeypatch):
+    import shutil as sh
+
+    import tsm_core.train.checkpoint as ck
+    from tsm_core.train.skeleton import RunFolderError
+
+    saves = {"n": 0}
+    real_save = ck._torch_save
+
+    def fills_the_disk(obj, path):
+        saves["n"] += 1
+        if saves["n"] > 3:  # the first checkpoint (rng, optimizers, schedulers) fits; the second does not
+            monkeypatch.setattr(sh, "disk_usage", lambda p: sh._ntuple_diskusage(10**9, 10**9, 0))
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        return real_save(obj, path)
+
+    monkeypatch.setattr(ck, "_torch_save", fills_the_disk)
+    with pytest.raises(RunFolderError, match=r"checkpoint step 3: no space left .*0\.0 MiB free.*step_00000002.*--resume"):
+        LinearTrainer(tmp_path).train()
+    monkeypatch.undo()
+
+    def bug(obj, path):
+        raise RuntimeError("a bug")
+
+    # A RuntimeError with room on the disk is a bug, not the disk: it stays what it is.
+    monkeypatch.setattr(ck, "_torch_save", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        LinearTrainer(tmp_path / "b").train()

@@ -3,7 +3,8 @@
 ``tsm-finetune`` and ``tsm-distill`` both take ``RECIPE [--set KEY=VALUE ...] [--run-dir DIR]
 [--resume | --overwrite]``. A user's mistake found before training starts (a bad recipe key or
 value, a missing model or data set, a used run folder) prints one line ``error: ...`` on stderr and
-exits with status 2; anything else, and any error once training has started, keeps its traceback.
+exits with status 2, as does a read-only or full run folder at any time; anything else, and any
+other error once training has started, keeps its traceback.
 Ctrl-C or SIGTERM writes a checkpoint and exits with status 130 and a line that says how to resume.
 """
 
@@ -16,7 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from .recipe import add_recipe_args, load_recipe
-from .skeleton import PhasedTrainer, TrainingInterrupted, check_resume_recipe, check_run_folder
+from .skeleton import (
+    PhasedTrainer,
+    RunFolderError,
+    TrainingInterrupted,
+    check_resume_recipe,
+    check_run_folder,
+)
 
 USER_ERROR = 2  # argparse's own status for a bad command line
 INTERRUPTED = 130  # the shell's status for a run stopped by SIGINT
@@ -54,6 +61,9 @@ def run_recipe(args: argparse.Namespace, schema: type, run_dir_of: Callable[[Any
     except TrainingInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return INTERRUPTED, None
+    except RunFolderError as e:  # the machine, not the code: one line even mid-run
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return USER_ERROR, None
     except (ValueError, FileNotFoundError) as e:
         if trainer is not None and trainer.started:
             raise  # raised by a training step: a bug's traceback, not a setting to fix

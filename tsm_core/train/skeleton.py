@@ -28,6 +28,7 @@ and ``self.schedulers``), `train_step`, `checkpoint_modules` and `save_final`; o
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import json
 import logging
@@ -56,6 +57,56 @@ RUN_OUTPUTS = ("checkpoints", "phases", "adapter", "adapter_ema", "samples", "im
 STATS_FILE = "stats.jsonl"
 RECIPE_FILE = "recipe.yaml"
 RESUME_HISTORY = "resume_history.jsonl"
+
+
+# Below this much free space a failed write is put down to a full disk.
+LOW_SPACE_BYTES = 64 * 2**20
+
+
+class RunFolderError(OSError):
+    """The run folder cannot be written (read-only, no permission, no space left); the message says
+    which, and how to go on. The CLIs print it as one ``error:`` line."""
+
+
+def describe_write_failure(error: BaseException, folder: Path) -> str | None:
+    """Words for a failed write into ``folder``: a full disk, a read-only file system or no permission;
+    None when it is none of those (a bug: keep the traceback).
+
+    torch.save reports a full disk as a RuntimeError ("enforce fail at inline_container.cc") without an
+    errno, so the free space is measured too.
+    """
+    code = getattr(error, "errno", None)
+    probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("/"))
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        free = None
+    if code in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < LOW_SPACE_BYTES):
+        room = f" ({free / 2**20:.1f} MiB free)" if free is not None else ""
+        return f"no space left on the device of {folder}{room}"
+    if code == errno.EROFS:
+        return f"{folder} is on a read-only file system"
+    if code in (errno.EACCES, errno.EPERM) or (isinstance(error, OSError) and not os.access(probe, os.W_OK)):
+        return f"{folder} is not writable (permission denied)"
+    return None
+
+
+def check_writable(run_dir: str | Path) -> None:
+    """Create ``run_dir`` and write one small file there, so a read-only or full run folder fails now,
+    in words, not with a torch serialization error at the first checkpoint.
+
+    Raises:
+        RunFolderError: the folder cannot be written.
+    """
+    run_dir = Path(run_dir)
+    probe = run_dir / f"{TMP_PREFIX}write_probe_{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        why = describe_write_failure(e, run_dir) or f"{run_dir} cannot be written ({e})"
+        raise RunFolderError(f"{why}; choose another --run-dir or fix the folder") from e
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -296,10 +347,30 @@ class PhasedTrainer:
                 "seconds": self.seconds}
 
     def save_checkpoint(self, with_optimizers: bool = True) -> Path:
-        """An atomic checkpoint of the current step (optimizers off at a phase boundary)."""
-        return self.ckpt.save(self.global_step, self.checkpoint_modules(),
-                              self.optimizers if with_optimizers else {},
-                              self.schedulers if with_optimizers else {}, self._state())
+        """An atomic checkpoint of the current step (optimizers off at a phase boundary).
+
+        Raises:
+            RunFolderError: the disk is full or the folder became unwritable; the message names the last
+                complete checkpoint (a failed save leaves only a temp folder, removed by the next save).
+        """
+        with self.writing(f"checkpoint step {self.global_step}"):
+            return self.ckpt.save(self.global_step, self.checkpoint_modules(),
+                                  self.optimizers if with_optimizers else {},
+                                  self.schedulers if with_optimizers else {}, self._state())
+
+    @contextlib.contextmanager
+    def writing(self, what: str):
+        """Turn a full disk or an unwritable run folder during ``what`` into a `RunFolderError` in words."""
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            why = describe_write_failure(e, self.run_dir)
+            if why is None:
+                raise
+            last = self.ckpt.latest()
+            resume = (f"the last complete checkpoint is {last}; free space (or move the run folder), then --resume"
+                      if last is not None else "no checkpoint was written yet; free space, then start again")
+            raise RunFolderError(f"could not write {what}: {why}; {resume}") from e
 
     def _resume(self) -> None:
         """Restore the latest checkpoint, entering its phase first (its modules, e.g. a router, must
@@ -378,6 +449,7 @@ class PhasedTrainer:
 
     def _prepare_folder(self, resume: bool, overwrite: bool) -> None:
         check_run_folder(self.run_dir, resume, overwrite)
+        check_writable(self.run_dir)
         changes = check_resume_recipe(self.run_dir, self.recipe, self.shape_keys) if resume else []
         self.acc.wait_for_everyone()  # every process has looked before the main one deletes anything
         if self.acc.is_main_process:
@@ -421,7 +493,8 @@ class PhasedTrainer:
             raise
         finally:
             bar.close()
-        result = self.save_final()
+        with self.writing("the final adapters"):
+            result = self.save_final()
         self.logger.close()
         self.acc.wait_for_everyone()
         return result
@@ -435,7 +508,8 @@ class PhasedTrainer:
                 log.info("phase %s: steps %d-%d", name, self.global_step + 1, self.global_step + steps)
             resumed = False
             self._run_phase(bar, name, steps)
-            self.end_phase(self.phase_index)
+            with self.writing(f"the adapter of phase {name!r}"):
+                self.end_phase(self.phase_index)
             self.phase_index += 1
             self.phase_step = 0
             self._latest_logs = {}  # the next phase's rows hold only its own losses
