@@ -343,3 +343,59 @@ def test_cli_reports_a_full_disk_mid_run_in_one_line(env, tmp_path, monkeypatch,
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars: one line, no traceback
     assert err.startswith("error: could not write checkpoint step 1: no space left on the device")
     assert err.endswith("no checkpoint was written yet; free space, then start again")
+
+
+# ---------------------------------------------------------------------------- truncated shards
+def _write_shard(path, first: int, n: int = 6):
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    with tarfile.open(path, "w") as tar:
+        for i in range(first, first + n):
+            png = io.BytesIO()
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(png, "PNG")
+            for ext, data in (("png", png.getvalue()), ("txt", f"sample {i}".encode())):
+                info = tarfile.TarInfo(f"{i:04d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_truncated_shards_are_reported_by_name_not_as_one_skipped_sample(tmp_path):
+    from tsm_core.train.data import webdataset_image_text
+
+    for name, first in (("a", 0), ("b", 100), ("c", 200)):
+        _write_shard(tmp_path / f"{name}.tar", first)
+    data = (tmp_path / "a.tar").read_bytes()
+    (tmp_path / "a.tar").write_bytes(data[: len(data) // 3 + 100])  # cut inside a member: tarfile raises
+    import tarfile
+
+    with tarfile.open(tmp_path / "b.tar") as tar:
+        cut = tar.getmember("0102.png").offset  # after two whole samples
+    data = (tmp_path / "b.tar").read_bytes()
+    (tmp_path / "b.tar").write_bytes(data[:cut])  # cut at a member boundary: tarfile stops silently
+    ds = webdataset_image_text(str(tmp_path / "*.tar"), resolution=8, shuffle=0)
+    texts = [it["text"] for it in ds]
+    counter = ds.skip_counter
+    assert counter.count == 0  # no sample was unreadable: two shards were cut short
+    assert sorted(counter.lost_shards) == [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
+    assert counter.read[str(tmp_path / "c.tar")] == 6 == sum(t.startswith("sample 2") for t in texts)
+    got_a = sum(t in {f"sample {i}" for i in range(6)} for t in texts)
+    assert 0 < got_a < 6 and counter.read[str(tmp_path / "a.tar")] == got_a
+    summary = counter.summary()
+    assert summary.startswith("0 unreadable sample(s) skipped; 2 shard(s) could not be read to the end")
+    assert f"a.tar (cut short after {got_a} samples" in summary and "b.tar (cut short after 2 samples" in summary
+
+
+def test_a_data_set_without_a_readable_batch_names_its_shards(tmp_path):
+    from tsm_core.finetune.data import batch_stream, build_dataset
+    from tsm_core.finetune.recipe import DataSection
+
+    for name in ("x", "y"):
+        (tmp_path / f"{name}.tar").write_bytes(b"\0" * 100 + b"garbage" * 200)
+    cfg = DataSection(source="webdataset", path=str(tmp_path / "*.tar"), resolution=8, shuffle_buffer=0)
+    stream = batch_stream(build_dataset(cfg), cfg, batch_size=2, seed=0, start_batch=0)
+    with pytest.raises(ValueError, match=r"no batches.*shards .*x\.tar, .*y\.tar.*could not be read to the end"):
+        next(stream)

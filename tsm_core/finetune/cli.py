@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
 
     status, result = run_recipe(args, FinetuneRecipe, run_dir_of, FinetuneTrainer)
     if status == 0:
-        print(f"done: step {result['step']}, loss {result['loss']:.4f}, adapter in {result['adapter_dir']}, "
-              f"{result['skipped']} unreadable samples skipped")
+        print(f"done: step {result['step']}, loss {result['loss']:.4f}, adapter in {result['adapter_dir']}; "
+              f"data: {result['data'] or 'every sample read'}")
     return status
 
 

@@ -161,7 +161,8 @@ class FinetuneTrainer(PhasedTrainer):
         self.apply_gradients(self.optimizers["opt"])
         self.schedulers["sched"].step()
         self.last_loss = total
-        return {"loss": total, "phase": ph.index, "data/skipped": self.skipped}
+        lost = len(getattr(getattr(self.dataset, "skip_counter", None), "lost_shards", {}))
+        return {"loss": total, "phase": ph.index, "data/skipped": self.skipped, "data/shards_lost": lost}
 
     # ------------------------------------------------------------------ the run
     def on_start(self) -> None:
@@ -173,14 +174,15 @@ class FinetuneTrainer(PhasedTrainer):
 
     def save_final(self) -> dict:
         """Write ``adapter/`` and ``adapter_text_encoder{i}/`` and the final samples; returns
-        ``{"step", "loss", "adapter_dir", "skipped"}``."""
+        ``{"step", "loss", "adapter_dir", "skipped", "data"}`` (``data``: what could not be read, in words)."""
         if self.acc.is_main_process:
             self.tsm.save(self.run_dir / ADAPTER_DIR)
             for i, a in zip(self.text_encoder_index, self.text_adapters):
                 a.save(self.run_dir / TEXT_ADAPTER_DIR.format(i))
         self.sample("final")
+        counter = getattr(self.dataset, "skip_counter", None)
         return {"step": self.global_step, "loss": float(self.last_loss), "adapter_dir": self.run_dir / ADAPTER_DIR,
-                "skipped": self.skipped}
+                "skipped": self.skipped, "data": counter.summary() if counter is not None else ""}
 
     @property
     def skipped(self) -> int:

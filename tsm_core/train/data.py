@@ -17,6 +17,8 @@ import io
 import json
 import logging
 import os
+import re
+import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,13 +162,41 @@ def _open_rgb(source: str | os.PathLike | bytes) -> Image.Image:
 # --------------------------------------------------------------------------- skip counting
 
 
+def _shard_of(exn: BaseException) -> str | None:
+    """The shard a webdataset stream error names (its args hold the url, or the open file's name)."""
+    for arg in reversed(exn.args):
+        if isinstance(arg, str) and ".tar" in arg and " " not in arg:
+            return arg
+    found = re.search(r"name='([^']+)'", str(exn))
+    return found.group(1) if found else None
+
+
+def tar_is_complete(path: str | os.PathLike) -> bool:
+    """Whether a local tar file ends with its end-of-archive marker (two zero blocks). A shard cut short
+    at a member boundary lacks it, and tarfile then stops early without an error."""
+    size = os.path.getsize(path)
+    if size < 1024 or size % 512:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 1024)
+        return not any(f.read(1024))
+
+
 @dataclass
 class SkipCounter:
-    """How many samples were skipped, with the last few reasons (for logs and tests)."""
+    """What could not be read: samples skipped (with the last few reasons) and shards cut short.
+
+    A truncated or unreadable shard is one *lost shard*, not one skipped sample: its remaining samples
+    are gone and their number is unknown, so it is reported by name with how many samples it gave.
+    """
 
     count: int = 0
     reasons: list[str] = field(default_factory=list)
     keep: int = 20
+    lost_shards: dict[str, str] = field(default_factory=dict)
+    """shard -> why the rest of it could not be read."""
+    read: dict[str, int] = field(default_factory=dict)
+    """shard -> samples decoded from it."""
 
     def add(self, reason: str) -> None:
         """Count one skipped sample and log why."""
@@ -174,10 +204,31 @@ class SkipCounter:
         self.reasons = (self.reasons + [reason])[-self.keep:]
         log.warning("skipping sample (%d skipped so far): %s", self.count, reason)
 
+    def shard_lost(self, shard: str, reason: str) -> None:
+        """Record that the rest of ``shard`` cannot be read (once per shard)."""
+        if shard not in self.lost_shards:
+            self.lost_shards[shard] = reason
+            log.warning("shard %s: %s; its remaining samples are lost", shard, reason)
+
     def handler(self, exn: Exception) -> bool:
-        """A webdataset error handler: count the error and continue."""
-        self.add(f"{type(exn).__name__}: {exn}")
+        """A webdataset error handler: a broken tar stream loses the rest of its shard; anything else
+        is one skipped sample. Continue either way."""
+        shard = _shard_of(exn)
+        if shard is not None and (isinstance(exn, tarfile.TarError) or "unexpected end of data" in str(exn)):
+            self.shard_lost(shard, f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}")
+        else:
+            self.add(f"{type(exn).__name__}: {exn}")
         return True
+
+    def summary(self) -> str:
+        """One line for logs and the CLIs: skipped samples, and each lost shard with what it gave."""
+        out = f"{self.count} unreadable sample(s) skipped"
+        if self.lost_shards:
+            lost = ", ".join(f"{Path(s).name} (cut short after {self.read.get(s, 0)} samples: {why})"
+                             for s, why in self.lost_shards.items())
+            out += f"; {len(self.lost_shards)} shard(s) could not be read to the end, their remaining samples " \
+                   f"are lost: {lost}"
+        return out
 
 
 # --------------------------------------------------------------------------- image folder
@@ -298,6 +349,8 @@ def _decode_samples(src: Iterable[dict], transform: Callable, counter: SkipCount
         except Exception as e:  # any decoding failure: count it and move on
             counter.add(f"{sample.get('__url__', '?')}:{key}: {type(e).__name__}: {e}")
             continue
+        url = sample.get("__url__", "?")
+        counter.read[url] = counter.read.get(url, 0) + 1
         yield {"pixel_values": pixels, "text": text}
 
 
@@ -336,6 +389,9 @@ def webdataset_image_text(
         raise ValueError(f"shuffle must be a buffer size >= 0, got {shuffle!r}")
     shards = expand_shards(urls)
     counter = counter if counter is not None else SkipCounter()
+    for shard in shards:
+        if os.path.isfile(shard) and not tar_is_complete(shard):
+            counter.shard_lost(shard, "the file ends without the tar end-of-archive marker (cut short)")
     transform = image_transform(resolution, center_crop, random_flip)
     ds = wds.WebDataset(
         shards,
@@ -351,20 +407,22 @@ def webdataset_image_text(
         ds = ds.shuffle(shuffle)
     ds = ds.compose(functools.partial(_decode_samples, transform=transform, counter=counter))
     ds.skip_counter = counter
+    ds.shards = shards
     return ds
 
 
 # --------------------------------------------------------------------------- loaders
 
 
-def infinite(loader: Iterable) -> Iterator:
+def infinite(loader: Iterable, source: Callable[[], str] | None = None) -> Iterator:
     """Yield batches from ``loader`` forever, starting a new epoch each time it is exhausted.
 
     Calls ``set_epoch(epoch)`` on the loader or its sampler when they have one (DistributedSampler,
     accelerate's prepared loaders), so each epoch gets a new shuffle.
 
     Raises:
-        ValueError: an epoch yielded no batches (an empty dataset would otherwise loop forever).
+        ValueError: an epoch yielded no batches (an empty dataset would otherwise loop forever); the
+            message ends with ``source()`` (e.g. the shards and what could not be read of them).
     """
     epoch = 0
     while True:
@@ -377,8 +435,9 @@ def infinite(loader: Iterable) -> Iterator:
             empty = False
             yield batch
         if empty:
+            where = f" ({source()})" if source is not None else ""
             raise ValueError(f"data loader yielded no batches in epoch {epoch}: is the dataset empty, or "
-                             f"smaller than one batch with drop_last=True?")
+                             f"smaller than one batch with drop_last=True?{where}")
         epoch += 1
 
 
