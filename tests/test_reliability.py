@@ -399,3 +399,17 @@ def test_a_data_set_without_a_readable_batch_names_its_shards(tmp_path):
     stream = batch_stream(build_dataset(cfg), cfg, batch_size=2, seed=0, start_batch=0)
     with pytest.raises(ValueError, match=r"no batches.*shards .*x\.tar, .*y\.tar.*could not be read to the end"):
         next(stream)
+
+
+def test_real_shards_serve_each_phases_own_batch_size(tmp_path):
+    """The GAN phases of one recipe may use different batches: a shard stream must follow each call's
+    size (it used to keep the first call's)."""
+    from tsm_distill.data import RealSource
+
+    _write_shard(tmp_path / "r.tar", 0)
+    source = RealSource(str(tmp_path / "r.tar"), 16, encode=lambda x, g: x)
+    g = torch.Generator().manual_seed(0)
+    sizes = [len(source.sample(n, g, "cpu")[0]) for n in (2, 4, 3)]
+    latents, captions = source.sample(5, g, "cpu")
+    assert sizes == [2, 4, 3] and latents.shape == (5, 3, 16, 16)
+    assert len(captions) == 5 and all(c.startswith("sample ") for c in captions)

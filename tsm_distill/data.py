@@ -130,8 +130,10 @@ class RealSource:
             batch = collate_image_text([self.dataset[int(i)] for i in idx])
         else:
             if self._iter is None:
-                loader = torch.utils.data.DataLoader(self.dataset, batch_size=n, collate_fn=collate_image_text,
-                                                     drop_last=True)
-                self._iter = infinite(loader)
-            batch = next(self._iter)
+                # One sample at a time, batched here: phases may ask for different batch sizes (a loader
+                # built with the first call's batch size would keep it).
+                loader = torch.utils.data.DataLoader(self.dataset, batch_size=None)
+                counter, shards = self.dataset.skip_counter, self.dataset.shards
+                self._iter = infinite(loader, lambda: f"shards {', '.join(shards)}: {counter.summary()}")
+            batch = collate_image_text([next(self._iter) for _ in range(n)])
         return self.encode(batch["pixel_values"].to(device), generator), list(batch["text"])
