@@ -5,10 +5,14 @@ a small CLIP text encoder trained with it, an offline CLIP tokenizer, a DDPM sch
 with ``StableDiffusionPipeline.from_pretrained(path, vae=None)``; ``pipe(prompts,
 output_type="latent")`` returns images (B, 3, 32, 32) in [-1, 1].
 
-Training state lives in ``--out``: ``checkpoint.pt`` (model, EMA, optimizer, RNG, step; written
-to a temporary file and renamed, so a killed run always resumes from a whole checkpoint),
-``stats.jsonl`` (one line per logging tick) and ``tokenizer/``. The EMA weights are exported
-as a pipeline folder every ``--export-every`` steps and at the end, swapped in atomically.
+It trains on the shared skeleton (`tsm_core.train.skeleton.PhasedTrainer`), like the fine-tuning and
+distillation trainers: one open-ended phase that stops at ``--max-steps`` or after ``--minutes`` the
+way a Ctrl-C stops a run (a checkpoint of the last step, then ``--resume`` continues it exactly).
+Training state lives in ``--out``: ``recipe.yaml`` (the `TeacherConfig`), ``checkpoints/step_*``
+(atomic: UNet, text encoder and EMA weights as safetensors, optimizer and schedule, RNG, step as
+JSON), ``stats.jsonl`` and ``tokenizer/``. The EMA weights are exported as a pipeline folder every
+``--export-every`` steps and at the end, swapped in atomically. Every random draw of step k comes
+from ``step_generator(seed, k)``.
 
     python tools/train_teacher.py --out /work/teacher_run --threads 1 --minutes 150 \\
         --export-to tsm_distill/assets/fmnist_teacher --export-every 500
@@ -34,16 +38,17 @@ import torch
 import torch.nn.functional as F
 
 from tsm_core.train import fmnist
+from tsm_core.train.accel import step_generator
+from tsm_core.train.recipe import load_recipe
 from tsm_core.train.schedule import NoiseSchedule
-
-CHECKPOINT = "checkpoint.pt"
+from tsm_core.train.skeleton import PhasedTrainer, TrainingInterrupted
 
 
 @dataclass
 class TeacherConfig:
     """Model and optimisation settings of the teacher (defaults: the calibrated configuration)."""
 
-    block_out_channels: tuple[int, ...] = (32, 64, 64)  # UNet widths at 32x32, 16x16, 8x8
+    block_out_channels: list[int] = dataclasses.field(default_factory=lambda: [32, 64, 64])  # at 32, 16, 8 px
     cross_attention_at_lowest_only: bool = True  # cross-attention only at 8x8: 32x32 attention is slow on CPU
     cross_attention_dim: int = 64  # = text hidden size
     attention_head_dim: int = 8
@@ -53,7 +58,7 @@ class TeacherConfig:
     max_tokens: int = 16  # tokenizer length = text position embeddings
     batch_size: int = 64
     lr: float = 1e-3
-    warmup_steps: int = 100  # linear LR warm-up
+    warmup_steps: int = 100  # linear LR warm-up (diffusers' constant_with_warmup)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     ema_decay: float = 0.999
@@ -63,7 +68,7 @@ class TeacherConfig:
 
 
 # A configuration small enough for tests: same shapes of data and pipeline, few parameters.
-TINY = dict(block_out_channels=(8, 16, 16), cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4,
+TINY = dict(block_out_channels=[8, 16, 16], cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4,
             text_heads=2, batch_size=4)
 
 
@@ -108,28 +113,49 @@ def prompt_table(tokenizer) -> torch.Tensor:
                      truncation=True, return_tensors="pt").input_ids
 
 
-class TeacherTrainer:
-    """Holds the models, EMA, optimizer and data RNG; ``step()`` runs one training step."""
+class TeacherTrainer(PhasedTrainer):
+    """The teacher's diffusion training on the shared skeleton: one open-ended phase, stopped by
+    `should_stop` (a step or time budget), with an EMA of the weights exported as a pipeline."""
 
-    def __init__(self, cfg: TeacherConfig, images, labels, tokenizer):
+    desc = "teacher"
+
+    def __init__(self, cfg: TeacherConfig, run_dir: Path, images, labels, tokenizer, *, max_steps: int | None,
+                 deadline: float, checkpoint_every: int, log_every: int, export_to: Path | None,
+                 export_every: int, threads: int):
+        super().__init__(cfg, run_dir, seed=cfg.seed, mixed_precision="no", checkpoint_every=checkpoint_every,
+                         log_every=log_every, sample_every=0, keep_last=2, max_grad_norm=cfg.grad_clip,
+                         tensorboard=False)
         self.cfg = cfg
         self.images = torch.as_tensor(images)  # uint8 (N, 28, 28); converted per batch to keep memory low
         self.labels = torch.as_tensor(labels)
         self.tokenizer = tokenizer
         self.table = prompt_table(tokenizer)
         self.unet, self.text_encoder, self.scheduler = build_models(cfg, tokenizer)
-        self.params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
-        self.ema = [p.detach().clone() for p in self.params]
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        # All data randomness (images, prompts, dropout, t, noise) comes from this one generator,
-        # so saving its state makes a resumed run repeat an uninterrupted one.
-        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.named = {f"unet.{k}": p for k, p in self.unet.named_parameters()}
+        self.named |= {f"text_encoder.{k}": p for k, p in self.text_encoder.named_parameters()}
+        self.ema = {k: p.detach().clone() for k, p in self.named.items()}
         self.schedule = NoiseSchedule.from_scheduler(self.scheduler)
-        self.step_count = 0
+        self.max_steps, self.deadline = max_steps, deadline
+        self.export_to, self.export_every, self.threads = export_to, export_every, threads
+        self.recent: list[torch.Tensor] = []
 
-    def sample_batch(self):
-        """Draw one batch: noisy images, timesteps, token ids and the target noise."""
-        cfg, g = self.cfg, self.gen
+    def phase_lengths(self):
+        return [("teacher", 2**62)]  # open-ended: should_stop ends it, so a longer --max-steps resumes exactly
+
+    def total_steps(self):
+        return self.max_steps
+
+    def should_stop(self) -> bool:
+        return (self.max_steps is not None and self.global_step >= self.max_steps) or time.time() >= self.deadline
+
+    def enter_phase(self, index: int) -> None:
+        opt, sched = self.make_optimizer(list(self.named.values()), self.cfg.lr, self.cfg.warmup_steps,
+                                         weight_decay=self.cfg.weight_decay)
+        self.optimizers, self.schedulers = {"opt": opt}, {"sched": sched}
+
+    def sample_batch(self, g: torch.Generator):
+        """One batch: noisy images, timesteps, token ids and the target noise, all drawn from ``g``."""
+        cfg = self.cfg
         idx = torch.randint(len(self.labels), (cfg.batch_size,), generator=g)
         template = torch.randint(len(fmnist.TEMPLATES), (cfg.batch_size,), generator=g)
         drop = torch.rand(cfg.batch_size, generator=g) < cfg.uncond_prob
@@ -139,66 +165,49 @@ class TeacherTrainer:
         row = torch.where(drop, len(self.table) - 1, self.labels[idx] * len(fmnist.TEMPLATES) + template)
         return self.schedule.add_noise(x0, noise, t), t, self.table[row], noise
 
-    def step(self) -> torch.Tensor:
-        """One optimisation step plus the EMA update; returns the loss (a tensor, no sync)."""
-        cfg = self.cfg
-        x_t, t, ids, noise = self.sample_batch()
-        lr = cfg.lr * min(1.0, (self.step_count + 1) / max(1, cfg.warmup_steps))
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+    def train_step(self) -> dict:
+        """One optimisation step plus the EMA update."""
+        x_t, t, ids, noise = self.sample_batch(step_generator(self.cfg.seed, self.global_step))
         emb = self.text_encoder(ids)[0]  # (B, L, D)
         loss = F.mse_loss(self.unet(x_t, t, encoder_hidden_states=emb).sample, noise)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite loss {loss.item()} at step {self.step_count}; "
-                               f"the last checkpoint is kept, resume from it with a lower --lr")
-        self.opt.zero_grad(set_to_none=True)
+        self.check_finite(loss, "teacher diffusion")
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
-        self.opt.step()
+        self.apply_gradients(self.optimizers["opt"])
+        self.schedulers["sched"].step()
         # EMA with a warm-up so early exports are not dominated by the random initialisation.
-        decay = min(cfg.ema_decay, (1 + self.step_count) / (10 + self.step_count))
+        decay = min(self.cfg.ema_decay, (1 + self.global_step) / (10 + self.global_step))
         with torch.no_grad():
-            torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1.0 - decay)
-        self.step_count += 1
-        return loss.detach()
+            torch._foreach_lerp_(list(self.ema.values()), [p.detach() for p in self.named.values()], 1.0 - decay)
+        self.recent = (self.recent + [loss.detach()])[-self.log_every:]
+        return {"loss": loss.detach()}
 
-    def state_dict(self) -> dict:
-        """Everything a resume needs."""
-        return {
-            "step": self.step_count, "config": dataclasses.asdict(self.cfg),
-            "unet": self.unet.state_dict(), "text_encoder": self.text_encoder.state_dict(),
-            "ema": self.ema, "optimizer": self.opt.state_dict(),
-            "generator": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
-        }
+    def checkpoint_modules(self) -> dict:
+        return {"unet": self.unet, "text_encoder": self.text_encoder, "ema": self.ema}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a ``state_dict()`` taken from a trainer with the same config."""
-        self.unet.load_state_dict(state["unet"])
-        self.text_encoder.load_state_dict(state["text_encoder"])
-        with torch.no_grad():
-            for e, saved in zip(self.ema, state["ema"]):
-                e.copy_(saved)
-        self.opt.load_state_dict(state["optimizer"])
-        self.gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        self.step_count = int(state["step"])
+    def after_step(self) -> None:
+        if self.export_to is not None and self.global_step % self.export_every == 0:
+            self.export()
+
+    def save_final(self):
+        return self.global_step
+
+    @property
+    def recent_loss(self) -> float | None:
+        return torch.stack(self.recent).mean().item() if self.recent else None
+
+    def export(self) -> None:
+        """The EMA weights as a pipeline at ``export_to``."""
+        elapsed = self.seconds.get("teacher", 0.0)
+        export_pipeline(self, self.export_to, teacher_info(self, elapsed, self.recent_loss, self.threads))
 
     def ema_models(self):
         """Copies of the UNet and text encoder holding the EMA weights."""
         unet, text_encoder = copy.deepcopy(self.unet), copy.deepcopy(self.text_encoder)
-        ema_params = list(unet.parameters()) + list(text_encoder.parameters())
         with torch.no_grad():
-            for p, e in zip(ema_params, self.ema):
-                p.copy_(e)
+            for prefix, model in (("unet.", unet), ("text_encoder.", text_encoder)):
+                for k, p in model.named_parameters():
+                    p.copy_(self.ema[prefix + k])
         return unet.eval(), text_encoder.eval()
-
-
-def save_checkpoint(trainer: TeacherTrainer, out: Path, elapsed_s: float) -> None:
-    """Write ``out/checkpoint.pt`` atomically: a temporary file, then ``os.replace``."""
-    state = trainer.state_dict() | {"elapsed_s": elapsed_s}
-    tmp = out / (CHECKPOINT + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, out / CHECKPOINT)
 
 
 def export_pipeline(trainer: TeacherTrainer, dest: Path, info: dict) -> None:
@@ -245,8 +254,8 @@ def teacher_info(trainer: TeacherTrainer, elapsed_s: float, recent_loss: float |
         "class_names": list(fmnist.CLASS_NAMES),
         "prompt_templates": list(fmnist.TEMPLATES),
         "weights": "EMA",
-        "step": trainer.step_count,
-        "images_seen": trainer.step_count * trainer.cfg.batch_size,
+        "step": trainer.global_step,
+        "images_seen": trainer.global_step * trainer.cfg.batch_size,
         "train_seconds": round(elapsed_s, 1),
         "threads": threads,
         "recent_loss": recent_loss,
@@ -260,7 +269,7 @@ def teacher_info(trainer: TeacherTrainer, elapsed_s: float, recent_loss: float |
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path, help="run folder (checkpoint, stats, tokenizer)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
     p.add_argument("--minutes", type=float, default=None, help="stop after this much wall time (this invocation)")
     p.add_argument("--max-steps", type=int, default=None, help="stop at this total step count")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
@@ -283,15 +292,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_config(args, out: Path) -> TeacherConfig:
-    """The run's config: the checkpoint's on resume, else defaults with --tiny/--batch-size/--seed."""
-    ckpt = out / CHECKPOINT
+    """The run's config: the saved recipe.yaml on resume, else defaults with --tiny/--batch-size/--seed."""
     if args.resume:
-        if not ckpt.is_file():
-            raise FileNotFoundError(f"--resume given but {ckpt} does not exist; drop --resume to start a new run")
-        saved = json.loads((out / "config.json").read_text())
-        return TeacherConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
-    if ckpt.exists():
-        raise ValueError(f"{ckpt} exists; pass --resume to continue it or choose another --out")
+        if not (out / "recipe.yaml").is_file():
+            raise FileNotFoundError(f"--resume given but {out / 'recipe.yaml'} does not exist; drop --resume to start "
+                                    "a new run")
+        return load_recipe(out / "recipe.yaml", TeacherConfig)
     over = dict(TINY) if args.tiny else {}
     if args.batch_size is not None:
         over["batch_size"] = args.batch_size
@@ -301,67 +307,25 @@ def make_config(args, out: Path) -> TeacherConfig:
 
 
 def main(argv=None) -> int:
-    from tqdm import tqdm
-
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
     cfg = make_config(args, out)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-
     images, labels = fmnist.load_fashion_mnist("train", args.data_root)
     tokenizer = fmnist.write_clip_tokenizer(out / "tokenizer", model_max_length=cfg.max_tokens)
-    trainer = TeacherTrainer(cfg, images, labels, tokenizer)
-    elapsed_before = 0.0
-    stats_path = out / "stats.jsonl"
-    if args.resume:
-        state = torch.load(out / CHECKPOINT, weights_only=False)
-        trainer.load_state_dict(state)
-        elapsed_before = float(state.get("elapsed_s", 0.0))
-        # Drop stats logged after the checkpoint: those steps are about to be redone.
-        if stats_path.exists():
-            kept = [ln for ln in stats_path.read_text().splitlines() if json.loads(ln)["step"] <= trainer.step_count]
-            stats_path.write_text("".join(ln + "\n" for ln in kept))
-        print(f"resumed at step {trainer.step_count} ({elapsed_before / 60:.1f} min trained)", flush=True)
-    elif stats_path.exists():
-        stats_path.unlink()
-
-    start = time.time()
-    deadline = start + 60 * args.minutes if args.minutes is not None else math.inf
-    losses: list[torch.Tensor] = []
-    recent_loss = None
-    tick_start, tick_step = time.time(), trainer.step_count
-    total = args.max_steps if args.max_steps is not None else None
-    bar = tqdm(initial=trainer.step_count, total=total, desc="teacher", mininterval=10, file=sys.stdout)
-    while (args.max_steps is None or trainer.step_count < args.max_steps) and time.time() < deadline:
-        losses.append(trainer.step())
-        bar.update(1)
-        step = trainer.step_count
-        if step % args.log_every == 0:
-            recent_loss = torch.stack(losses).mean().item()
-            losses.clear()
-            now = time.time()
-            row = {"step": step, "loss": round(recent_loss, 5),
-                   "s_per_step": round((now - tick_start) / max(1, step - tick_step), 4),
-                   "minutes": round((elapsed_before + now - start) / 60, 2)}
-            tick_start, tick_step = now, step
-            with open(stats_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            bar.set_postfix(loss=f"{recent_loss:.4f}")
-        if step % args.checkpoint_every == 0:
-            save_checkpoint(trainer, out, elapsed_before + time.time() - start)
-        if args.export_to is not None and step % args.export_every == 0:
-            export_pipeline(trainer, args.export_to,
-                            teacher_info(trainer, elapsed_before + time.time() - start, recent_loss, args.threads))
-    bar.close()
-    if losses:
-        recent_loss = torch.stack(losses).mean().item()
-    elapsed = elapsed_before + time.time() - start
-    save_checkpoint(trainer, out, elapsed)
+    deadline = time.time() + 60 * args.minutes if args.minutes is not None else math.inf
+    trainer = TeacherTrainer(cfg, out, images, labels, tokenizer, max_steps=args.max_steps, deadline=deadline,
+                             checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+                             export_to=args.export_to, export_every=args.export_every, threads=args.threads)
+    try:
+        trainer.train(resume=args.resume)
+    except TrainingInterrupted as stop:  # the step or time budget (or Ctrl-C): a checkpoint was written
+        if trainer._stop_signal is not None:
+            raise
+        print(f"stopped at step {trainer.global_step} after {trainer.seconds.get('teacher', 0) / 60:.1f} min; "
+              f"checkpoint {stop.checkpoint}", flush=True)
     if args.export_to is not None:
-        export_pipeline(trainer, args.export_to, teacher_info(trainer, elapsed, recent_loss, args.threads))
-    print(f"stopped at step {trainer.step_count} after {elapsed / 60:.1f} min; checkpoint in {out}", flush=True)
+        trainer.export()
     return 0
 
 

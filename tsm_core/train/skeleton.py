@@ -318,6 +318,18 @@ class PhasedTrainer:
     def sample(self, tag: str) -> None:
         """Write a sample grid named ``tag`` (every ``sample_every`` steps); default: none."""
 
+    def after_step(self) -> None:
+        """Called after every step's logging and samples, before its checkpoint (e.g. periodic exports)."""
+
+    def should_stop(self) -> bool:
+        """A budget of the subclass's own (time, a step count): True stops the run like a signal does,
+        after a checkpoint of the finished step."""
+        return False
+
+    def total_steps(self) -> int | None:
+        """The progress bar's total (default: every phase's steps)."""
+        return sum(n for _, n in self.phase_lengths())
+
     # ------------------------------------------------------------------ optimizer plumbing
     def make_optimizer(self, groups: Sequence, lr: float, warmup_steps: int, betas=(0.9, 0.999), eps: float = 1e-8,
                        weight_decay: float = 0.0):
@@ -412,16 +424,19 @@ class PhasedTrainer:
                 signal.signal(s, h)
 
     def _stop_requested(self) -> bool:
-        """Whether any process got a stop signal (all processes agree, so all write the checkpoint)."""
-        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.device)
+        """Whether any process got a stop signal or hit `should_stop` (all processes agree, so all write
+        the checkpoint)."""
+        stop = self._stop_signal is not None or self.should_stop()
+        flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
         if self.acc.num_processes > 1:
             flag = self.acc.reduce(flag, reduction="sum")
         return bool(flag.item() > 0)
 
     def _interrupt(self, with_optimizers: bool) -> None:
         path = self.save_checkpoint(with_optimizers=with_optimizers)
-        raise TrainingInterrupted(f"stopped at step {self.global_step}; checkpoint {path} written. Continue with the "
-                                  "same command plus --resume", path)
+        why = signal.Signals(self._stop_signal).name if self._stop_signal is not None else "budget reached"
+        raise TrainingInterrupted(f"stopped at step {self.global_step} ({why}); checkpoint {path} written. Continue "
+                                  "with the same command plus --resume", path)
 
     # ------------------------------------------------------------------ logging
     def _log(self, bar) -> None:
@@ -483,7 +498,7 @@ class PhasedTrainer:
         # Opened after _resume trimmed stats.jsonl (the logger appends through an open handle).
         self.logger = RunLogger(self.run_dir, enabled=self.acc.is_main_process, use_tensorboard=self.tensorboard)
         self.on_start()
-        bar = progress(sum(n for _, n in self.phase_lengths()), desc=self.desc, disable=not self.acc.is_main_process)
+        bar = progress(self.total_steps(), desc=self.desc, disable=not self.acc.is_main_process)
         bar.update(self.global_step)
         try:
             with self._stop_on_signal():
@@ -519,6 +534,8 @@ class PhasedTrainer:
 
     def _run_phase(self, bar, name: str, steps: int) -> None:
         """The steps of the current phase, from ``phase_step`` on, with their logs, samples and checkpoints."""
+        if self.phase_step < steps and self.should_stop():  # e.g. resumed with a budget already spent
+            self._interrupt(with_optimizers=self.phase_step > 0)
         start = time.perf_counter()
         while self.phase_step < steps:
             self.started = True
@@ -530,6 +547,7 @@ class PhasedTrainer:
                 self._log(bar)
             if self.sample_every and self.global_step % self.sample_every == 0:
                 self.sample(f"step_{self.global_step:08d}")
+            self.after_step()
             if self.phase_step == steps:
                 break  # the boundary checkpoint follows in _run_phases
             stop = self._stop_requested()
