@@ -118,8 +118,7 @@ def _fused_forward(self, x, *args, **kwargs):
     if (self.kind != "linear" or self.mode not in ("expert", "mixture") or self.merged or args or kwargs
             or not isinstance(self.dropout, nn.Identity) or self.gate_log is not None):
         return lib(self, x, *args, **kwargs)
-    state = self.context.current(self.name) if self._needs_context() else (
-        self.context._stack[-1] if self.context.active else None)
+    state = self.context.current(self.name) if self._needs_context() else self.context.peek()
     if state is not None and state.batch not in (1, x.shape[0]):
         return lib(self, x, *args, **kwargs)  # the library raises the helpful error
     W, b = self.base_layer.weight, self.base_layer.bias

@@ -61,6 +61,11 @@ class TimestepContext:
     def pop(self) -> None:
         self._stack.pop()
 
+    def peek(self) -> RoutingState | None:
+        """The innermost routing state, or None outside every ``timesteps`` block (layers that do not
+        need a timestep still use one when it is there)."""
+        return self._stack[-1] if self._stack else None
+
     def current(self, layer_name: str = "") -> RoutingState:
         if not self._stack:
             raise TimestepContextError(

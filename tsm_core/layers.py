@@ -28,6 +28,16 @@ def expert_key(scale: int, expert: int) -> str:
     return f"s{scale}_e{expert}"
 
 
+def router_activation(logits: torch.Tensor, activation: str, dim: int) -> torch.Tensor:
+    """The router's gates from its logits (eq. 5): as they are ("none"), sigmoid, or softmax over the
+    context experts along ``dim``. One definition for the routed forward and the merged weight."""
+    if activation == "sigmoid":
+        return torch.sigmoid(logits)
+    if activation == "softmax":
+        return torch.softmax(logits, dim=dim)
+    return logits
+
+
 class TSMLayer(nn.Module):
     """A Linear or Conv2d with timestep LoRA experts at several scales and an optional router.
 
@@ -114,12 +124,7 @@ class TSMLayer(nn.Module):
             e = self.router_emb[state.router_rows.to(self.router_emb.device)].to(x.dtype)  # (B_t, k)
             e = e.view(e.shape[0], *([1] * (x.ndim - 2)), -1) if self.kind == "linear" else e[:, :, None, None]
             logits = e if logits is None else logits + e
-        dim = -1 if self.kind == "linear" else 1
-        if self.router_activation == "sigmoid":
-            return torch.sigmoid(logits)
-        if self.router_activation == "softmax":
-            return torch.softmax(logits, dim=dim)
-        return logits
+        return router_activation(logits, self.router_activation, dim=-1 if self.kind == "linear" else 1)
 
     # ------------------------------------------------------------------ experts
     def _expert_weights(self, scale: int, idx: torch.Tensor):
@@ -184,8 +189,7 @@ class TSMLayer(nn.Module):
         out = self.base_layer(x, *args, **kwargs)
         if self.mode == "off" or self.merged:
             return out
-        state = self.context.current(self.name) if self._needs_context() else (
-            self.context._stack[-1] if self.context.active else None)
+        state = self.context.current(self.name) if self._needs_context() else self.context.peek()
         if state is not None and state.batch not in (1, x.shape[0]):
             raise ValueError(
                 f"TSM layer {self.name!r} got a batch of {x.shape[0]} but {state.batch} timesteps; pass one "
@@ -242,8 +246,7 @@ class TSMLayer(nn.Module):
                 logits = self.router_emb[state.router_rows[:1].to(p.device)][0]
             else:
                 logits = torch.zeros(len(self.gated_scales), dtype=p.dtype, device=p.device)
-            g = {"sigmoid": torch.sigmoid, "softmax": lambda v: torch.softmax(v, -1)}.get(
-                self.router_activation, lambda v: v)(logits)
+            g = router_activation(logits, self.router_activation, dim=-1)
             for j, s in enumerate(self.gated_scales):
                 delta = delta + g[j] * self.expert_weight(s, shared(s))
         return delta
