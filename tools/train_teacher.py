@@ -142,7 +142,7 @@ class TeacherTrainer(PhasedTrainer):
     def phase_lengths(self):
         return [("teacher", 2**62)]  # open-ended: should_stop ends it, so a longer --max-steps resumes exactly
 
-    def total_steps(self):
+    def progress_total(self):
         return self.max_steps
 
     def should_stop(self) -> bool:

@@ -326,7 +326,7 @@ class PhasedTrainer:
         after a checkpoint of the finished step."""
         return False
 
-    def total_steps(self) -> int | None:
+    def progress_total(self) -> int | None:
         """The progress bar's total (default: every phase's steps)."""
         return sum(n for _, n in self.phase_lengths())
 
@@ -498,7 +498,7 @@ class PhasedTrainer:
         # Opened after _resume trimmed stats.jsonl (the logger appends through an open handle).
         self.logger = RunLogger(self.run_dir, enabled=self.acc.is_main_process, use_tensorboard=self.tensorboard)
         self.on_start()
-        bar = progress(self.total_steps(), desc=self.desc, disable=not self.acc.is_main_process)
+        bar = progress(self.progress_total(), desc=self.desc, disable=not self.acc.is_main_process)
         bar.update(self.global_step)
         try:
             with self._stop_on_signal():
