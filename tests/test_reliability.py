@@ -163,6 +163,36 @@ def test_resume_refuses_a_model_shape_change_and_records_other_changes(env, tmp_
     assert [c["key"] for c in history[-1]["changes"]] == ["phases.0.lr"]
 
 
+def test_ctrl_c_writes_a_checkpoint_and_the_cli_says_how_to_resume(env, tmp_path, monkeypatch, capsys):
+    """SIGINT in the router phase: the step under way finishes, a checkpoint is written, the CLI exits 130
+    with the resume command; --resume then ends exactly like the uninterrupted run, with no repeated rows."""
+    import os
+    import signal
+
+    path = write_recipe(env, tmp_path / "r.yaml", expert_then_router(steps=2))
+    assert cli.main([str(path), "--run-dir", str(tmp_path / "ref")]) == 0
+    calls = {"n": 0}
+    original = DMD2Trainer.train_step
+
+    def ctrl_c_in_step_3(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(DMD2Trainer, "train_step", ctrl_c_in_step_3)
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert cli.main([str(path), "--run-dir", str(run)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("interrupted: stopped at step 3 (SIGINT)") and err.endswith("plus --resume")
+    assert (run / "checkpoints" / "step_00000003").is_dir() and not (run / "adapter").exists()
+    monkeypatch.setattr(DMD2Trainer, "train_step", original)
+    assert cli.main([str(path), "--run-dir", str(run), "--resume"]) == 0
+    assert_same_adapter(adapter(run), adapter(tmp_path / "ref"))
+    assert stats_steps(run) == stats_steps(tmp_path / "ref") == [1, 2, 3, 4]
+
+
 # ---------------------------------------------------------------------------- 3 + 5. settings checked at start-up
 BAD_SETTINGS = [
     (["phases.1.core_scale=8"], "core_scale 8 is not one of experts.scales"),
