@@ -24,12 +24,11 @@ from .preprocess import images_from_batch
 
 def pipeline_has_vae(path: str | os.PathLike) -> bool:
     """Whether the pipeline folder declares a VAE component (``"vae": [null, null]`` means none)."""
-    index = Path(path) / "model_index.json"
-    if not index.is_file():
-        raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json).")
-    entry = json.loads(index.read_text()).get("vae")
-    return bool(entry) and entry[0] is not None and (Path(path) / "vae").is_dir()
+    from ..train.backbones import pipeline_has_component
 
+    if not (Path(path) / "model_index.json").is_file():
+        raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json).")
+    return pipeline_has_component(path, "vae") and (Path(path) / "vae").is_dir()
 
 def attach_tsm_adapter(pipe, adapter_dir: str | os.PathLike):
     """Load a saved TSM adapter into ``pipe.unet`` and route every UNet call by its timestep."""

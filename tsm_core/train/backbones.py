@@ -68,8 +68,9 @@ def _load(cls, path: str, subfolder: str, **kw):
                                 f"complete pipeline folder? Downloads are impossible offline.") from e
 
 
-def _component_present(path: str, name: str) -> bool:
-    """Whether the pipeline's model_index.json names a component ``name`` (False when it is null)."""
+def pipeline_has_component(path: str | os.PathLike, name: str) -> bool:
+    """Whether the pipeline's model_index.json names a component ``name`` (False when it is null), e.g.
+    ``"vae"`` (pixel-space pipelines have none) or SD3's ``"text_encoder_3"``."""
     from diffusers import DiffusionPipeline
 
     index = DiffusionPipeline.load_config(path)
@@ -272,7 +273,7 @@ class UNetBackbone(Backbone):
         tok = _load(AutoTokenizer, path, "tokenizer")
         # Whatever scheduler the pipeline ships (PNDM for SD1.5), training noise is DDPM with its betas.
         sched = _load(DDPMScheduler, path, "scheduler")
-        vae = _load(AutoencoderKL, path, "vae") if _component_present(path, "vae") else None
+        vae = _load(AutoencoderKL, path, "vae") if pipeline_has_component(path, "vae") else None
         return cls(unet, [te], [tok], vae, sched, path=path)
 
     def encode_prompts(self, prompts: list[str]) -> Cond:
@@ -364,7 +365,7 @@ class SD3Backbone(Backbone):
         tes = [_load(CLIPTextModelWithProjection, path, "text_encoder"),
                _load(CLIPTextModelWithProjection, path, "text_encoder_2")]
         toks = [_load(AutoTokenizer, path, "tokenizer"), _load(AutoTokenizer, path, "tokenizer_2")]
-        if _component_present(path, "text_encoder_3"):
+        if pipeline_has_component(path, "text_encoder_3"):
             tes.append(_load(T5EncoderModel, path, "text_encoder_3"))
             toks.append(_load(AutoTokenizer, path, "tokenizer_3"))
         return cls(_load(SD3Transformer2DModel, path, "transformer"), tes, toks, _load(AutoencoderKL, path, "vae"),
