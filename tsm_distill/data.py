@@ -123,7 +123,7 @@ class RealSource:
             idx = torch.randint(len(self.cache), (n,), generator=generator)
             captions = [self.captions[i] for i in idx.tolist()] if self.captions is not None else [""] * n
             return self.cache[idx].to(device), captions
-        from tsm_core.train.data import collate_image_text, infinite
+        from tsm_core.train.data import collate_image_text, describe_shards, infinite
 
         if not isinstance(self.dataset, torch.utils.data.IterableDataset):  # an image folder: random access
             idx = torch.randint(len(self.dataset), (n,), generator=generator)
@@ -133,7 +133,6 @@ class RealSource:
                 # One sample at a time, batched here: phases may ask for different batch sizes (a loader
                 # built with the first call's batch size would keep it).
                 loader = torch.utils.data.DataLoader(self.dataset, batch_size=None)
-                counter, shards = self.dataset.skip_counter, self.dataset.shards
-                self._iter = infinite(loader, lambda: f"shards {', '.join(shards)}: {counter.summary()}")
+                self._iter = infinite(loader, lambda: describe_shards(self.dataset))
             batch = collate_image_text([next(self._iter) for _ in range(n)])
         return self.encode(batch["pixel_values"].to(device), generator), list(batch["text"])

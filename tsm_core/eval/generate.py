@@ -30,6 +30,7 @@ def pipeline_has_vae(path: str | os.PathLike) -> bool:
         raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json).")
     return pipeline_has_component(path, "vae") and (Path(path) / "vae").is_dir()
 
+
 def attach_tsm_adapter(pipe, adapter_dir: str | os.PathLike):
     """Load a saved TSM adapter into ``pipe.unet`` and route every UNet call by its timestep."""
     from tsm_core import load_adapter

@@ -21,7 +21,6 @@ from .preprocess import images_from_batch, to_rgb_uint8
 
 # The extensions clean-fid collects from a folder (cleanfid/utils.py), so both see the same files.
 EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp", "npy", "JPEG", "JPG", "PNG")
-# Keys that hold an image in a webdataset sample.
 
 
 @dataclass

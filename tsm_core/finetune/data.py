@@ -17,6 +17,7 @@ from ..train.data import (
     ImageTextFolder,
     SkipCounter,
     collate_image_text,
+    describe_shards,
     image_transform,
     infinite,
     webdataset_image_text,
@@ -101,14 +102,7 @@ def batch_stream(ds, cfg: DataSection, batch_size: int, seed: int, start_batch: 
     """Infinite batches ``{"pixel_values", "text"[, "index"]}``; see the module docstring for resume."""
     if isinstance(ds, torch.utils.data.IterableDataset) or not hasattr(ds, "__len__"):
         loader = DataLoader(ds, batch_size=batch_size, num_workers=cfg.num_workers, collate_fn=_collate)
-        counter = getattr(ds, "skip_counter", None)
-        shards = getattr(ds, "shards", [])
-
-        def source() -> str:  # named in the error of a data set with no readable batch
-            return f"shards {', '.join(shards)}" + (f": {counter.summary()}; last reasons {counter.reasons[-3:]}"
-                                                    if counter is not None else "")
-
-        return infinite(loader, source)
+        return infinite(loader, (lambda: describe_shards(ds)) if hasattr(ds, "shards") else None)
     sampler = StepSampler(len(ds), batch_size, seed, start_batch, rank, world)
     loader = DataLoader(_Indexed(ds), batch_size=batch_size, sampler=sampler, num_workers=cfg.num_workers,
                         collate_fn=_collate)

@@ -411,6 +411,13 @@ def webdataset_image_text(
     return ds
 
 
+def describe_shards(ds) -> str:
+    """The shards of a `webdataset_image_text` dataset and what could not be read of them, for the error
+    of a data set that yields no batch."""
+    counter = ds.skip_counter
+    return f"shards {', '.join(ds.shards)}: {counter.summary()}; last reasons {counter.reasons[-3:]}"
+
+
 # --------------------------------------------------------------------------- loaders
 
 

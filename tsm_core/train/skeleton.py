@@ -350,7 +350,8 @@ class PhasedTrainer:
     def check_finite(self, loss: torch.Tensor, what: str) -> None:
         """Stop with `NonFiniteLossError` naming the step (1-based: the step under way), the phase and the
         last good checkpoint. Call it before the update, so the weights stay those of the last step."""
-        name = self.phase_lengths()[min(self.phase_index, len(self.phase_lengths()) - 1)][0]
+        lengths = self.phase_lengths()
+        name = lengths[min(self.phase_index, len(lengths) - 1)][0]
         check_finite(loss, self.global_step + 1, f"{what} (phase {name!r})", self.ckpt.latest())
 
     # ------------------------------------------------------------------ checkpoints
@@ -387,9 +388,7 @@ class PhasedTrainer:
     def _resume(self) -> None:
         """Restore the latest checkpoint, entering its phase first (its modules, e.g. a router, must
         exist to load into; a boundary checkpoint restores no optimizers: the phase starts fresh ones)."""
-        path = self.ckpt.latest()
-        if path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt.dir}; start without --resume")
+        path = self.ckpt.latest()  # exists: _prepare_folder's check_run_folder refused a resume without one
         state = self.ckpt.read_state(path)
         self.phase_index, self.phase_step, self.global_step = state["phase"], state["phase_step"], state["global_step"]
         self.seconds = state.get("seconds", {})
@@ -427,10 +426,10 @@ class PhasedTrainer:
         """Whether any process got a stop signal or hit `should_stop` (all processes agree, so all write
         the checkpoint)."""
         stop = self._stop_signal is not None or self.should_stop()
+        if self.acc.num_processes == 1:
+            return stop  # called every step: no device tensor (and no sync) unless processes must agree
         flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
-        if self.acc.num_processes > 1:
-            flag = self.acc.reduce(flag, reduction="sum")
-        return bool(flag.item() > 0)
+        return bool(self.acc.reduce(flag, reduction="sum").item() > 0)
 
     def _interrupt(self, with_optimizers: bool) -> None:
         path = self.save_checkpoint(with_optimizers=with_optimizers)
@@ -464,13 +463,12 @@ class PhasedTrainer:
 
     def _prepare_folder(self, resume: bool, overwrite: bool) -> None:
         check_run_folder(self.run_dir, resume, overwrite)
-        check_writable(self.run_dir)
         changes = check_resume_recipe(self.run_dir, self.recipe, self.shape_keys) if resume else []
+        check_writable(self.run_dir)  # creates the folder: after the checks that only read
         self.acc.wait_for_everyone()  # every process has looked before the main one deletes anything
         if self.acc.is_main_process:
             if overwrite:
                 clear_run(self.run_dir)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             for stale in remove_stale_temp_files(self.run_dir):
                 log.warning("removed %s, left by a write that was killed", stale)
             if resume:
