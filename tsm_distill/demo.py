@@ -47,9 +47,9 @@ from . import demo_seeds as ds
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 FULL = {"n": 1000, "n_ref": 1000, "budget": None, "router_steps": None, "fake_updates": None, "batch_size": None,
-        "teacher_steps": 50}
+        "teacher_steps": 50, "budget_points": 3}
 QUICK = {"n": 50, "n_ref": 1000, "budget": 16, "router_steps": 2, "fake_updates": 2, "batch_size": 8,
-         "teacher_steps": 50}
+         "teacher_steps": 50, "budget_points": 3}
 GRID_COLUMNS = 10  # one image per class in the sample grid
 BUDGET_DEFINITION = __doc__.split("Equal generator-step budget: ")[1].split("\n\n")[0].strip().replace("\n", " ")
 
@@ -132,10 +132,16 @@ def build_recipes(args, run_dir: Path, teacher: Path):
     if budget["lora"] != budget["tsm_stage1"]:
         raise ValueError(f"unequal budgets: LoRA makes {budget['lora']} generator steps, the TSM expert phases "
                          f"{budget['tsm_stage1']}; fix the recipes or pass --budget")
+    # The budget curve (demo_budget) scores both students at every 1/K of the expert budget from these
+    # checkpoints. Both runs count the same iterations with the same F up to there, so a checkpoint at global
+    # step s is an equal-generator-step pair. All are kept; saving one draws no random numbers, so the
+    # students are bit-identical to a run without them.
+    iterations = sum(p["steps"] for p in lora["phases"])
+    every = math.ceil(iterations / args.budget_points) if args.budget_points else 10**9
     for r in (lora, tsm):
         r["model"] = {"path": str(teacher)}
         r.setdefault("train", {})
-        r["train"].update({"seed": args.seed, "checkpoint_every": 10**9, "sample_every": 0})
+        r["train"].update({"seed": args.seed, "checkpoint_every": every, "keep_last": None, "sample_every": 0})
         if args.threads:
             r["train"]["threads"] = args.threads
     tsm["experts"]["init_from"] = str(run_dir / "lora" / "adapter")
@@ -256,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="distillation batch size (default: the recipes'); the LoRA "
                    "student's is this times --lora-batch-multiplier")
     p.add_argument("--teacher-steps", type=int, help="DDIM steps of the full teacher row (default 50)")
+    p.add_argument("--budget-points", type=int,
+                   help="keep checkpoints of both students at every 1/K of the expert budget, for the budget "
+                        "curve (default 3: 1/3, 2/3 and all; 0: none)")
     p.add_argument("--lora-batch-multiplier", type=int, default=1,
                    help="the LoRA student's batch in every phase is K times the recipe's (default 1: equal compute; "
                         "4: the paper's A.3 protocol)")
@@ -280,6 +289,8 @@ def parse_args(argv):
             setattr(args, key, value)
     if args.n < 10 or args.n_ref < 10:
         raise ValueError(f"--n and --n-ref must be at least 10 images (got {args.n}, {args.n_ref})")
+    if args.budget_points < 0:
+        raise ValueError(f"--budget-points must be 0 (no budget curve) or more (got {args.budget_points})")
     if args.lora_batch_multiplier < 1 or args.jobs < 1:
         raise ValueError(f"--lora-batch-multiplier and --jobs must be at least 1 (got {args.lora_batch_multiplier}, "
                          f"{args.jobs})")
