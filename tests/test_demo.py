@@ -151,3 +151,24 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     for f in ("results.md", "samples.png", "gates.png"):
         assert (run / f).stat().st_size > 0
     assert "DMD2 + TSM stage 2" in (run / "results.md").read_text()
+    # The budget curve (--budget-points 3): checkpoints every ceil(8 / 3) = 3 iterations were kept.
+    curve = json.loads((run / "budget.json").read_text())
+    steps = [p["generator_steps"] for p in curve["points"]]
+    assert steps[0] == 3 and steps[-1] == 8 and steps == sorted(set(steps))
+    assert curve["points"][0]["sources"]["lora"] == "lora/checkpoints/step_00000003"
+    final = curve["points"][-1]
+    assert final["fraction"] == 1.0 and final["lora"]["fid"] == rows[3]["fid"]
+    assert final["tsm_stage1"]["fid"] == rows[4]["fid"]
+    for p in curve["points"][:-1]:
+        assert all(math.isfinite(p[k]["fid"]) for k in ("lora", "tsm_stage1")), p
+    # A checkpoint holds the student of its step: the last one (step 8, the end of phase 01_lora_gan) loads
+    # into the first phase adapter's structure and equals the 01 adapter, not the 00 one it was built from.
+    from tsm_distill.demo_budget import load_snapshot
+    lora_run = run / "lora"
+    _, from_ckpt = load_snapshot(run / "teacher", lora_run, lora_run / "checkpoints" / "step_00000008")
+    _, last_phase = load_snapshot(run / "teacher", lora_run, lora_run / "phases" / "01_lora_gan")
+    _, first_phase = load_snapshot(run / "teacher", lora_run, lora_run / "phases" / "00_lora")
+    a, b, c = from_ckpt.state_dict(), last_phase.state_dict(), first_phase.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    assert any(v.abs().sum() > 0 for v in a.values())  # a trained student, not the zero init

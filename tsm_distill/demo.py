@@ -11,7 +11,9 @@ Stages (each with a progress bar; seconds per stage go into results.json):
 6. reference rows at the same N, prompts and seeds: the floor (real train images) and the teacher at
    50 and 4 DDIM steps, read from ``reference.json`` next to the teacher when it was computed for this
    teacher, N and reference set (``tools/teacher_reference.py``), otherwise computed here (slow; the
-   demo says so); then results.md, results.json, samples.png (one row per model) and gates.png.
+   demo says so); then results.md, results.json, samples.png (one row per model) and gates.png;
+7. the budget curve (``demo_budget``): both students after every 1/K of the budget (``--budget-points``),
+   from the checkpoints and phase adapters the runs kept, in budget.json and budget.md.
 
 Equal generator-step budget: a *generator step* is one optimizer update of the student (DMD loss,
 plus the GAN loss in GAN phases); a phase of I iterations with F fake-score updates per generator
@@ -182,12 +184,17 @@ def copy_teacher(src: Path, dest: Path) -> Path:
 
 def student_images(teacher_path: Path, adapter: Path, prompts, seeds, timesteps, desc: str) -> torch.Tensor:
     """Images of a trained student (the adapter's saved mode) for the given prompts and seeds."""
+    from .trainer import load_student
+
+    return student_images_of(*load_student(teacher_path, adapter), prompts, seeds, timesteps, desc)
+
+
+def student_images_of(teacher, tsm, prompts, seeds, timesteps, desc: str) -> torch.Tensor:
+    """Images of a loaded student (teacher parts, adapter in its mode) for the given prompts and seeds."""
     from tqdm import tqdm
 
     from .sampler import generate
-    from .trainer import load_student
 
-    teacher, tsm = load_student(teacher_path, adapter)
     chunk = 100
     out = [generate(teacher, tsm, prompts[i:i + chunk], seeds[i:i + chunk], timesteps, batch_size=50)
            for i in tqdm(range(0, len(prompts), chunk), desc=desc)]
@@ -399,6 +406,10 @@ def _run(args, argv: list[str]) -> int:
     print("\n" + rep.format_table(rows))
     print(f"\nresults: {run_dir / 'results.md'}, {run_dir / 'results.json'}, {run_dir / 'samples.png'}, "
           f"{run_dir / 'gates.png'}")
+    if args.budget_points:  # after results.json: a failure here cannot cost the seed's table
+        from .demo_budget import budget_curve, format_curve
+
+        print("\n" + format_curve(stages.run("budget curve", budget_curve, run_dir, extractor)))
     return 0
 
 

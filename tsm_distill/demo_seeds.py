@@ -350,9 +350,17 @@ def write_aggregate(out_dir: str | Path, results_list: Sequence[dict], sources: 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     js, md = out_dir / "seeds.json", out_dir / "seeds.md"
+    from . import demo_budget
+
+    curve = demo_budget.aggregate_curves(demo_budget.read_curves(sources))
+    if curve:
+        agg["budget_curve"] = curve
     js.write_text(json.dumps(agg, indent=2) + "\n")
-    md.write_text(format_markdown(agg))
-    return [js, md, save_seed_plot(agg, out_dir / "seeds.png")]
+    md.write_text(format_markdown(agg) + (f"\n{demo_budget.format_curves(curve)}" if curve else ""))
+    paths = [js, md, save_seed_plot(agg, out_dir / "seeds.png")]
+    if curve:
+        paths.append(demo_budget.save_curve_plot(curve, out_dir / "budget.png"))
+    return paths
 
 
 # ---------------------------------------------------------------------------- the sweep
