@@ -108,3 +108,12 @@ def test_the_seed_aggregate_adds_the_curve_of_the_folders_that_have_one(tmp_path
     assert ds.main(["aggregate", str(tmp_path)]) == 0
     assert "budget_curve" not in json.loads((tmp_path / "seeds.json").read_text())
     assert not (tmp_path / "budget.png").exists()
+
+
+def test_run_folders_saved_with_the_old_phase_keys_still_read(tmp_path):
+    run = tmp_path / "lora"
+    run.mkdir()
+    old = [{"name": "a", "iterations": 8, "mode": "expert", "fake_updates_per_generator_update": 2},
+           {"name": "r", "iterations": 4, "mode": "mixture", "fake_updates_per_generator_update": 2}]
+    (run / "recipe.yaml").write_text(yaml.safe_dump({"phases": old}))
+    assert [(p["steps"], p["type"]) for p in db.read_phases(run)] == [(8, "foster"), (4, "assemble")]

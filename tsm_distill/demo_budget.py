@@ -47,7 +47,13 @@ def read_phases(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "recipe.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {run_dir} is not a tsm-distill run folder")
-    return yaml.safe_load(path.read_text())["phases"]
+    phases = yaml.safe_load(path.read_text())["phases"]
+    for ph in phases:  # runs saved before the one-vocabulary rename (December 2026) stay readable
+        if "iterations" in ph:
+            ph["steps"] = ph.pop("iterations")
+        if "mode" in ph:
+            ph["type"] = {"expert": "foster", "mixture": "assemble"}[ph.pop("mode")]
+    return phases
 
 
 def generator_steps_at(phases: list[dict], global_step: int) -> int:
