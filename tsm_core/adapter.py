@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 from .config import TSMConfig
 from .context import TimestepContext
 from .intervals import TimestepIntervals
-from .layers import Mode, TSMLayer, expert_key
+from .layers import TARGET_TYPES, Mode, TSMLayer, expert_key
 
 _MODES = ("off", "expert", "mixture", "symmetric")
 
@@ -241,10 +242,10 @@ def attach(model: nn.Module, config: TSMConfig, context: TimestepContext | None 
         raise ValueError(f"a shared context must cover this config's scales {config.scales} and num_timesteps")
     names = [n for n, m in model.named_modules() if n and _matches(n, config.target_modules)]
     if not names:
-        sample = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))][:8]
+        sample = [n for n, m in model.named_modules() if isinstance(m, TARGET_TYPES)][:8]
         raise ValueError(
             f"target_modules={config.target_modules!r} matched no layer of {type(model).__name__}. "
-            f"Linear/Conv2d layers look like: {sample}"
+            f"Linear/Conv layers look like: {sample}"
         )
     for p in model.parameters():
         p.requires_grad_(False)
@@ -253,7 +254,7 @@ def attach(model: nn.Module, config: TSMConfig, context: TimestepContext | None 
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child) if not child.isdigit() else parent[int(child)]
-        if not isinstance(base, (nn.Linear, nn.Conv2d)):
+        if not isinstance(base, TARGET_TYPES):
             continue  # a container whose name ends like a target (e.g. "to_out"); its children may match
         layer = TSMLayer(base, config, context, name=name)
         if child.isdigit():
@@ -262,8 +263,22 @@ def attach(model: nn.Module, config: TSMConfig, context: TimestepContext | None 
             setattr(parent, child, layer)
         layers[name] = layer
     if not layers:
-        raise ValueError(f"target_modules={config.target_modules!r} matched {names[:5]} but none is nn.Linear/nn.Conv2d")
+        raise ValueError(f"target_modules={config.target_modules!r} matched {names[:5]} but none is nn.Linear or nn.Conv1d/2d/3d")
+    # The model's input batch, recorded on entry: layers inside may see B*F or B*H*W rows (video), but
+    # the model itself must get one timestep per sample (RoutingState.rows).
+    model.register_forward_pre_hook(partial(_enter_model, context), with_kwargs=True)
     return TSMAdapter(model, config, layers, context)
+
+
+_BATCH_INPUTS = ("sample", "hidden_states", "input_ids", "inputs_embeds", "x")
+
+
+def _enter_model(context: TimestepContext, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if first is None:
+        first = next((kwargs[k] for k in _BATCH_INPUTS if isinstance(kwargs.get(k), torch.Tensor)), None)
+    if first is not None and first.ndim > 0:
+        context.enter_model(first.shape[0])
 
 
 def load_adapter(model: nn.Module, directory: str | Path, context: TimestepContext | None = None) -> TSMAdapter:

@@ -8,7 +8,7 @@ sample to the same expert again. Hooks that only live during the forward pass wo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,9 +28,54 @@ class RoutingState:
     shared: dict[int, int | None]  # scale -> the one expert every sample uses, else None
     router_rows: torch.Tensor  # (B,) row of the router embedding E per sample (eq. 6)
 
+    model_batch: int | None = None  # batch of the latest routed model's input in this block (attach's hook)
+    _rows: dict[int, RoutingState] = field(default_factory=dict, repr=False)  # rows() cache, per step
+
     @property
     def batch(self) -> int:
         return self.t.shape[0]
+
+    def rows(self, n: int, layer_name: str = "") -> RoutingState:
+        """This state for a layer whose input has ``n`` rows: ``n // batch`` consecutive rows per sample.
+
+        Video models fold frames or pixels into the batch, always sample-major (diffusers 0.42):
+        ``UNet3DConditionModel`` and ``UNetMotionModel`` run their spatial layers on
+        ``sample.permute(0, 2, 1, 3, 4).reshape(B * F, ...)`` (with ``emb`` and the text states
+        ``repeat_interleave``d F times), so row r is video r // F; their temporal transformers
+        (``TransformerTemporalModel``, AnimateDiff's motion modules) reshape that to
+        ``(B * H * W, F, C)`` via ``reshape(B, F, C, H, W).permute(0, 3, 4, 2, 1)``, so row r is video
+        r // (H * W); ``TemporalConvLayer``'s Conv3d sees ``(B, C, F, H, W)``: one row per video.
+        In every case a row belongs to video ``r // (n // B)``, which is what this expands to.
+
+        The model's own batch (its first input, recorded on entry) must still be one timestep per
+        sample: folding is what a model does inside, not a licence for a short ``t``.
+
+        Raises:
+            ValueError: the model's batch differs from the number of timesteps, or ``n`` is not a
+                multiple of it.
+        """
+        if self.model_batch is not None and self.model_batch not in (1, self.batch):
+            raise ValueError(
+                f"TSM layer {layer_name!r}: the model got a batch of {self.model_batch} but {self.batch} timesteps; "
+                "pass one timestep per sample (for classifier-free guidance, repeat t for the unconditional half)"
+            )
+        if n == self.batch:
+            return self
+        if n % self.batch:
+            raise ValueError(
+                f"TSM layer {layer_name!r} got a batch of {n} rows but {self.batch} timesteps, and {n} is not a "
+                "multiple of it, so its rows cannot be mapped to samples. Pass one timestep per sample (for "
+                "classifier-free guidance, repeat t for the unconditional half); video models may fold frames "
+                "or pixels into the batch, but only sample-major (B*F or B*H*W rows)."
+            )
+        cached = self._rows.get(n)
+        if cached is None:
+            m = n // self.batch
+            cached = RoutingState(t=self.t.repeat_interleave(m),
+                                  index={s: i.repeat_interleave(m) for s, i in self.index.items()},
+                                  shared=self.shared, router_rows=self.router_rows.repeat_interleave(m))
+            self._rows[n] = cached
+        return cached
 
 
 class TimestepContext:
@@ -60,6 +105,11 @@ class TimestepContext:
 
     def pop(self) -> None:
         self._stack.pop()
+
+    def enter_model(self, batch: int) -> None:
+        """Record the batch of a routed model's input (called on every forward of an attached model)."""
+        if self._stack:
+            self._stack[-1].model_batch = batch
 
     def peek(self) -> RoutingState | None:
         """The innermost routing state, or None outside every ``timesteps`` block (layers that do not

@@ -20,6 +20,8 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 
 _PREFIXES = {
     "UNet2DConditionModel": ("unet", "lora_unet"),
+    "UNet3DConditionModel": ("unet", "lora_unet"),
+    "UNetMotionModel": ("unet", "lora_unet"),
     "CLIPTextModel": ("text_encoder", "lora_te"),
     "CLIPTextModelWithProjection": ("text_encoder", "lora_te"),
     "T5EncoderModel": ("text_encoder", "lora_te"),
@@ -51,7 +53,7 @@ def expert_lora_state_dict(tsm, scale: int, expert: int, format: str = "diffuser
     for name, layer in tsm.layers.items():
         A = layer.lora_A[expert_key(scale, expert)].detach().float().cpu()
         B = layer.lora_B[expert_key(scale, expert)].detach().float().cpu()
-        up = B[:, :, None, None] if layer.kind == "conv" else B  # conv LoRA-B is a 1x1 conv
+        up = B.view(*B.shape, *([1] * layer.conv_dims))  # a conv's LoRA-B is a 1x1(x1) conv
         if format == "diffusers":
             out[f"{peft_prefix}.{name}.lora_A.weight"] = A.contiguous()
             out[f"{peft_prefix}.{name}.lora_B.weight"] = (up * layer.scaling).contiguous()
@@ -69,3 +71,34 @@ def export_lora(tsm, directory: str | Path, scale: int, expert: int = 0, format:
     tensors = expert_lora_state_dict(tsm, scale, expert, format=format, prefix=prefix)
     meta = {"format": "pt", "tsm_scale": str(scale), "tsm_expert": str(expert), "tsm_layout": format}
     return atomic_save_file(tensors, Path(directory) / LORA_FILE, meta)
+
+
+def load_lora(model, directory: str | Path, prefix: str | None = None, adapter_name: str = "default"):
+    """Load a diffusers-format LoRA file (``export_lora``'s) into ``model`` with peft's public API.
+
+    ``pipe.load_lora_weights`` does this for models that have diffusers' LoRA loader. diffusers 0.42's
+    ``UNet3DConditionModel`` (ModelScope / zeroscope, ``TextToVideoSDPipeline``) has none, so its
+    pipeline refuses every LoRA; ``load_lora(pipe.unet, dir)`` fills the gap with the same file.
+    Ranks come from the tensors; alpha = rank, as the export folds alpha / rank into B.
+    """
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(directory) / LORA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; write it with tsm.export_lora(directory, scale, expert)")
+    peft_prefix = _prefixes(model, prefix)[0] + "."
+    tensors = {k[len(peft_prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(peft_prefix)}
+    if not tensors:
+        raise ValueError(f"{path} holds no '{peft_prefix}*' tensors for this {type(model).__name__}; pass prefix=")
+    targets = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
+    ranks = {v.shape[0] for k, v in tensors.items() if ".lora_A." in k}
+    if len(ranks) != 1:
+        raise ValueError(f"{path}: the LoRA layers have different ranks {sorted(ranks)}; load_lora needs one")
+    rank = ranks.pop()
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets)
+    inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    result = set_peft_model_state_dict(model, tensors, adapter_name=adapter_name)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"{path}: tensors with no place in {type(model).__name__}: {result.unexpected_keys[:5]}")
+    return model

@@ -1,12 +1,15 @@
 """Timestep LoRA expert layers (paper eq. 3 and eq. 5-6).
 
-:class:`TSMLayer` wraps an ``nn.Linear`` or ``nn.Conv2d`` (kept as ``base_layer``, as in peft) and
+:class:`TSMLayer` wraps an ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (kept as ``base_layer``, as in peft) and
 holds, for every scale n, n LoRA experts ``(A_k, B_k)``. A sample at timestep t uses the expert of
 its interval. Experts are separate parameters so an optimizer can own exactly the experts a phase
 trains (AdamW would otherwise decay untouched rows of a stacked bank). For a batch with mixed
 timesteps they are stacked and gathered so that every sample is routed in one batched matmul
-(``bmm`` for Linear, a grouped convolution for Conv2d), never a loop over samples. A batch that
+(``bmm`` for Linear, a grouped convolution for convolutions), never a loop over samples. A batch that
 shares one expert (DMD2's case) takes a plain-matmul fast path.
+
+Video models fold frames (spatial layers, ``B*F`` rows) or pixels (temporal layers, ``B*H*W`` rows)
+into the batch; a layer routes each row by its video's timestep (``RoutingState.rows``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from .config import TSMConfig
 from .context import RoutingState, TimestepContext
 
 Mode = Literal["off", "expert", "mixture", "symmetric"]
+TARGET_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # the layers that can carry experts
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def expert_key(scale: int, expert: int) -> str:
@@ -39,7 +44,7 @@ def router_activation(logits: torch.Tensor, activation: str, dim: int) -> torch.
 
 
 class TSMLayer(nn.Module):
-    """A Linear or Conv2d with timestep LoRA experts at several scales and an optional router.
+    """A Linear or Conv1d/2d/3d with timestep LoRA experts at several scales and an optional router.
 
     Modes (set by :meth:`TSMAdapter.set_mode`):
       * ``off``: ``base_layer(x)`` exactly.
@@ -55,14 +60,15 @@ class TSMLayer(nn.Module):
             self.kind = "linear"
             in_f, out_f = base_layer.in_features, base_layer.out_features
             a_shape: tuple[int, ...] = (config.rank, in_f)
-        elif isinstance(base_layer, nn.Conv2d):
+        elif isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             if base_layer.groups != 1 or base_layer.padding_mode != "zeros":
-                raise ValueError(f"{name}: only Conv2d with groups=1 and zero padding can carry TSM experts")
+                raise ValueError(f"{name}: only convolutions with groups=1 and zero padding can carry TSM experts")
             self.kind = "conv"
             in_f, out_f = base_layer.in_channels, base_layer.out_channels
             a_shape = (config.rank, in_f, *base_layer.kernel_size)
         else:
-            raise ValueError(f"{name}: TSM experts wrap nn.Linear or nn.Conv2d, not {type(base_layer).__name__}")
+            raise ValueError(f"{name}: TSM experts wrap nn.Linear or nn.Conv1d/2d/3d, not {type(base_layer).__name__}")
+        self.conv_dims = base_layer.weight.ndim - 2  # 0 for Linear; 1, 2, 3 for Conv1d/2d/3d
         self.base_layer = base_layer
         self.name = name
         self.in_features, self.out_features = in_f, out_f
@@ -111,18 +117,23 @@ class TSMLayer(nn.Module):
         self.router_fc = nn.Parameter(fc) if fc is not None else None
         self.router_emb = nn.Parameter(emb) if emb is not None else None
 
+    def _pointwise(self, w: torch.Tensor) -> torch.Tensor:
+        """A (out, in) matrix as a 1x1(x1) kernel of this layer's convolution."""
+        return w.view(*w.shape, *([1] * self.conv_dims))
+
     def _gate(self, x: torch.Tensor, state: RoutingState | None) -> torch.Tensor:
-        """g(x, t) = act(FC(x) + E[t]); (B, ..., k) for Linear, (B, k, H', W') for Conv2d."""
+        """g(x, t) = act(FC(x) + E[t]); (rows, ..., k) for Linear, (rows, k, *spatial) for convolutions."""
         logits = None
         if self.router_fc is not None:
             w = self.router_fc.to(x.dtype)
             if self.kind == "linear":
                 logits = F.linear(x, w)
             else:  # 1x1 conv with the base stride, so the gate lives at the output resolution
-                logits = F.conv2d(x, w[:, :, None, None], stride=self.base_layer.stride)
+                logits = _CONV[self.conv_dims](x, self._pointwise(w), stride=self.base_layer.stride)
         if self.router_emb is not None:
-            e = self.router_emb[state.router_rows.to(self.router_emb.device)].to(x.dtype)  # (B_t, k)
-            e = e.view(e.shape[0], *([1] * (x.ndim - 2)), -1) if self.kind == "linear" else e[:, :, None, None]
+            rows = state.rows(x.shape[0], self.name).router_rows if state.batch > 1 else state.router_rows
+            e = self.router_emb[rows.to(self.router_emb.device)].to(x.dtype)  # (rows or 1, k)
+            e = e.view(e.shape[0], *([1] * (x.ndim - 2)), -1) if self.kind == "linear" else self._pointwise(e)
             logits = e if logits is None else logits + e
         return router_activation(logits, self.router_activation, dim=-1 if self.kind == "linear" else 1)
 
@@ -138,9 +149,10 @@ class TSMLayer(nn.Module):
         """First half of each sample's expert at ``scale`` (eq. 3): ``z = s * A_k x`` and its ``B_k``.
 
         Returns ``(z, B)``: for a batch sharing one expert, ``z`` keeps x's layout with r channels and
-        ``B`` is (out, r); otherwise ``z`` is (batch, tokens, r) for Linear / (batch, r, H', W') for
-        Conv2d and ``B`` is gathered per sample, (batch, out, r). Scaling and gates act on the small
-        ``z``, and all up-projections are summed into the base output in one pass (``_up``).
+        ``B`` is (out, r); otherwise ``z`` is (samples, tokens, r) for Linear (a sample's rows are
+        consecutive, so its frames or pixels join its tokens) / (rows, r, *spatial) for convolutions,
+        and ``B`` is gathered per sample or row, (samples or rows, out, r). Scaling and gates act on the
+        small ``z``, and all up-projections are summed into the base output in one pass (``_up``).
         """
         k = 0 if scale == 1 else state.shared[scale]
         bl = self.base_layer
@@ -149,15 +161,17 @@ class TSMLayer(nn.Module):
             B = self.lora_B[expert_key(scale, k)]
             if self.kind == "linear":
                 return F.linear(x, A) * self.scaling, B
-            return F.conv2d(x, A, None, bl.stride, bl.padding, bl.dilation) * self.scaling, B
-        A, B = self._expert_weights(scale, state.index[scale])
-        A = A.to(x.dtype)
+            return _CONV[self.conv_dims](x, A, None, bl.stride, bl.padding, bl.dilation) * self.scaling, B
+        if self.kind == "linear":  # one expert per sample: its consecutive rows become its tokens
+            A, B = self._expert_weights(scale, state.index[scale])
+            z = torch.bmm(x.reshape(state.batch, -1, self.in_features), A.to(x.dtype).transpose(1, 2))
+            return z * self.scaling, B
+        # Convolutions see frames as rows (B*F of them, few): gather one expert per row, then a grouped
+        # conv in which row b's channels only meet row b's A, i.e. one gathered convolution.
         n = x.shape[0]
-        if self.kind == "linear":
-            return torch.bmm(x.reshape(n, -1, self.in_features), A.transpose(1, 2)) * self.scaling, B
-        # Grouped conv: sample b's channels only meet sample b's A, i.e. one gathered convolution.
-        z = F.conv2d(x.reshape(1, -1, *x.shape[2:]), A.reshape(-1, *A.shape[2:]), None,
-                     bl.stride, bl.padding, bl.dilation, groups=n)
+        A, B = self._expert_weights(scale, state.rows(n, self.name).index[scale])
+        z = _CONV[self.conv_dims](x.reshape(1, -1, *x.shape[2:]), A.to(x.dtype).reshape(-1, *A.shape[2:]), None,
+                                  bl.stride, bl.padding, bl.dilation, groups=n)
         return z.reshape(n, -1, *z.shape[2:]) * self.scaling, B
 
     def _up(self, out: torch.Tensor, terms: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -171,13 +185,13 @@ class TSMLayer(nn.Module):
             if self.kind == "linear":
                 out = torch.addmm(out.reshape(-1, self.out_features), Z.reshape(-1, Z.shape[-1]), Bc.t()).view(out.shape)
             else:
-                out = out + F.conv2d(Z, Bc[:, :, None, None])
+                out = out + _CONV[self.conv_dims](Z, self._pointwise(Bc))
         for z, B in gathered:
             if self.kind == "linear":
-                n = out.shape[0]
+                n = z.shape[0]  # samples: z holds each sample's rows as its tokens
                 out = torch.baddbmm(out.reshape(n, -1, self.out_features), z.to(dt), B.transpose(1, 2).to(dt)).view(out.shape)
             else:
-                out = out + torch.einsum("brhw,bor->bohw", z.to(dt), B.to(dt))
+                out = out + torch.einsum("br...,bor->bo...", z.to(dt), B.to(dt))
         return out
 
     def _needs_context(self) -> bool:
@@ -185,16 +199,15 @@ class TSMLayer(nn.Module):
         uses_t = self.mode in ("mixture", "symmetric") and self.router_emb is not None
         return uses_t or any(s is not None and s > 1 for s in scales)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        if x is None:  # called with torch's own keyword: AnimateDiff's motion modules do proj_in(input=...)
+            x = kwargs.pop("input")
         out = self.base_layer(x, *args, **kwargs)
         if self.mode == "off" or self.merged:
             return out
         state = self.context.current(self.name) if self._needs_context() else self.context.peek()
-        if state is not None and state.batch not in (1, x.shape[0]):
-            raise ValueError(
-                f"TSM layer {self.name!r} got a batch of {x.shape[0]} but {state.batch} timesteps; pass one "
-                "timestep per sample (for classifier-free guidance, repeat t for the unconditional half)"
-            )
+        if state is not None and state.batch != 1:
+            state.rows(x.shape[0], self.name)  # fails early, in words, when rows cannot be mapped to samples
         xd = self.dropout(x)
         if self.mode == "expert":
             return self._up(out, [self._down(xd, self.active_scale, state)])
@@ -207,14 +220,17 @@ class TSMLayer(nn.Module):
                 z, B = self._down(xd, s, state)
                 gj = g[..., j : j + 1] if self.kind == "linear" else g[:, j : j + 1]
                 if B.ndim == 3 and self.kind == "linear":
-                    gj = gj.reshape(gj.shape[0], -1, 1)  # z is (batch, tokens, r) on the gathered path
+                    gj = gj.reshape(z.shape[0], -1, 1)  # z is (samples, tokens, r) on the gathered path
                 terms.append((z * gj, B))
         return self._up(out, terms)
 
     def _record_gate(self, g: torch.Tensor, state: RoutingState) -> None:
-        # Mean gate per sample (over tokens/pixels): feeds "gate vs timestep" logs and plots.
-        dims = tuple(range(1, g.ndim - 1)) if self.kind == "linear" else (2, 3)
+        # Mean gate per sample (over tokens/pixels, and over the rows of a video): feeds "gate vs
+        # timestep" logs and plots.
+        dims = tuple(range(1, g.ndim - 1)) if self.kind == "linear" else tuple(range(2, g.ndim))
         mean = g.detach().float().mean(dim=dims) if dims else g.detach().float()
+        if state is not None and state.batch > 1 and mean.shape[0] != state.batch:
+            mean = mean.reshape(state.batch, -1, mean.shape[-1]).mean(dim=1)
         t = state.t.detach().float().cpu() if state is not None else torch.zeros(mean.shape[0])
         self.gate_log.append((t.expand(mean.shape[0]) if t.numel() == 1 else t, mean.cpu()))
 
@@ -225,7 +241,7 @@ class TSMLayer(nn.Module):
         B = self.lora_B[expert_key(scale, expert)]
         if self.kind == "linear":
             return (B @ A) * self.scaling
-        return torch.einsum("or,rikl->oikl", B, A) * self.scaling
+        return torch.einsum("or,ri...->oi...", B, A) * self.scaling
 
     def merged_delta(self, state: RoutingState | None) -> torch.Tensor:
         """Dense weight update for a batch that shares one timestep (used by ``TSMAdapter.merged``)."""

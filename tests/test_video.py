@@ -1,0 +1,171 @@
+"""Video: frame-aware routing on diffusers' 3D UNets, experts on Conv3d, export to a stock text-to-video pipeline.
+
+Inside a video UNet a batch of B videos becomes B*F rows in the spatial layers and B*H*W rows in the
+temporal ones; every row must be routed by its own video's timestep (``RoutingState.rows``).
+"""
+
+import pytest
+import torch
+
+from tests.numerics import assert_close, close
+from tests.test_core import perturb
+from tsm_core import TSMConfig, attach
+from tsm_core.testing.tiny_video import build_unet3d, build_unet_motion, build_video_pipeline
+
+# spatial + temporal attention (Linear), resnet convs (Conv2d), time embedding projections (Linear on B*F
+# rows) and the temporal convolutions (Conv3d inside TemporalConvLayer's Sequentials)
+UNET3D_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "time_emb_proj",
+                  "conv1.2", "conv2.3", "conv3.3", "conv4.3"]
+FRAMES = 3
+
+
+@pytest.fixture(scope="module")
+def unet3d_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("unet3d")
+    build_unet3d(folder)
+    return folder
+
+
+@pytest.fixture
+def unet3d(unet3d_dir):
+    from diffusers import UNet3DConditionModel
+
+    return UNet3DConditionModel.from_pretrained(str(unet3d_dir)).eval()
+
+
+def video_inputs(batch=3, frames=FRAMES, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, frames, 8, 8, generator=g), torch.randn(batch, 5, 32, generator=g)
+
+
+def run(unet, tsm, x, c, t, **kw):
+    with tsm.timesteps(t), torch.no_grad():
+        return unet(x, t, encoder_hidden_states=c, **kw).sample
+
+
+def test_targets_cover_conv3d_and_temporal_layers(unet3d):
+    tsm = attach(unet3d, TSMConfig(scales=(1, 4), target_modules=UNET3D_TARGETS))
+    kinds = {type(layer.base_layer).__name__ for layer in tsm.layers.values()}
+    assert kinds == {"Linear", "Conv2d", "Conv3d"}
+    assert any(".temp_attentions." in n for n in tsm.layers) and any(".temp_convs." in n for n in tsm.layers)
+
+
+def test_a_mixed_timestep_video_batch_equals_each_video_alone_in_every_mode(unet3d):
+    tsm = attach(unet3d, TSMConfig(scales=(1, 4), target_modules=UNET3D_TARGETS))
+    perturb(tsm)
+    x, c = video_inputs()
+    t = torch.tensor([999, 499, 10])  # three experts of scale 4, three router rows
+    base = run(unet3d, tsm, x, c, t)  # mode "off"
+    for mode, kw in (("expert", dict(scale=4)), ("mixture", {}), ("symmetric", {})):
+        tsm.set_mode(mode, **kw)
+        if mode != "expert":
+            perturb(tsm, seed=1, router=True)
+        batched = run(unet3d, tsm, x, c, t)
+        alone = torch.cat([run(unet3d, tsm, x[i:i + 1], c[i:i + 1], t[i:i + 1]) for i in range(3)])
+        assert_close(batched, alone, rel=1e-5, msg=mode)
+        assert not close(batched, base, rel=1e-3), mode  # the experts act
+        # every video really uses its own expert: routing all three to expert 0 gives another answer
+        assert not close(batched, run(unet3d, tsm, x, c, torch.zeros(3, dtype=torch.long)), rel=1e-3), mode
+
+
+def test_merged_video_batch_equals_the_routed_one(unet3d):
+    tsm = attach(unet3d, TSMConfig(scales=(1, 4), target_modules=UNET3D_TARGETS, router_input="timestep"))
+    perturb(tsm)
+    x, c = video_inputs(batch=2)
+    for mode in ("expert", "mixture"):
+        tsm.set_mode(mode, **({"scale": 4} if mode == "expert" else {}))
+        if mode == "mixture":
+            perturb(tsm, seed=7, router=True)
+        tt = torch.tensor([700, 700])
+        routed = run(unet3d, tsm, x, c, tt)
+        with tsm.merged(700), torch.no_grad():
+            fused = unet3d(x, tt, encoder_hidden_states=c).sample
+        assert_close(fused, routed, rel=1e-4, msg=mode)
+
+
+def test_a_video_model_still_needs_one_timestep_per_video(unet3d):
+    tsm = attach(unet3d, TSMConfig(scales=(4,), target_modules=UNET3D_TARGETS))
+    tsm.set_mode("expert", scale=4)
+    perturb(tsm)
+    x, c = video_inputs(batch=4)
+    # 4 videos, 2 timesteps: the frames inside are a multiple of 2, but the model's own batch is 4
+    with pytest.raises(ValueError, match="the model got a batch of 4 but 2 timesteps"):
+        with tsm.timesteps(torch.tensor([1, 900])), torch.no_grad():
+            unet3d(x, 500, encoder_hidden_states=c)
+    # a layer whose rows cannot be mapped to the samples says so
+    layer = next(iter(tsm.layers.values()))
+    with pytest.raises(ValueError, match="5 rows but 2 timesteps"):
+        with tsm.timesteps(torch.tensor([1, 900])):
+            layer(torch.randn(5, 7, layer.in_features))
+
+
+def test_animatediff_motion_unet_routes_each_video_by_its_timestep(tmp_path):
+    unet = build_unet_motion(tmp_path / "motion").eval()
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2"]
+    tsm = attach(unet, TSMConfig(scales=(1, 4), target_modules=targets))
+    assert any(".motion_modules." in n for n in tsm.layers)
+    perturb(tsm)
+    x, c = video_inputs(batch=2)
+    c = c.repeat_interleave(FRAMES, dim=0)  # AnimateDiff's pipeline gives the text states per frame
+    t = torch.tensor([999, 10])
+    tsm.set_mode("mixture")
+    perturb(tsm, seed=2, router=True)
+    batched = run(unet, tsm, x, c, t)
+    alone = torch.cat([run(unet, tsm, x[i:i + 1], c[i * FRAMES:(i + 1) * FRAMES], t[i:i + 1]) for i in range(2)])
+    assert_close(batched, alone, rel=1e-5)
+
+
+def routed_and_exported(unet, targets, tmp_path, frames_cond=False):
+    """The routed scale-4 expert 2's output on one video, and that expert exported in diffusers format."""
+    tsm = attach(unet, TSMConfig(scales=(4,), target_modules=targets))
+    perturb(tsm)
+    tsm.set_mode("expert", scale=4)
+    x, c = video_inputs(batch=1)
+    if frames_cond:
+        c = c.repeat_interleave(FRAMES, dim=0)
+    t = torch.tensor([600])  # interval 2 of scale 4
+    routed = run(unet, tsm, x, c, t)
+    tsm.export_lora(tmp_path / "lora", scale=4, expert=2)
+    return routed, (x, t, c)
+
+
+def unet_output(unet, x, t, c):
+    with torch.no_grad():
+        return unet(x, t, encoder_hidden_states=c).sample
+
+
+def test_an_exported_expert_loads_in_the_stock_animatediff_pipeline(tmp_path):
+    from diffusers import AnimateDiffPipeline, UNetMotionModel
+
+    pipe_dir = build_video_pipeline(tmp_path / "video", kind="animatediff")
+    unet = UNetMotionModel.from_pretrained(str(pipe_dir / "unet")).eval()
+    # Not proj_in/proj_out: the motion modules call proj_in(input=...), which peft's LoRA layer (peft 0.21)
+    # cannot take, so a stock pipeline with a LoRA there fails for any LoRA; TSM's own layers accept it.
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+    routed, inputs = routed_and_exported(unet, targets, tmp_path, frames_cond=True)
+    pipe = AnimateDiffPipeline.from_pretrained(str(pipe_dir))
+    plain = unet_output(pipe.unet, *inputs)
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    loaded = unet_output(pipe.unet, *inputs)
+    assert_close(loaded, routed, rel=1e-4)  # the stock pipeline's UNet now is the routed expert
+    assert not close(loaded, plain, rel=1e-3)
+
+
+def test_an_exported_expert_with_conv3d_loads_into_the_text_to_video_pipeline(tmp_path):
+    from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
+
+    from tsm_core.export import load_lora
+
+    pipe_dir = build_video_pipeline(tmp_path / "video")
+    unet = UNet3DConditionModel.from_pretrained(str(pipe_dir / "unet")).eval()
+    routed, inputs = routed_and_exported(unet, UNET3D_TARGETS, tmp_path)
+    pipe = TextToVideoSDPipeline.from_pretrained(str(pipe_dir))
+    plain = unet_output(pipe.unet, *inputs)
+    # diffusers 0.42 gives UNet3DConditionModel no LoRA loader: pipe.load_lora_weights fails for any LoRA
+    with pytest.raises(AttributeError, match="load_lora_adapter"):
+        pipe.load_lora_weights(str(tmp_path / "lora"))
+    load_lora(pipe.unet, tmp_path / "lora")  # the same file through peft's public API
+    assert any(type(m).__name__ == "Conv3d" and hasattr(m, "lora_A") for m in pipe.unet.modules())
+    loaded = unet_output(pipe.unet, *inputs)
+    assert_close(loaded, routed, rel=1e-4)
+    assert not close(loaded, plain, rel=1e-3)
