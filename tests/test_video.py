@@ -169,3 +169,102 @@ def test_an_exported_expert_with_conv3d_loads_into_the_text_to_video_pipeline(tm
     loaded = unet_output(pipe.unet, *inputs)
     assert_close(loaded, routed, rel=1e-4)
     assert not close(loaded, plain, rel=1e-3)
+
+
+# ---------------------------------------------------------------------------- the video fine-tuning recipes
+RECIPES = __import__("pathlib").Path(__file__).resolve().parents[1] / "recipes"
+
+
+def test_the_a22_video_recipes_hold_the_papers_values():
+    from tsm_core.finetune import FinetuneRecipe, plan_phases
+    from tsm_core.train.recipe import load_recipe
+
+    for name in ("video_posttrain_lora.yaml", "video_posttrain_tsm.yaml"):
+        r = load_recipe(RECIPES / name, FinetuneRecipe)
+        assert (r.model.kind, r.data.source) == ("unet3d", "video_folder")
+        assert r.experts.target_modules == ["to_k", "to_v"] and r.experts.text_encoder_targets == ["out_proj"]
+        assert r.train.batch_size * r.train.gradient_accumulation_steps == 32
+        assert all((s.steps, s.lr, s.weight_decay, s.text_encoder_lr, s.text_encoder_weight_decay)
+                   == (5000, 2e-4, 1e-2, 2e-4, 1e-2) for s in r.stages)
+    tsm = load_recipe(RECIPES / "video_posttrain_tsm.yaml", FinetuneRecipe)
+    assert [(p.mode, p.scale, p.core_scale) for p in plan_phases(tsm)] == [("expert", 8, None), ("expert", 1, None),
+                                                                          ("mixture", None, 8)]
+
+
+def test_a_video_model_needs_video_data_and_back():
+    from tsm_core.finetune import FinetuneRecipe
+    from tsm_core.train.recipe import load_recipe
+
+    with pytest.raises(ValueError, match="video backbones"):
+        load_recipe(RECIPES / "video_posttrain_lora.yaml", FinetuneRecipe, overrides=["data.source=folder"])
+    with pytest.raises(ValueError, match="video backbones"):
+        load_recipe(RECIPES / "sd15_domain_lora.yaml", FinetuneRecipe, overrides=["data.source=video_folder"])
+
+
+def video_run_args(recipe, pipe, data, run, *extra):
+    return [str(RECIPES / recipe), "--run-dir", str(run), "--set", f"model.path={pipe}", "--set", f"data.path={data}",
+            "--set", "data.resolution=16", "--set", "data.num_frames=4", "--set", "data.frame_stride=1",
+            "--set", "train.batch_size=2", "--set", "train.mixed_precision=no", "--set", "train.gradient_checkpointing=false",
+            "--set", "train.sample_steps=2", "--set", "train.sample_every=0", "--set", "train.keep_last=null",
+            "--set", "train.sample_prompts=[\"a photo of a bag moving left\"]", *extra]
+
+
+@pytest.fixture(scope="module")
+def video_data(tmp_path_factory):
+    from tsm_core.train.video_data import moving_fmnist_clips
+
+    return moving_fmnist_clips(tmp_path_factory.mktemp("clips"), n=4, num_frames=4, size=16)
+
+
+def test_the_tsm_video_recipe_runs_stage_1_then_stage_2_on_a_tiny_3d_unet(tmp_path, video_data):
+    from safetensors.torch import load_file
+
+    from tsm_core.finetune.cli import main
+
+    pipe = build_video_pipeline(tmp_path / "video")
+    run = tmp_path / "run"
+    steps = ["--set", "stages.0.steps=3", "--set", "stages.1.steps=3", "--set", "stages.2.steps=3",
+             "--set", "train.checkpoint_every=3"]
+    assert main(video_run_args("video_posttrain_tsm.yaml", pipe, video_data, run, *steps)) == 0
+
+    def adapter(step):
+        return load_file(str(run / "checkpoints" / f"step_{step:08d}" / "adapter.safetensors"))
+
+    s3, s6, s9 = adapter(3), adapter(6), adapter(9)
+
+    def changed_experts(a, b):
+        return {k.rsplit(".", 1)[-1] for k in a if ".lora_" in k and not torch.equal(a[k], b[k])}
+
+    # stage 1: the scale-8 experts trained (their B left zero), then the scale-1 LoRA alone
+    assert any(s3[k].abs().sum() > 0 for k in s3 if ".lora_B.s8_" in k)
+    assert changed_experts(s3, s6) == {"s1_e0"}
+    # stage 2: the router alone (created at assembling, zero-initialised, then trained); experts frozen
+    routers = [k for k in s9 if k.endswith((".router_fc", ".router_emb"))]
+    assert routers and not any(k in s6 for k in routers)
+    assert all(torch.equal(s9[k], s6[k]) for k in s6)
+    assert any(s9[k].abs().sum() > 0 for k in routers)
+    # the temporal layers and the text encoder's out_proj carry experts too
+    assert any(".temp_attentions." in k for k in s3)
+    assert (run / "adapter_text_encoder0" / "tsm_adapter.safetensors").is_file()
+    # sample videos: a strip per prompt in the grid and a GIF
+    assert list((run / "images" / "samples").glob("*.png"))
+    from PIL import Image
+
+    with Image.open(run / "samples" / "final" / "00.gif") as gif:
+        assert gif.n_frames == 4 and gif.size == (16, 16)
+
+
+def test_the_animatediff_backbone_trains_through_the_same_recipe(tmp_path, video_data):
+    from tsm_core.finetune.cli import main
+
+    pipe = build_video_pipeline(tmp_path / "video", kind="animatediff")
+    run = tmp_path / "run"
+    assert main(video_run_args("video_posttrain_lora.yaml", pipe, video_data, run, "--set", "model.kind=animatediff",
+                               "--set", "stages.0.steps=2", "--set", "experts.target_modules=[to_k,to_v,proj_in]")) == 0
+    from diffusers import UNetMotionModel
+
+    from tsm_core import load_adapter
+
+    tsm = load_adapter(UNetMotionModel.from_pretrained(str(pipe / "unet")), run / "adapter")
+    assert any(".motion_modules." in n for n in tsm.layers)
+    assert any(p.abs().sum() > 0 for k, p in tsm.state_dict().items() if "lora_B" in k)  # trained

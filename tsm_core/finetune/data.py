@@ -70,12 +70,17 @@ class StepSampler(Sampler):
 
 
 def build_dataset(cfg: DataSection):
-    """The image-text source of a recipe, with a ``skip_counter`` (a `SkipCounter`).
+    """The image-text (or video-text) source of a recipe, with a ``skip_counter`` (a `SkipCounter`).
 
     Raises:
         FileNotFoundError: the folder or shards do not exist.
         ValueError: ``crop: resize`` or ``cache_latents`` with webdataset shards.
     """
+    if cfg.source == "video_folder":
+        from ..train.video_data import VideoTextFolder
+
+        return VideoTextFolder(cfg.path, cfg.resolution, cfg.num_frames, cfg.frame_stride,
+                               caption_column=cfg.caption_column, center_crop=cfg.crop != "random")
     if cfg.source == "folder":
         ds = ImageTextFolder(cfg.path, cfg.resolution, center_crop=cfg.crop != "random",
                              random_flip=cfg.random_flip, caption_column=cfg.caption_column)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .. import attach, load_adapter
 from ..train.accel import step_generator
-from ..train.backbones import Backbone, load_backbone
+from ..train.backbones import Backbone, load_backbone, video_strip
 from ..train.skeleton import PhasedTrainer
 from .data import batch_stream, build_dataset
 from .recipe import FinetuneRecipe, plan_phases
@@ -58,6 +58,8 @@ class FinetuneTrainer(PhasedTrainer):
                                                 recipe.model.max_sequence_length)
         self.backbone.to(self.device)
         bb = self.backbone
+        if hasattr(bb, "num_frames"):  # video backbones sample videos as long as the training clips
+            bb.num_frames = recipe.data.num_frames
         ex = recipe.experts
         self.tsm = attach(bb.denoiser, ex.tsm_config(recipe.scales, bb.num_timesteps))
         self.text_adapters = []
@@ -199,6 +201,13 @@ class FinetuneTrainer(PhasedTrainer):
                                       guidance_scale=tr.guidance_scale,
                                       generator=torch.Generator().manual_seed(tr.seed), size=tr.sample_size,
                                       reencode_prompts=bool(self.text_adapters))
+        if images.ndim == 5:  # videos: one strip of frames per prompt in the grid, and a GIF each
+            from ..train.video_data import save_gif
+
+            if self.acc.is_main_process:
+                for i, video in enumerate(images):
+                    save_gif(video, self.run_dir / "samples" / tag / f"{i:02d}.gif")
+            images = video_strip(images)
         self.logger.log_image(self.global_step, "samples", images)
 
 

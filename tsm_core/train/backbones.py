@@ -11,6 +11,11 @@ target:
 - ``"sd3"``: SD3 (SD3Transformer2DModel + two CLIPTextModelWithProjection + optional T5), rectified
   flow ``x_t = (1 - s) x0 + s noise`` with target ``noise - x0``. The timestep is ``t = s * 1000``,
   a float in ``[0, 1000]``, which is what the transformer and the TSM intervals receive.
+- ``"unet3d"``: text-to-video UNets, ModelScope / zeroscope (UNet3DConditionModel + CLIP; the
+  spatial-plus-temporal 3D UNet design VideoCrafter2 shares), DDPM noise. Samples are videos
+  ``(B, C, F, h, w)``; the VAE encodes and decodes them frame by frame.
+- ``"animatediff"``: AnimateDiff's UNetMotionModel (an SD UNet with motion modules), the same way; its
+  text states are repeated per frame, as AnimateDiff's pipeline does.
 
 Everything loads with ``from_pretrained(path_or_hub_id, subfolder=...)``; nothing else downloads.
 The DMD2 trainer can reuse the UNet backbone: it only needs ``denoiser``, ``encode_prompts``,
@@ -38,7 +43,7 @@ from torch import nn
 from tsm_core.routing import route_by_timestep  # noqa: F401  (re-exported: samplers use it)
 from tsm_core.train.schedule import NoiseSchedule
 
-KINDS = ("unet", "pixart", "sd3")
+KINDS = ("unet", "pixart", "sd3", "unet3d", "animatediff")
 _HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 
 Cond = dict[str, torch.Tensor]
@@ -198,6 +203,10 @@ class Backbone:
         """A fresh scheduler for inference (DDIM for DDPM models, the flow-matching Euler scheduler for SD3)."""
         raise NotImplementedError
 
+    def noise_shape(self, n: int, side: int) -> tuple[int, ...]:
+        """The shape of ``n`` samples' starting noise at ``side`` x ``side`` latents (images here)."""
+        return (n, self.latent_channels, side, side)
+
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample(self, prompts: list[str], tsm=None, steps: int = 20, guidance_scale: float = 1.0,
@@ -217,8 +226,7 @@ class Backbone:
             raise ValueError(f"image size {size} must be a multiple of the VAE factor {self.vae_scale}")
         scheduler = self.sampling_scheduler()
         scheduler.set_timesteps(steps, device=device)
-        side = size // self.vae_scale
-        x = torch.randn((n, self.latent_channels, side, side), generator=generator).to(device)
+        x = torch.randn(self.noise_shape(n, size // self.vae_scale), generator=generator).to(device)
         x = x * getattr(scheduler, "init_noise_sigma", 1.0)
         cfg = guidance_scale > 1.0
         texts = ([""] * n + list(prompts)) if cfg else list(prompts)
@@ -251,6 +259,7 @@ class UNetBackbone(Backbone):
     """Stable Diffusion 1.x/2.x: UNet2DConditionModel, CLIP text encoder, DDPM noise (eps or v)."""
 
     kind = "unet"
+    denoiser_class = "UNet2DConditionModel"
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
@@ -264,11 +273,12 @@ class UNetBackbone(Backbone):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **_) -> UNetBackbone:
         """Load ``unet``, ``text_encoder``, ``tokenizer``, ``scheduler`` and (if present) ``vae`` subfolders."""
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        import diffusers
+        from diffusers import AutoencoderKL, DDPMScheduler
         from transformers import AutoTokenizer, CLIPTextModel
 
         path = _check_source(path)
-        unet = _load(UNet2DConditionModel, path, "unet")
+        unet = _load(getattr(diffusers, cls.denoiser_class), path, "unet")
         te = _load(CLIPTextModel, path, "text_encoder")
         tok = _load(AutoTokenizer, path, "tokenizer")
         # Whatever scheduler the pipeline ships (PNDM for SD1.5), training noise is DDPM with its betas.
@@ -425,14 +435,71 @@ class SD3Backbone(Backbone):
         return FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
 
 
-_CLASSES = {"unet": UNetBackbone, "pixart": PixArtBackbone, "sd3": SD3Backbone}
+# ----------------------------------------------------------------------------- video UNets
+
+
+class VideoUNetBackbone(UNetBackbone):
+    """Text-to-video 3D UNet (ModelScope / zeroscope): UNet3DConditionModel + CLIP, DDPM noise (eps or v).
+
+    Samples are videos ``(B, C, F, h, w)`` (pixels ``(B, 3, F, H, W)`` in [-1, 1]); the noise schedule
+    broadcasts over frames, so every frame of a video shares its timestep, and the TSM layers route
+    the frames and pixels the UNet folds into its batch by their video (``RoutingState.rows``).
+    ``num_frames`` is the length of sampled videos (the trainer sets it from ``data.num_frames``).
+    """
+
+    kind = "unet3d"
+    denoiser_class = "UNet3DConditionModel"
+    num_frames: int = 16
+
+    def vae_encode(self, pixels, generator=None):
+        """Videos (B, 3, F, H, W) -> latents (B, C, F, h, w), frame by frame (images pass through)."""
+        if pixels.ndim != 5:
+            return super().vae_encode(pixels, generator)
+        b, _, f = pixels.shape[:3]
+        z = super().vae_encode(pixels.transpose(1, 2).flatten(0, 1), generator)  # (B*F, C, h, w)
+        return z.unflatten(0, (b, f)).transpose(1, 2)
+
+    def vae_decode(self, latents):
+        """Latents (B, C, F, h, w) -> videos (B, 3, F, H, W) in [-1, 1], frame by frame."""
+        if latents.ndim != 5:
+            return super().vae_decode(latents)
+        b, _, f = latents.shape[:3]
+        x = super().vae_decode(latents.transpose(1, 2).flatten(0, 1))
+        return x.unflatten(0, (b, f)).transpose(1, 2)
+
+    def noise_shape(self, n, side):
+        return (n, self.latent_channels, self.num_frames, side, side)
+
+
+class MotionUNetBackbone(VideoUNetBackbone):
+    """AnimateDiff: UNetMotionModel (an SD UNet with motion modules) + CLIP, DDPM noise.
+
+    The motion UNet takes the text states per frame, (B*F, L, D), as AnimateDiffPipeline passes them.
+    """
+
+    kind = "animatediff"
+    denoiser_class = "UNetMotionModel"
+
+    def predict(self, x_t, t, cond):
+        text = cond["encoder_hidden_states"].repeat_interleave(x_t.shape[2], dim=0)
+        return self.denoiser(x_t, t.to(x_t.device), encoder_hidden_states=text).sample
+
+
+def video_strip(videos: torch.Tensor) -> torch.Tensor:
+    """Videos (N, 3, F, H, W) -> images (N, 3, H, F*W): each video's frames side by side, for grids."""
+    return videos.permute(0, 1, 3, 2, 4).flatten(3, 4)
+
+
+_CLASSES = {"unet": UNetBackbone, "pixart": PixArtBackbone, "sd3": SD3Backbone, "unet3d": VideoUNetBackbone,
+            "animatediff": MotionUNetBackbone}
 
 
 def load_backbone(kind: str, path: str | os.PathLike, max_sequence_length: int | None = None) -> Backbone:
     """Load a diffusers pipeline folder (or hub id) as a `Backbone` of family ``kind``.
 
     Args:
-        kind: "unet" (SD1.5 / SD2, also pixel-space pipelines without a VAE), "pixart" or "sd3".
+        kind: "unet" (SD1.5 / SD2, also pixel-space pipelines without a VAE), "pixart", "sd3", or the
+            video UNets "unet3d" (ModelScope / zeroscope) and "animatediff" (UNetMotionModel).
         path: the pipeline folder or hub id.
         max_sequence_length: T5 prompt length (PixArt default 120, SD3 default 256).
 

@@ -1,0 +1,355 @@
+"""Video clips with captions for the video backbones (diffusers' UNet3DConditionModel, AnimateDiff).
+
+Clips are H.264 mp4 files written and decoded with PyAV (it bundles FFmpeg, so nothing else is needed).
+Every video source yields ``{"pixel_values": (3, F, R, R) float tensor in [-1, 1], "text": str}``:
+channels first, then frames, the per-sample layout diffusers' video UNets take. A batch from
+`collate_video_text` is ``(B, 3, F, R, R)``.
+
+Like `ImageTextFolder` (see ``data.py``), unreadable clips are skipped and counted, never fatal: missing
+files when the folder is built, clips that fail to decode or are too short when they are loaded. With
+``DataLoader(num_workers > 0)`` each worker counts its own load-time skips.
+
+`moving_fmnist_clips` writes a small real video data set for CPU experiments: Fashion-MNIST items
+sliding across a black canvas, captioned with the class and the direction of motion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .data import SkipCounter, _jsonl_rows, collate_image_text
+from .fmnist import load_fashion_mnist, prompt_for
+from .fmnist import prompt_words as _fmnist_prompt_words
+
+# Directions of motion in moving Fashion-MNIST captions ("up" is towards row 0 of the frame).
+MOTIONS = ("left", "right", "up", "down")
+
+
+# --------------------------------------------------------------------------- clip files
+
+
+def _check_count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def write_clip(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> Path:
+    """Write ``frames`` (uint8, shape (F, H, W, 3), RGB) as an H.264 mp4 (yuv420p) at ``fps``.
+
+    The file appears atomically: it is written under a temporary name in the same folder and then
+    renamed, so a reader never sees half a clip. H.264 (libx264, crf 18) is lossy: decoded frames are
+    close to, not equal to, ``frames``. The same frames always give the same file (one encoder thread,
+    no macroblock tree).
+
+    Raises:
+        ValueError: ``frames`` is not a uint8 (F, H, W, 3) array with F >= 1, or H or W is odd (yuv420p
+            stores colour at half resolution, so both must be even), or ``fps`` < 1.
+    """
+    path = Path(path)
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
+        raise ValueError(f"frames must be a uint8 array of shape (F, H, W, 3) with F >= 1, got "
+                         f"{frames.dtype} {frames.shape}; convert with np.clip(x, 0, 255).astype(np.uint8)")
+    _, height, width, _ = frames.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"H.264 with yuv420p needs an even height and width, got {height}x{width} (H x W); "
+                         f"crop or pad the frames by one pixel")
+    fps = _check_count("fps", fps, 1)
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A unique name that FFmpeg creates itself (so the file gets the usual permissions, unlike mkstemp's).
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.mp4")
+    try:
+        with av.open(tmp, mode="w", format="mp4") as container:
+            # crf 18 instead of x264's default 23: nearly transparent, which tiny training clips need.
+            # Macroblock tree off: with it on, x264 wrote different bits for the same 32x32 frames from run
+            # to run. One thread: threaded output depends on the core count. Data sets built from a seed
+            # must be reproducible.
+            stream = container.add_stream("libx264", rate=fps, options={"crf": "18", "mbtree": "0"})
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.codec_context.thread_count = 1
+            for frame in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame),
+                                                                       format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode(None):  # flush the frames the encoder still holds
+                container.mux(packet)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_clip(path: str | os.PathLike, num_frames: int | None, frame_stride: int = 1) -> np.ndarray:
+    """Decode frames 0, s, 2s, ... (s = ``frame_stride``) of a clip until ``num_frames`` are taken
+    (``None``: to the end of the clip, as per-frame FID reads them).
+
+    Returns a uint8 array (num_frames, H, W, 3), RGB. Decoding stops as soon as the last wanted frame
+    is read, so a long clip costs only its first ``(num_frames - 1) * frame_stride + 1`` frames.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the clip has fewer than ``(num_frames - 1) * frame_stride + 1`` frames, has no video
+            stream, or cannot be decoded (the message names the file); ``num_frames`` or
+            ``frame_stride`` < 1.
+    """
+    import av
+
+    path = Path(path)
+    everything = num_frames is None
+    num_frames = _check_count("num_frames", 1 if everything else num_frames, 1)
+    frame_stride = _check_count("frame_stride", frame_stride, 1)
+    if not path.is_file():
+        raise FileNotFoundError(f"video clip not found: {path}")
+    need = (num_frames - 1) * frame_stride + 1
+    taken: list[np.ndarray] = []
+    seen = 0
+    try:
+        with av.open(str(path), mode="r") as container:
+            if not container.streams.video:
+                raise ValueError(f"{path} has no video stream")
+            for frame in container.decode(video=0):
+                if seen % frame_stride == 0:
+                    taken.append(frame.to_ndarray(format="rgb24"))
+                    if len(taken) == num_frames and not everything:
+                        break
+                seen += 1
+    except (av.error.FFmpegError, OSError) as e:
+        # PyAV's errors for a corrupt or non-video file are FFmpeg's terse messages: name the file.
+        raise ValueError(f"cannot decode video clip {path}: {type(e).__name__}: {e}") from e
+    if len(taken) < num_frames:
+        raise ValueError(f"{path} has {seen} frames, but num_frames={num_frames} with frame_stride={frame_stride} "
+                         f"needs {need}; lower num_frames or frame_stride, or drop the clip")
+    return np.stack(taken)
+
+
+# --------------------------------------------------------------------------- transform
+
+
+def video_transform(frames: np.ndarray, resolution: int, center_crop: bool = True) -> torch.Tensor:
+    """uint8 frames (F, H, W, 3) -> float (3, F, R, R) in [-1, 1].
+
+    Every frame gets the image pipeline's preprocessing (`data.image_transform`): the short side is
+    resized to R (bilinear, antialiased), then a center crop, or a random crop (``torch`` RNG, so
+    DataLoader workers draw different crops) that is the same for every frame of the clip.
+    """
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # (F, 3, H, W)
+    x = TF.resize(x, resolution, interpolation=InterpolationMode.BILINEAR, antialias=True)
+    height, width = x.shape[-2:]
+    if center_crop:
+        top, left = (height - resolution) // 2, (width - resolution) // 2
+    else:
+        top = int(torch.randint(0, height - resolution + 1, ()))
+        left = int(torch.randint(0, width - resolution + 1, ()))
+    x = x[..., top: top + resolution, left: left + resolution]
+    # (F, 3, R, R) -> (3, F, R, R); clamp because bilinear resampling can round a hair past 0..255.
+    return x.permute(1, 0, 2, 3).div(127.5).sub(1.0).clamp(-1.0, 1.0).contiguous()
+
+
+# --------------------------------------------------------------------------- clip folder
+
+
+class VideoTextFolder(Dataset):
+    """Video clips with captions in the diffusers imagefolder layout.
+
+    ``root/metadata.jsonl`` has one JSON object per line with ``"file_name"`` (a clip, relative to root)
+    and ``"text"`` (the caption; ``caption_column`` picks another key). Items are
+    ``{"pixel_values": (3, F, R, R) in [-1, 1], "text": str}`` with F = ``num_frames``, taken every
+    ``frame_stride`` frames from the start of the clip (see `read_clip` and `video_transform`).
+
+    Missing files are dropped when the dataset is built and counted in ``skipped``
+    (``skip_counter.reasons`` says why). A clip that fails to decode or is too short is found when it is
+    loaded: it is counted once, remembered, and replaced by the next good item, so a DataLoader never
+    sees an error. Only existence is checked at build time, so building a large folder stays cheap.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        resolution: int,
+        num_frames: int,
+        frame_stride: int = 1,
+        caption_column: str = "text",
+        center_crop: bool = True,
+    ):
+        self.resolution = _check_count("resolution", resolution, 8)
+        self.num_frames = _check_count("num_frames", num_frames, 1)
+        self.frame_stride = _check_count("frame_stride", frame_stride, 1)
+        self.center_crop = center_crop
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"video folder not found: {self.root}")
+        meta = self.root / "metadata.jsonl"
+        if not meta.is_file():
+            raise FileNotFoundError(
+                f"{meta} not found: a video-text folder needs metadata.jsonl with one line per clip, "
+                f'like {{"file_name": "clip_0001.mp4", "text": "a dog running on a beach"}}'
+            )
+        self.skip_counter = SkipCounter()
+        self.items: list[tuple[Path, str]] = []
+        self._bad: set[int] = set()  # items found undecodable when loaded: counted once, then passed over
+        for n, row in _jsonl_rows(meta, meta.read_text(encoding="utf-8").splitlines()):
+            if (not isinstance(row, dict) or not isinstance(row.get("file_name"), str)
+                    or not isinstance(row.get(caption_column), str)):
+                raise ValueError(f"{meta}:{n}: each line needs a string 'file_name' and a string {caption_column!r}")
+            file = self.root / row["file_name"]
+            if not file.is_file():
+                self.skip_counter.add(f"{file}: file not found")
+                continue
+            self.items.append((file, row[caption_column]))
+        if not self.items:
+            raise ValueError(f"video folder {self.root} has no readable clips "
+                             f"({self.skip_counter.count} skipped: {self.skip_counter.reasons[:3]})")
+
+    @property
+    def skipped(self) -> int:
+        """Number of clips skipped so far (missing at build time, or undecodable/too short when loaded)."""
+        return self.skip_counter.count
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        for k in range(len(self.items)):
+            i = (index + k) % len(self.items)
+            if i in self._bad:
+                continue
+            file, text = self.items[i]
+            try:
+                frames = read_clip(file, self.num_frames, self.frame_stride)
+            except (OSError, ValueError) as e:
+                self._bad.add(i)
+                self.skip_counter.add(f"{file}: {e}")
+                continue
+            return {"pixel_values": video_transform(frames, self.resolution, self.center_crop), "text": text}
+        raise RuntimeError(f"no clip in {self.root} could be decoded with num_frames={self.num_frames} and "
+                           f"frame_stride={self.frame_stride} ({self.skip_counter.summary()}; "
+                           f"last reasons {self.skip_counter.reasons[-3:]})")
+
+
+def collate_video_text(batch: Sequence[dict]) -> dict[str, Any]:
+    """Collate video items into ``{"pixel_values": (B, 3, F, R, R), "text": list[str]}``."""
+    return collate_image_text(batch)  # it stacks whatever shape the items have
+
+
+# --------------------------------------------------------------------------- moving Fashion-MNIST
+
+
+def moving_fmnist_words() -> list[str]:
+    """Every word of a moving Fashion-MNIST caption (for an offline tokenizer, see `fmnist.prompt_words`)."""
+    return sorted(set(_fmnist_prompt_words()) | {"moving", *MOTIONS})
+
+
+def _paste(canvas: np.ndarray, item: np.ndarray, top: int, left: int) -> None:
+    """Put ``item`` on ``canvas`` with its top-left corner at (top, left), cutting off what falls outside."""
+    size_y, size_x = canvas.shape
+    h, w = item.shape
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + h, size_y), min(left + w, size_x)
+    if y0 < y1 and x0 < x1:
+        canvas[y0:y1, x0:x1] = item[y0 - top: y1 - top, x0 - left: x1 - left]
+
+
+def _start(rng: np.random.Generator, lo: float, hi: float, travel: float) -> float:
+    """A start in [lo, hi] from which moving by ``travel`` also ends in [lo, hi]."""
+    return float(rng.uniform(max(lo, lo - travel), min(hi, hi - travel)))
+
+
+def moving_fmnist_clips(
+    folder: str | os.PathLike,
+    n: int,
+    num_frames: int = 8,
+    size: int = 32,
+    seed: int = 0,
+    split: str = "train",
+) -> Path:
+    """Write ``n`` "moving Fashion-MNIST" clips and their ``metadata.jsonl`` into ``folder``; return it.
+
+    Each clip shows one 28x28 Fashion-MNIST item (grey, replicated to RGB) on a black ``size`` x ``size``
+    canvas, moving in a straight line at a constant velocity for ``num_frames`` frames (8 fps):
+
+    - the direction is one of left/right/up/down, drawn uniformly; the speed along it is uniform in
+      [2, 4] pixels per frame (less when the canvas is too small for that over ``num_frames``), plus a
+      sideways drift of at most half that speed, so the captioned direction always dominates;
+    - there is no bouncing: the item's centre stays inside the canvas on the whole path, so at least
+      half the item is always visible and it may slide partly out of the frame at the edges. (A 28x28
+      item kept wholly inside a 32x32 canvas could move only 4 pixels in all.) Positions are rounded
+      to whole pixels.
+
+    Captions are ``prompt_for(label)`` plus " moving <direction>", e.g. "a photo of a sneaker moving
+    left"; `moving_fmnist_words` lists their words. Files are ``clip_00000.mp4``, ``clip_00001.mp4``, ...
+    Items (distinct images of ``split``), paths and velocities come from ``numpy.random.default_rng(seed)``
+    and x264 encodes deterministically, so the same seed writes the same clips.
+
+    Raises:
+        ValueError: ``n`` < 1, ``num_frames`` < 2 (motion needs two frames), ``size`` odd or < 8, or
+            ``n`` larger than the split.
+    """
+    n = _check_count("n", n, 1)
+    num_frames = _check_count("num_frames", num_frames, 2)
+    size = _check_count("size", size, 8)
+    if size % 2:
+        raise ValueError(f"size must be even (H.264 with yuv420p needs even frames), got {size}")
+    images, labels = load_fashion_mnist(split)
+    if n > len(images):
+        raise ValueError(f"n={n} clips need {n} distinct images, but the {split} split has {len(images)}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(images), size=n, replace=False)
+    steps = num_frames - 1
+    lines = []
+    for c, idx in enumerate(picks):
+        item = images[idx]
+        h, w = item.shape
+        motion = MOTIONS[int(rng.integers(len(MOTIONS)))]
+        fast = min(4.0, size / steps)  # the centre may cross at most the whole canvas
+        speed = float(rng.uniform(min(2.0, fast), fast))
+        drift = float(rng.uniform(-speed / 2, speed / 2))
+        sign = -1.0 if motion in ("left", "up") else 1.0
+        vx, vy = (sign * speed, drift) if motion in ("left", "right") else (drift, sign * speed)
+        # Top-left corners whose item centre lies inside the canvas: [-w/2, size - w/2].
+        x0 = _start(rng, -w / 2, size - w / 2, vx * steps)
+        y0 = _start(rng, -h / 2, size - h / 2, vy * steps)
+        clip = np.zeros((num_frames, size, size), dtype=np.uint8)
+        for t in range(num_frames):
+            _paste(clip[t], item, int(np.rint(y0 + vy * t)), int(np.rint(x0 + vx * t)))
+        name = f"clip_{c:05d}.mp4"
+        write_clip(folder / name, np.repeat(clip[..., None], 3, axis=-1), fps=8)
+        lines.append(json.dumps({"file_name": name, "text": f"{prompt_for(int(labels[idx]))} moving {motion}"}))
+    meta = folder / "metadata.jsonl"
+    tmp = meta.with_name(f".{meta.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, meta)  # atomic, like the clips: a reader never sees a half-written list
+    return folder
+
+
+def save_gif(video: torch.Tensor, path: str | os.PathLike, fps: int = 8) -> Path:
+    """Write one video ``(3, F, H, W)`` in [-1, 1] as an animated GIF that loops (atomically)."""
+    from PIL import Image
+
+    if video.ndim != 4 or video.shape[0] != 3:
+        raise ValueError(f"save_gif needs one video (3, F, H, W), got shape {tuple(video.shape)}")
+    frames = ((video.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    images = [Image.fromarray(f.numpy()) for f in frames.permute(1, 2, 3, 0)]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    os.replace(tmp, path)
+    return path
