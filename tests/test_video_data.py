@@ -285,3 +285,41 @@ def test_moving_fmnist_items_move_the_way_the_caption_says(moving):
             across = abs(d_row) if motion in ("left", "right") else abs(d_col)
             assert along > 4, (row, d_row, d_col)  # several pixels, in the captioned direction
             assert along > across, (row, d_row, d_col)  # and that direction dominates
+
+
+def test_per_frame_fid_reads_every_frame_of_every_clip_and_skips_bad_clips(tmp_path):
+    """tools/fid.py on a folder of clips: features of all frames, equal to those of the decoded frames."""
+    import json as _json
+
+    from tools import fid as fid_cli
+    from tsm_core.eval import FeatureExtractor
+    from tsm_core.eval.evaluate import features_from_source
+    from tsm_core.train.video_data import read_clip, write_clip
+
+    rng = np.random.default_rng(0)
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for i in range(2):
+        small = rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+        write_clip(clips / f"c{i}.mp4", small.repeat(8, axis=1).repeat(8, axis=2))  # 3 smooth 32x32 frames
+    (clips / "broken.mp4").write_bytes(b"not a video")
+    ext = FeatureExtractor(device="cpu", mode="clean", batch_size=6, workers=0, progress=False)
+    fs = features_from_source(clips, ext)
+    assert fs.features.shape == (6, 2048)
+    assert [name for name, _ in fs.skipped] == [str(clips / "broken.mp4")]
+    frames = np.concatenate([read_clip(clips / f"c{i}.mp4", None) for i in range(2)])
+    direct = ext.features_from_images(list(frames)).features
+    assert np.allclose(fs.features, direct, rtol=1e-5, atol=1e-5 * np.abs(direct).max())
+    with pytest.raises(ValueError, match="broken.mp4"):
+        features_from_source(clips, ext, on_error="raise")
+    # through the CLI, against the frames themselves as a reference: FID ~ 0 with 6 frames
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i, f in enumerate(frames):
+        Image.fromarray(f).save(ref / f"{i}.png")
+    out = tmp_path / "r.json"
+    assert fid_cli.main(["score", str(clips), "--ref", str(ref), "--device", "cpu", "--quiet", "--batch-size", "6",
+                         "--json", str(out)]) == 0
+    result = _json.loads(out.read_text())
+    assert (result["n_images"], result["n_skipped"]) == (6, 1)
+    assert abs(result["fid"]) < 1e-2  # the same frames: FID 0 up to sqrtm's rounding (FIDs of distinct sets are > 1)

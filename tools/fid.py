@@ -188,14 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("stats", help="compute and cache reference statistics (.npz)")
-    p.add_argument("source", help="image folder, shards or built-in dataset")
+    p.add_argument("source", help="image folder, shards, a folder of video clips (every frame) or built-in dataset")
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--no-features", action="store_true", help="store mu/sigma only (no KID against this file)")
     _add_extractor_args(p)
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("score", help="FID/KID of images against a reference")
-    p.add_argument("source", help="image folder or shards to evaluate")
+    p.add_argument("source", help="image folder, shards, or a folder of video clips (per-frame FID) to evaluate")
     p.add_argument("--ref", required=True, help="reference folder, shards, built-in dataset or .npz")
     p.add_argument("--kid-seed", type=int, default=0, help="seed of KID's random subsets")
     p.add_argument("--clip-weights", default=None, help=argparse.SUPPRESS)

@@ -15,7 +15,7 @@ from pathlib import Path
 from .features import FeatureExtractor, FeatureSet, OnError
 from .metrics import fid_from_stats, kid_from_features, stats
 from .reference import ReferenceStats
-from .sources import folder_items, shard_items
+from .sources import folder_items, is_video_folder, shard_items, video_frame_items
 
 KID_SKIPPED_NO_FEATURES = "skipped: reference statistics were saved without features"
 
@@ -44,19 +44,22 @@ def builtin_images(source: str):
 
 def features_from_source(source, extractor: FeatureExtractor, on_error: OnError = "skip",
                          limit: int | None = None) -> FeatureSet:
-    """Features of a folder, webdataset shards or a built-in dataset (``fashion-mnist:test``).
+    """Features of a folder, webdataset shards, a folder of video clips (every frame: per-frame FID) or a
+    built-in dataset (``fashion-mnist:test``).
 
-    limit: use only the first ``limit`` images (in clean-fid's sorted order for folders).
+    limit: use only the first ``limit`` images (in clean-fid's sorted order for folders; frames in clip order).
     """
     if limit is not None and limit < 2:
         raise ValueError(f"limit must be at least 2 images, got {limit}.")
     builtin = builtin_images(source) if isinstance(source, str) else None
     if builtin is not None:
         return extractor.features_from_images(builtin[:limit], on_error=on_error)
-    if is_shard_source(source):
+    if is_shard_source(source) or is_video_folder(source):
         errors: list[tuple[str, str]] | None = [] if on_error == "skip" else None
-        items = shard_items(source, errors)
-        fs = extractor.features_from_items(islice(items, limit), on_error=on_error, desc="features shards")
+        video = is_video_folder(source)
+        items = video_frame_items(source, errors) if video else shard_items(source, errors)
+        fs = extractor.features_from_items(islice(items, limit), on_error=on_error,
+                                           desc="features video frames" if video else "features shards")
         fs.skipped = (errors or []) + fs.skipped
         return fs
     items = folder_items(source)[:limit]

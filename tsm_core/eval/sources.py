@@ -1,4 +1,5 @@
-"""Where images come from: folders, webdataset shards, in-memory iterables and generator callables.
+"""Where images come from: folders, webdataset shards, video clips (every frame), in-memory iterables
+and generator callables.
 
 Every source yields :class:`ImageItem` objects whose ``load()`` returns an H x W x 3 uint8 array, so
 decoding happens in the feature extractor's worker threads and a corrupt file fails in ``load()``,
@@ -61,6 +62,47 @@ def load_image_file(path: str) -> np.ndarray:
 def folder_items(folder: str | os.PathLike) -> list[ImageItem]:
     """Items for every image file under ``folder``."""
     return [ImageItem(path, lambda p=path: load_image_file(p)) for path in list_image_files(folder)]
+
+
+VIDEO_EXTENSIONS = ("mp4", "webm", "mov", "mkv", "avi", "gif")
+
+
+def list_video_files(folder: str | os.PathLike) -> list[str]:
+    """The video clips under ``folder`` (recursive), sorted; empty when there are none."""
+    folder = str(folder)
+    return sorted(file for ext in VIDEO_EXTENSIONS
+                  for file in glob.glob(os.path.join(folder, f"**/*.{ext}"), recursive=True))
+
+
+def is_video_folder(source) -> bool:
+    """A folder of video clips and no images: per-frame FID reads every frame of every clip."""
+    if not isinstance(source, (str, os.PathLike)) or not os.path.isdir(source):
+        return False
+    try:
+        list_image_files(source)
+    except FileNotFoundError:
+        return bool(list_video_files(source))
+    return False
+
+
+def video_frame_items(folder: str | os.PathLike, errors: list[tuple[str, str]] | None = None) -> Iterator[ImageItem]:
+    """Items for every frame of every clip under ``folder`` (``clip.mp4#3`` is frame 3), for per-frame FID.
+
+    A clip that cannot be decoded is recorded in ``errors`` (name, reason) when a list is given, else
+    raised as a ValueError. Clips decode one at a time, in the caller's thread.
+    """
+    from ..train.video_data import read_clip
+
+    for path in list_video_files(folder):
+        try:
+            frames = read_clip(path, None)
+        except (ValueError, FileNotFoundError) as e:
+            if errors is None:
+                raise ValueError(f"{path}: {e}") from e
+            errors.append((path, str(e)))
+            continue
+        for i, frame in enumerate(frames):
+            yield ImageItem(f"{path}#{i}", lambda f=frame: f)
 
 
 def iterable_items(images: Iterable, name: str = "image") -> Iterator[ImageItem]:
