@@ -11,25 +11,15 @@ from pathlib import Path
 
 import torch
 
-from .tiny import build_scheduler, build_text_encoder, build_vae, write_clip_tokenizer
+from .tiny import build_scheduler, build_text_encoder, build_vae, tiny_unet_config, write_clip_tokenizer
 
 
 def tiny_unet3d_config(sample_size: int = 8, in_channels: int = 4, cross_attention_dim: int = 32, **kw) -> dict:
-    """A tiny ModelScope-shaped 3D UNet: cross-attention and temporal attention at the first level."""
-    cfg = dict(
-        sample_size=sample_size,
-        in_channels=in_channels,
-        out_channels=in_channels,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    cfg.update(kw)
-    return cfg
+    """A tiny ModelScope-shaped 3D UNet (``tiny_unet_config``'s sizes): cross-attention and temporal
+    attention at the first level."""
+    kw = {"down_block_types": ("CrossAttnDownBlock3D", "DownBlock3D"),
+          "up_block_types": ("UpBlock3D", "CrossAttnUpBlock3D"), **kw}
+    return tiny_unet_config(sample_size, in_channels, cross_attention_dim, **kw)
 
 
 def build_unet3d(folder: str | Path, seed: int = 0, **kw):

@@ -234,17 +234,91 @@ class SkipCounter:
 # --------------------------------------------------------------------------- image folder
 
 
-class ImageTextFolder(Dataset):
-    """Images with captions in the diffusers imagefolder layout.
+class CaptionedFolder(Dataset):
+    """Files with captions in the diffusers imagefolder layout; subclasses say how to check and load one.
 
     ``root/metadata.jsonl`` has one JSON object per line with ``"file_name"`` (relative to root) and
-    ``"text"`` (the caption; ``caption_column`` picks another key). Items are
-    ``{"pixel_values": (3, R, R) in [-1, 1], "text": str}``.
-
-    Files that are missing or not images are dropped when the dataset is built and counted in
-    ``skipped`` (``skip_counter.reasons`` says why). An image that opens but fails to decode later is
-    counted too and replaced by the next good item, so a DataLoader never sees an error.
+    ``"text"`` (the caption; ``caption_column`` picks another key). Files that ``check`` refuses are
+    dropped when the dataset is built and counted in ``skipped`` (``skip_counter.reasons`` says why). A
+    file that fails in ``load`` is counted once, remembered, and replaced by the next good item, so a
+    DataLoader never sees an error (and a bad file is not counted again on every pass).
     """
+
+    kind = "file"  # for messages: "image", "clip"
+    example = '{"file_name": "0001.png", "text": "a photo of a cat"}'
+
+    def __init__(self, root: str | os.PathLike, caption_column: str = "text"):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.folder_name} not found: {self.root}")
+        meta = self.root / "metadata.jsonl"
+        if not meta.is_file():
+            raise FileNotFoundError(f"{meta} not found: a {self.folder_name} needs metadata.jsonl with one line "
+                                    f"per {self.kind}, like {self.example}")
+        self.skip_counter = SkipCounter()
+        self.items: list[tuple[Path, str]] = []
+        self._bad: set[int] = set()
+        for n, row in _jsonl_rows(meta, meta.read_text(encoding="utf-8").splitlines()):
+            if (not isinstance(row, dict) or not isinstance(row.get("file_name"), str)
+                    or not isinstance(row.get(caption_column), str)):
+                raise ValueError(f"{meta}:{n}: each line needs 'file_name' and a string {caption_column!r}")
+            file = self.root / row["file_name"]
+            why = self.check(file)
+            if why is not None:
+                self.skip_counter.add(f"{file}: {why}")
+                continue
+            self.items.append((file, row[caption_column]))
+        if not self.items:
+            raise ValueError(f"{self.folder_name} {self.root} has no readable {self.kind}s "
+                             f"({self.skip_counter.count} skipped: {self.skip_counter.reasons[:3]})")
+
+    @property
+    def folder_name(self) -> str:
+        return f"{self.kind if self.kind != 'clip' else 'video'} folder"
+
+    def check(self, file: Path) -> str | None:
+        """Why ``file`` cannot be used (dropped at build time), or None. Default: it must exist."""
+        return None if file.is_file() else "file not found"
+
+    def load(self, file: Path) -> torch.Tensor:
+        """``pixel_values`` of one file; raises OSError or ValueError when it cannot be decoded."""
+        raise NotImplementedError
+
+    @property
+    def skipped(self) -> int:
+        """Files skipped so far (refused at build time, or undecodable when loaded)."""
+        return self.skip_counter.count
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        for k in range(len(self.items)):
+            i = (index + k) % len(self.items)
+            if i in self._bad:
+                continue
+            file, text = self.items[i]
+            try:
+                return {"pixel_values": self.load(file), "text": text}
+            except (OSError, ValueError) as e:
+                self._bad.add(i)
+                self.skip_counter.add(f"{file}: {e}")
+        raise RuntimeError(f"no {self.kind} in {self.root} could be decoded{self.load_settings()} "
+                           f"({self.skip_counter.summary()}; last reasons {self.skip_counter.reasons[-3:]})")
+
+    def load_settings(self) -> str:
+        """What the failing loads were asked for, for the all-failed error (empty by default)."""
+        return ""
+
+
+class ImageTextFolder(CaptionedFolder):
+    """Images with captions (`CaptionedFolder`); items are ``{"pixel_values": (3, R, R) in [-1, 1], "text"}``.
+
+    Build time opens each image's header (cheap; catches missing and non-image files); an image that
+    opens but fails to decode later is counted then and replaced by the next good item.
+    """
+
+    kind = "image"
 
     def __init__(
         self,
@@ -254,51 +328,19 @@ class ImageTextFolder(Dataset):
         random_flip: bool = False,
         caption_column: str = "text",
     ):
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.root}")
-        meta = self.root / "metadata.jsonl"
-        if not meta.is_file():
-            raise FileNotFoundError(
-                f"{meta} not found: an image-text folder needs metadata.jsonl with one line per image, "
-                f'like {{"file_name": "0001.png", "text": "a photo of a cat"}}'
-            )
         self.transform = image_transform(resolution, center_crop, random_flip)
-        self.skip_counter = SkipCounter()
-        self.items: list[tuple[Path, str]] = []
-        for n, row in _jsonl_rows(meta, meta.read_text(encoding="utf-8").splitlines()):
-            if not isinstance(row, dict) or "file_name" not in row or not isinstance(row.get(caption_column), str):
-                raise ValueError(f"{meta}:{n}: each line needs 'file_name' and a string {caption_column!r}")
-            file = self.root / row["file_name"]
-            try:
-                with Image.open(file) as im:  # header only: cheap, catches missing and non-image files
-                    im.size  # noqa: B018
-            except (OSError, ValueError) as e:
-                self.skip_counter.add(f"{file}: {e}")
-                continue
-            self.items.append((file, row[caption_column]))
-        if not self.items:
-            raise ValueError(f"image folder {self.root} has no readable images "
-                             f"({self.skip_counter.count} skipped: {self.skip_counter.reasons[:3]})")
+        super().__init__(root, caption_column)
 
-    @property
-    def skipped(self) -> int:
-        """Number of images skipped so far (unreadable at build time, or undecodable when loaded)."""
-        return self.skip_counter.count
+    def check(self, file: Path) -> str | None:
+        try:
+            with Image.open(file) as im:  # header only
+                im.size  # noqa: B018
+        except (OSError, ValueError) as e:
+            return str(e)
+        return None
 
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        for k in range(len(self.items)):
-            file, text = self.items[(index + k) % len(self.items)]
-            try:
-                image = _open_rgb(file)
-            except (OSError, ValueError) as e:
-                self.skip_counter.add(f"{file}: {e}")
-                continue
-            return {"pixel_values": self.transform(image), "text": text}
-        raise RuntimeError(f"no image in {self.root} could be decoded")
+    def load(self, file: Path) -> torch.Tensor:
+        return self.transform(_open_rgb(file))
 
 
 # --------------------------------------------------------------------------- webdataset

@@ -24,9 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from .data import SkipCounter, _jsonl_rows, collate_image_text
+from .data import CaptionedFolder, collate_image_text
 from .fmnist import load_fashion_mnist, prompt_for
 from .fmnist import prompt_words as _fmnist_prompt_words
 
@@ -164,19 +163,17 @@ def video_transform(frames: np.ndarray, resolution: int, center_crop: bool = Tru
 # --------------------------------------------------------------------------- clip folder
 
 
-class VideoTextFolder(Dataset):
-    """Video clips with captions in the diffusers imagefolder layout.
+class VideoTextFolder(CaptionedFolder):
+    """Video clips with captions in the diffusers imagefolder layout (`CaptionedFolder`).
 
-    ``root/metadata.jsonl`` has one JSON object per line with ``"file_name"`` (a clip, relative to root)
-    and ``"text"`` (the caption; ``caption_column`` picks another key). Items are
-    ``{"pixel_values": (3, F, R, R) in [-1, 1], "text": str}`` with F = ``num_frames``, taken every
-    ``frame_stride`` frames from the start of the clip (see `read_clip` and `video_transform`).
-
-    Missing files are dropped when the dataset is built and counted in ``skipped``
-    (``skip_counter.reasons`` says why). A clip that fails to decode or is too short is found when it is
-    loaded: it is counted once, remembered, and replaced by the next good item, so a DataLoader never
-    sees an error. Only existence is checked at build time, so building a large folder stays cheap.
+    Items are ``{"pixel_values": (3, F, R, R) in [-1, 1], "text": str}`` with F = ``num_frames``, taken
+    every ``frame_stride`` frames from the start of the clip (see `read_clip` and `video_transform`).
+    Only existence is checked at build time, so building a large folder stays cheap; a clip that fails
+    to decode or is too short is found when it is loaded, counted once and replaced by the next good one.
     """
+
+    kind = "clip"
+    example = '{"file_name": "clip_0001.mp4", "text": "a dog running on a beach"}'
 
     def __init__(
         self,
@@ -191,55 +188,14 @@ class VideoTextFolder(Dataset):
         self.num_frames = _check_count("num_frames", num_frames, 1)
         self.frame_stride = _check_count("frame_stride", frame_stride, 1)
         self.center_crop = center_crop
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"video folder not found: {self.root}")
-        meta = self.root / "metadata.jsonl"
-        if not meta.is_file():
-            raise FileNotFoundError(
-                f"{meta} not found: a video-text folder needs metadata.jsonl with one line per clip, "
-                f'like {{"file_name": "clip_0001.mp4", "text": "a dog running on a beach"}}'
-            )
-        self.skip_counter = SkipCounter()
-        self.items: list[tuple[Path, str]] = []
-        self._bad: set[int] = set()  # items found undecodable when loaded: counted once, then passed over
-        for n, row in _jsonl_rows(meta, meta.read_text(encoding="utf-8").splitlines()):
-            if (not isinstance(row, dict) or not isinstance(row.get("file_name"), str)
-                    or not isinstance(row.get(caption_column), str)):
-                raise ValueError(f"{meta}:{n}: each line needs a string 'file_name' and a string {caption_column!r}")
-            file = self.root / row["file_name"]
-            if not file.is_file():
-                self.skip_counter.add(f"{file}: file not found")
-                continue
-            self.items.append((file, row[caption_column]))
-        if not self.items:
-            raise ValueError(f"video folder {self.root} has no readable clips "
-                             f"({self.skip_counter.count} skipped: {self.skip_counter.reasons[:3]})")
+        super().__init__(root, caption_column)
 
-    @property
-    def skipped(self) -> int:
-        """Number of clips skipped so far (missing at build time, or undecodable/too short when loaded)."""
-        return self.skip_counter.count
+    def load(self, file: Path) -> torch.Tensor:
+        frames = read_clip(file, self.num_frames, self.frame_stride)
+        return video_transform(frames, self.resolution, self.center_crop)
 
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        for k in range(len(self.items)):
-            i = (index + k) % len(self.items)
-            if i in self._bad:
-                continue
-            file, text = self.items[i]
-            try:
-                frames = read_clip(file, self.num_frames, self.frame_stride)
-            except (OSError, ValueError) as e:
-                self._bad.add(i)
-                self.skip_counter.add(f"{file}: {e}")
-                continue
-            return {"pixel_values": video_transform(frames, self.resolution, self.center_crop), "text": text}
-        raise RuntimeError(f"no clip in {self.root} could be decoded with num_frames={self.num_frames} and "
-                           f"frame_stride={self.frame_stride} ({self.skip_counter.summary()}; "
-                           f"last reasons {self.skip_counter.reasons[-3:]})")
+    def load_settings(self) -> str:
+        return f" with num_frames={self.num_frames} and frame_stride={self.frame_stride}"
 
 
 def collate_video_text(batch: Sequence[dict]) -> dict[str, Any]:
