@@ -19,7 +19,7 @@ from torch import nn
 from .config import TSMConfig
 from .context import TimestepContext
 from .intervals import TimestepIntervals
-from .layers import TARGET_TYPES, Mode, TSMLayer, expert_key
+from .layers import TARGET_TYPES, Mode, TSMLayer, expert_key, tsm_layer
 
 _MODES = ("off", "expert", "mixture", "symmetric")
 
@@ -256,7 +256,7 @@ def attach(model: nn.Module, config: TSMConfig, context: TimestepContext | None 
         base = getattr(parent, child) if not child.isdigit() else parent[int(child)]
         if not isinstance(base, TARGET_TYPES):
             continue  # a container whose name ends like a target (e.g. "to_out"); its children may match
-        layer = TSMLayer(base, config, context, name=name)
+        layer = tsm_layer(base, config, context, name=name)
         if child.isdigit():
             parent[int(child)] = layer
         else:

@@ -44,7 +44,8 @@ def router_activation(logits: torch.Tensor, activation: str, dim: int) -> torch.
 
 
 class TSMLayer(nn.Module):
-    """A Linear or Conv1d/2d/3d with timestep LoRA experts at several scales and an optional router.
+    """A layer with timestep LoRA experts at several scales and an optional router; `tsm_layer` builds
+    the subclass for the wrapped layer (`LinearTSMLayer`, `ConvTSMLayer`), as peft has one per layer type.
 
     Modes (set by :meth:`TSMAdapter.set_mode`):
       * ``off``: ``base_layer(x)`` exactly.
@@ -54,20 +55,12 @@ class TSMLayer(nn.Module):
       * ``symmetric``: every scale gated, no ungated core (the paper's ablation baseline).
     """
 
+    kind = ""
+    channel_dim = -1  # where a feature (and a gate, and a rank-r code) lives in this layer's tensors
+
     def __init__(self, base_layer: nn.Module, config: TSMConfig, context: TimestepContext, name: str = ""):
         super().__init__()
-        if isinstance(base_layer, nn.Linear):
-            self.kind = "linear"
-            in_f, out_f = base_layer.in_features, base_layer.out_features
-            a_shape: tuple[int, ...] = (config.rank, in_f)
-        elif isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            if base_layer.groups != 1 or base_layer.padding_mode != "zeros":
-                raise ValueError(f"{name}: only convolutions with groups=1 and zero padding can carry TSM experts")
-            self.kind = "conv"
-            in_f, out_f = base_layer.in_channels, base_layer.out_channels
-            a_shape = (config.rank, in_f, *base_layer.kernel_size)
-        else:
-            raise ValueError(f"{name}: TSM experts wrap nn.Linear or nn.Conv1d/2d/3d, not {type(base_layer).__name__}")
+        in_f, out_f, a_shape = self._shapes(base_layer, config.rank, name)
         self.conv_dims = base_layer.weight.ndim - 2  # 0 for Linear; 1, 2, 3 for Conv1d/2d/3d
         self.base_layer = base_layer
         self.name = name
@@ -117,25 +110,51 @@ class TSMLayer(nn.Module):
         self.router_fc = nn.Parameter(fc) if fc is not None else None
         self.router_emb = nn.Parameter(emb) if emb is not None else None
 
-    def _pointwise(self, w: torch.Tensor) -> torch.Tensor:
-        """A (out, in) matrix as a 1x1(x1) kernel of this layer's convolution."""
-        return w.view(*w.shape, *([1] * self.conv_dims))
+    # ------------------------------------------------------------------ per layer type
+    @staticmethod
+    def _shapes(base_layer: nn.Module, rank: int, name: str) -> tuple[int, int, tuple[int, ...]]:
+        """(in features, out features, shape of A) of the wrapped layer; ValueError when it cannot carry experts."""
+        raise NotImplementedError
 
+    def _fc(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """FC(x) of eq. 6 with the (k, in) router weight: logits at the output's positions."""
+        raise NotImplementedError
+
+    def _per_row(self, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A (rows, c) tensor shaped to broadcast over ``x``'s positions along ``channel_dim``."""
+        raise NotImplementedError
+
+    def _down_shared(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        """``A x`` with one expert for the whole batch (x's layout, r channels)."""
+        raise NotImplementedError
+
+    def _down_gathered(self, x: torch.Tensor, scale: int, state: RoutingState) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A_k x`` with each sample's (or row's) own expert: ``(z, B)`` with B gathered alike."""
+        raise NotImplementedError
+
+    def _up_shared(self, out: torch.Tensor, Z: torch.Tensor, Bc: torch.Tensor) -> torch.Tensor:
+        """``out + Bc Z`` for the concatenated codes of every shared expert."""
+        raise NotImplementedError
+
+    def _up_gathered(self, out: torch.Tensor, z: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """``out + B z`` with a gathered B per sample or row."""
+        raise NotImplementedError
+
+    def _match_gate(self, gate: torch.Tensor, z: torch.Tensor, gathered: bool) -> torch.Tensor:
+        """The gate laid out like the code ``z`` it scales (already so unless a subclass regroups z)."""
+        return gate
+
+    # ------------------------------------------------------------------ gate
     def _gate(self, x: torch.Tensor, state: RoutingState | None) -> torch.Tensor:
-        """g(x, t) = act(FC(x) + E[t]); (rows, ..., k) for Linear, (rows, k, *spatial) for convolutions."""
+        """g(x, t) = act(FC(x) + E[t]), with the k gates along ``channel_dim``."""
         logits = None
         if self.router_fc is not None:
-            w = self.router_fc.to(x.dtype)
-            if self.kind == "linear":
-                logits = F.linear(x, w)
-            else:  # 1x1 conv with the base stride, so the gate lives at the output resolution
-                logits = _CONV[self.conv_dims](x, self._pointwise(w), stride=self.base_layer.stride)
+            logits = self._fc(x, self.router_fc.to(x.dtype))
         if self.router_emb is not None:
             rows = state.rows(x.shape[0], self.name).router_rows if state.batch > 1 else state.router_rows
-            e = self.router_emb[rows.to(self.router_emb.device)].to(x.dtype)  # (rows or 1, k)
-            e = e.view(e.shape[0], *([1] * (x.ndim - 2)), -1) if self.kind == "linear" else self._pointwise(e)
+            e = self._per_row(self.router_emb[rows.to(self.router_emb.device)].to(x.dtype), x)  # (rows or 1, k)
             logits = e if logits is None else logits + e
-        return router_activation(logits, self.router_activation, dim=-1 if self.kind == "linear" else 1)
+        return router_activation(logits, self.router_activation, dim=self.channel_dim)
 
     # ------------------------------------------------------------------ experts
     def _expert_weights(self, scale: int, idx: torch.Tensor):
@@ -155,24 +174,11 @@ class TSMLayer(nn.Module):
         small ``z``, and all up-projections are summed into the base output in one pass (``_up``).
         """
         k = 0 if scale == 1 else state.shared[scale]
-        bl = self.base_layer
         if k is not None:  # fast path: the whole batch shares one expert, plain matmuls
             A = self.lora_A[expert_key(scale, k)].to(x.dtype)
-            B = self.lora_B[expert_key(scale, k)]
-            if self.kind == "linear":
-                return F.linear(x, A) * self.scaling, B
-            return _CONV[self.conv_dims](x, A, None, bl.stride, bl.padding, bl.dilation) * self.scaling, B
-        if self.kind == "linear":  # one expert per sample: its consecutive rows become its tokens
-            A, B = self._expert_weights(scale, state.index[scale])
-            z = torch.bmm(x.reshape(state.batch, -1, self.in_features), A.to(x.dtype).transpose(1, 2))
-            return z * self.scaling, B
-        # Convolutions see frames as rows (B*F of them, few): gather one expert per row, then a grouped
-        # conv in which row b's channels only meet row b's A, i.e. one gathered convolution.
-        n = x.shape[0]
-        A, B = self._expert_weights(scale, state.rows(n, self.name).index[scale])
-        z = _CONV[self.conv_dims](x.reshape(1, -1, *x.shape[2:]), A.to(x.dtype).reshape(-1, *A.shape[2:]), None,
-                                  bl.stride, bl.padding, bl.dilation, groups=n)
-        return z.reshape(n, -1, *z.shape[2:]) * self.scaling, B
+            return self._down_shared(x, A) * self.scaling, self.lora_B[expert_key(scale, k)]
+        z, B = self._down_gathered(x, scale, state)
+        return z * self.scaling, B
 
     def _up(self, out: torch.Tensor, terms: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """``out + sum_j B_j z_j``: shared experts in one concatenated matmul fused with the add."""
@@ -180,18 +186,10 @@ class TSMLayer(nn.Module):
         gathered = [(z, B) for z, B in terms if B.ndim == 3]
         dt = out.dtype
         if shared:
-            Z = torch.cat([z for z, _ in shared], dim=-1 if self.kind == "linear" else 1).to(dt)
-            Bc = torch.cat([B for _, B in shared], dim=1).to(dt)  # (out, sum of ranks)
-            if self.kind == "linear":
-                out = torch.addmm(out.reshape(-1, self.out_features), Z.reshape(-1, Z.shape[-1]), Bc.t()).view(out.shape)
-            else:
-                out = out + _CONV[self.conv_dims](Z, self._pointwise(Bc))
+            Z = torch.cat([z for z, _ in shared], dim=self.channel_dim).to(dt)
+            out = self._up_shared(out, Z, torch.cat([B for _, B in shared], dim=1).to(dt))  # (out, sum of ranks)
         for z, B in gathered:
-            if self.kind == "linear":
-                n = z.shape[0]  # samples: z holds each sample's rows as its tokens
-                out = torch.baddbmm(out.reshape(n, -1, self.out_features), z.to(dt), B.transpose(1, 2).to(dt)).view(out.shape)
-            else:
-                out = out + torch.einsum("br...,bor->bo...", z.to(dt), B.to(dt))
+            out = self._up_gathered(out, z.to(dt), B.to(dt))
         return out
 
     def _needs_context(self) -> bool:
@@ -218,16 +216,13 @@ class TSMLayer(nn.Module):
                 self._record_gate(g, state)
             for j, s in enumerate(self.gated_scales):
                 z, B = self._down(xd, s, state)
-                gj = g[..., j : j + 1] if self.kind == "linear" else g[:, j : j + 1]
-                if B.ndim == 3 and self.kind == "linear":
-                    gj = gj.reshape(z.shape[0], -1, 1)  # z is (samples, tokens, r) on the gathered path
-                terms.append((z * gj, B))
+                terms.append((z * self._match_gate(g.narrow(self.channel_dim, j, 1), z, B.ndim == 3), B))
         return self._up(out, terms)
 
     def _record_gate(self, g: torch.Tensor, state: RoutingState) -> None:
         # Mean gate per sample (over tokens/pixels, and over the rows of a video): feeds "gate vs
         # timestep" logs and plots.
-        dims = tuple(range(1, g.ndim - 1)) if self.kind == "linear" else tuple(range(2, g.ndim))
+        dims = tuple(d for d in range(1, g.ndim) if d != self.channel_dim % g.ndim)
         mean = g.detach().float().mean(dim=dims) if dims else g.detach().float()
         if state is not None and state.batch > 1 and mean.shape[0] != state.batch:
             mean = mean.reshape(state.batch, -1, mean.shape[-1]).mean(dim=1)
@@ -239,9 +234,7 @@ class TSMLayer(nn.Module):
         """The dense update s * B A of one expert, shaped like the base weight."""
         A = self.lora_A[expert_key(scale, expert)]
         B = self.lora_B[expert_key(scale, expert)]
-        if self.kind == "linear":
-            return (B @ A) * self.scaling
-        return torch.einsum("or,ri...->oi...", B, A) * self.scaling
+        return torch.einsum("or,ri...->oi...", B, A) * self.scaling  # B @ A; for convolutions over the kernel too
 
     def merged_delta(self, state: RoutingState | None) -> torch.Tensor:
         """Dense weight update for a batch that shares one timestep (used by ``TSMAdapter.merged``)."""
@@ -287,3 +280,92 @@ class TSMLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, scales={self.scales}, mode={self.mode}"
+
+
+class LinearTSMLayer(TSMLayer):
+    """Experts on an ``nn.Linear``: features last; a mixed batch routes with one ``bmm`` per sample."""
+
+    kind = "linear"
+    channel_dim = -1
+
+    @staticmethod
+    def _shapes(base_layer, rank, name):
+        return base_layer.in_features, base_layer.out_features, (rank, base_layer.in_features)
+
+    def _fc(self, x, w):
+        return F.linear(x, w)
+
+    def _per_row(self, v, x):
+        return v.view(v.shape[0], *([1] * (x.ndim - 2)), -1)
+
+    def _down_shared(self, x, A):
+        return F.linear(x, A)
+
+    def _down_gathered(self, x, scale, state):
+        # One expert per sample: a sample's consecutive rows (a video's frames or pixels) join its tokens.
+        A, B = self._expert_weights(scale, state.index[scale])
+        return torch.bmm(x.reshape(state.batch, -1, self.in_features), A.to(x.dtype).transpose(1, 2)), B
+
+    def _up_shared(self, out, Z, Bc):
+        return torch.addmm(out.reshape(-1, self.out_features), Z.reshape(-1, Z.shape[-1]), Bc.t()).view(out.shape)
+
+    def _up_gathered(self, out, z, B):
+        n = z.shape[0]  # samples: z holds each sample's rows as its tokens
+        return torch.baddbmm(out.reshape(n, -1, self.out_features), z, B.transpose(1, 2)).view(out.shape)
+
+    def _match_gate(self, gate, z, gathered):
+        return gate.reshape(z.shape[0], -1, 1) if gathered else gate  # z is (samples, tokens, r) when gathered
+
+
+class ConvTSMLayer(TSMLayer):
+    """Experts on an ``nn.Conv1d/2d/3d``: channels at dim 1; a mixed batch routes with a grouped convolution."""
+
+    kind = "conv"
+    channel_dim = 1
+
+    @staticmethod
+    def _shapes(base_layer, rank, name):
+        if base_layer.groups != 1 or base_layer.padding_mode != "zeros":
+            raise ValueError(f"{name}: only convolutions with groups=1 and zero padding can carry TSM experts")
+        return base_layer.in_channels, base_layer.out_channels, (rank, base_layer.in_channels, *base_layer.kernel_size)
+
+    def _pointwise(self, w: torch.Tensor) -> torch.Tensor:
+        """A (out, in) matrix as a 1x1(x1) kernel of this layer's convolution."""
+        return w.view(*w.shape, *([1] * self.conv_dims))
+
+    def _conv(self, x, w, **kw):
+        return _CONV[self.conv_dims](x, w, **kw)
+
+    def _fc(self, x, w):  # a 1x1 conv with the base stride, so the gate lives at the output resolution
+        return self._conv(x, self._pointwise(w), stride=self.base_layer.stride)
+
+    def _per_row(self, v, x):
+        return self._pointwise(v)
+
+    def _down_shared(self, x, A):
+        bl = self.base_layer
+        return self._conv(x, A, stride=bl.stride, padding=bl.padding, dilation=bl.dilation)
+
+    def _down_gathered(self, x, scale, state):
+        # Convolutions see frames as rows (B*F of them, few): gather one expert per row, then a grouped
+        # conv in which row b's channels only meet row b's A, i.e. one gathered convolution.
+        n, bl = x.shape[0], self.base_layer
+        A, B = self._expert_weights(scale, state.rows(n, self.name).index[scale])
+        z = self._conv(x.reshape(1, -1, *x.shape[2:]), A.to(x.dtype).reshape(-1, *A.shape[2:]), stride=bl.stride,
+                       padding=bl.padding, dilation=bl.dilation, groups=n)
+        return z.reshape(n, -1, *z.shape[2:]), B
+
+    def _up_shared(self, out, Z, Bc):
+        return out + self._conv(Z, self._pointwise(Bc))
+
+    def _up_gathered(self, out, z, B):
+        return out + torch.einsum("br...,bor->bo...", z, B)
+
+
+def tsm_layer(base_layer: nn.Module, config: TSMConfig, context: TimestepContext, name: str = "") -> TSMLayer:
+    """The `TSMLayer` subclass for ``base_layer`` (Linear or Conv1d/2d/3d), built around it."""
+    if isinstance(base_layer, nn.Linear):
+        return LinearTSMLayer(base_layer, config, context, name)
+    if isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return ConvTSMLayer(base_layer, config, context, name)
+    raise ValueError(f"{name}: TSM experts wrap nn.Linear or nn.Conv1d/2d/3d, not {type(base_layer).__name__}")
