@@ -222,3 +222,20 @@ def test_results_md_names_the_seed_and_protocol(tmp_path):
     meta = {"mode": "full", "seed": 3, "protocol": ds.protocol(4)}
     _, md = rep.write_results(tmp_path, results(3)["rows"], meta)
     assert "Seed 3; protocol: paper A.3 protocol (LoRA at 4x batch)" in md.read_text()
+
+
+def test_lr_scale_scales_both_students_generator_rates_and_keeps_seeds_apart(tmp_path):
+    args = demo.parse_args(["--quick", "--lr-scale", "0.3333", "--run-dir", str(tmp_path)])
+    lora, tsm, _ = demo.build_recipes(args, tmp_path, ev.DEFAULT_TEACHER)
+    base_lora, base_tsm, _ = demo.build_recipes(demo.parse_args(["--quick", "--run-dir", str(tmp_path)]), tmp_path,
+                                                ev.DEFAULT_TEACHER)
+    for new, old in ((lora, base_lora), (tsm, base_tsm)):
+        assert [p.lr for p in new.phases] == pytest.approx([0.3333 * p.lr for p in old.phases])
+        assert [p.lr_critic for p in new.phases] == [p.lr_critic for p in old.phases]  # the fake score's stays
+    with pytest.raises(ValueError, match="--lr-scale must be positive"):
+        demo.parse_args(["--quick", "--lr-scale", "0"])
+    # seeds at another learning rate are not averaged with the recipe's (runs without the field: x1)
+    with pytest.raises(ValueError, match="differ in lr_scale"):
+        ds.aggregate([results(0), dict(results(1), lr_scale=1 / 3)])
+    agg = ds.aggregate([dict(results(0), lr_scale=0.5), dict(results(1), lr_scale=0.5)])
+    assert agg["lr_scale"] == 0.5 and "learning rates x0.5" in ds.format_markdown(agg)

@@ -99,6 +99,16 @@ def rescale_phases(phases: list[dict], budget: int | None, fake_updates: int | N
     return phases
 
 
+def scale_lr(phases: list[dict], factor: float) -> list[dict]:
+    """Phases with every generator learning rate times ``factor`` (the fake score's ``lr_critic`` stays)."""
+    from dataclasses import fields
+
+    from .config import PhaseConfig
+
+    default = next(f.default for f in fields(PhaseConfig) if f.name == "lr")  # a phase naming no lr
+    return [dict(p, lr=p.get("lr", default) * factor) for p in phases]
+
+
 def scale_batch(phases: list[dict], multiplier: int) -> list[dict]:
     """Phases with every batch size times ``multiplier`` (A.3's protocol gives the LoRA student 4x TSM's)."""
     from dataclasses import fields
@@ -121,10 +131,10 @@ def build_recipes(args, run_dir: Path, teacher: Path):
     routers = [p for p in tsm["phases"] if p.get("type", "foster") != "foster"]
     if not routers or tsm["phases"][-len(routers):] != routers:
         raise ValueError(f"{args.tsm_recipe}: the TSM recipe must end with its router (assemble) phase(s)")
-    lora["phases"] = scale_batch(rescale_phases(lora["phases"], args.budget, args.fake_updates, args.batch_size),
-                                 args.lora_batch_multiplier)
-    experts = rescale_phases(experts, args.budget, args.fake_updates, args.batch_size)
-    routers = rescale_phases(routers, args.router_steps, args.fake_updates, args.batch_size)
+    lora["phases"] = scale_lr(scale_batch(rescale_phases(lora["phases"], args.budget, args.fake_updates,
+                                                         args.batch_size), args.lora_batch_multiplier), args.lr_scale)
+    experts = scale_lr(rescale_phases(experts, args.budget, args.fake_updates, args.batch_size), args.lr_scale)
+    routers = scale_lr(rescale_phases(routers, args.router_steps, args.fake_updates, args.batch_size), args.lr_scale)
     tsm["phases"] = experts + routers
     budget = {"lora": sum(generator_steps(p) for p in lora["phases"]),
               "tsm_stage1": sum(generator_steps(p) for p in experts),
@@ -272,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-points", type=int,
                    help="keep checkpoints of both students at every 1/K of the expert budget, for the budget "
                         "curve (default 3: 1/3, 2/3 and all; 0: none)")
+    p.add_argument("--lr-scale", type=float, default=1.0,
+                   help="multiply both students' generator learning rate in every phase (the fake score's stays); "
+                        "the learning-rate fairness check runs 1 and 1/3")
     p.add_argument("--lora-batch-multiplier", type=int, default=1,
                    help="the LoRA student's batch in every phase is K times the recipe's (default 1: equal compute; "
                         "4: the paper's A.3 protocol)")
@@ -296,6 +309,8 @@ def parse_args(argv):
             setattr(args, key, value)
     if args.n < 10 or args.n_ref < 10:
         raise ValueError(f"--n and --n-ref must be at least 10 images (got {args.n}, {args.n_ref})")
+    if not args.lr_scale > 0:
+        raise ValueError(f"--lr-scale must be positive (got {args.lr_scale})")
     if args.budget_points < 0:
         raise ValueError(f"--budget-points must be 0 (no budget curve) or more (got {args.budget_points})")
     if args.lora_batch_multiplier < 1 or args.jobs < 1:
@@ -387,6 +402,8 @@ def _run(args, argv: list[str]) -> int:
     notes.append("FID/KID against the first n_reference Fashion-MNIST test images; generated images cropped to "
                  "the 28x28 centre, grey; teacher rows: DDIM (trailing spacing) with CFG "
                  f"{ev.GUIDANCE}, the distillation's real-score guidance")
+    if args.lr_scale != 1:
+        notes.append(f"generator learning rates x{args.lr_scale:g} of the recipes' in every phase of both students")
     if args.lora_batch_multiplier != 1:  # the budget definition's "same batch size" then holds for TSM only
         notes.append(f"protocol {ds.protocol(args.lora_batch_multiplier)['label']}: the LoRA student's batch is "
                      f"{args.lora_batch_multiplier}x TSM's in every phase, so it sees that many more samples per "
@@ -395,7 +412,8 @@ def _run(args, argv: list[str]) -> int:
         notes.append("KID std is over clean-fid's 100 subsets of min(N, 1000) images; at N >= 1000 each subset "
                      "is the whole set, so the std reads 0 and says nothing about noise: compare runs (seeds)")
     meta = {"mode": "quick" if args.quick else "full", "seed": args.seed,
-            "protocol": ds.protocol(args.lora_batch_multiplier), "n": args.n, "n_reference": args.n_ref,
+            "protocol": ds.protocol(args.lora_batch_multiplier), "lr_scale": args.lr_scale, "n": args.n,
+            "n_reference": args.n_ref,
             "reference_features": ref_source, "teacher_unet_sha256": ev.unet_hash(teacher),
             "teacher_info": json.loads((teacher / "teacher_info.json").read_text())
             if (teacher / "teacher_info.json").exists() else {},

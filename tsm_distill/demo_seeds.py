@@ -141,7 +141,8 @@ def settings(results: dict) -> dict:
     budget = results.get("budget", {})
     out = {"n": results.get("n"), "n_reference": results.get("n_reference"),
            "teacher_unet_sha256": results.get("teacher_unet_sha256"),
-           "lora_batch_multiplier": results.get("protocol", {}).get("lora_batch_multiplier", 1)}
+           "lora_batch_multiplier": results.get("protocol", {}).get("lora_batch_multiplier", 1),
+           "lr_scale": results.get("lr_scale", 1.0)}  # runs before --lr-scale existed used the recipes' rates
     out |= {f"budget.{k}": budget.get(k) for k in ("lora", "tsm_stage1", "tsm_stage2_router")}
     return {k: v for k, v in out.items() if v is not None}
 
@@ -224,7 +225,8 @@ def aggregate(results_list: Sequence[dict], sources: Sequence[str] | None = None
     # A reference row (floor, teacher) missing from one seed's results is left out of the means.
     present = [k for k in ROW_ORDER if all(k in r for r in records)]
     rows = {k: dict(row_summary(records, k), name=names[k]) for k in present}
-    return {"protocol": protocol(records[0]["lora_batch_multiplier"]), "n": records[0]["n"],
+    return {"protocol": protocol(records[0]["lora_batch_multiplier"]), "lr_scale": settings(results_list[0])["lr_scale"],
+            "n": records[0]["n"],
             "n_seeds": len(records), "seeds": records, "rows": rows,
             "paired": {f"{tsm}_minus_{lora}": paired(records, tsm, lora, resamples, boot_seed) for tsm, lora in PAIRS},
             "ratio": {f"{tsm}_over_{lora}": rows[tsm]["fid_mean"] / rows[lora]["fid_mean"] for tsm, lora in PAIRS},
@@ -245,8 +247,10 @@ def format_markdown(agg: dict) -> str:
     """seeds.md: per-seed FIDs, mean +- std of every row, the paired differences and the ratios."""
     proto = agg["protocol"]
     seeds = agg["seeds"]
+    lr = agg.get("lr_scale", 1.0)
+    lr_text = "" if lr == 1 else f"; both students' generator learning rates x{lr:g} of the recipes'"
     lines = [f"# tsm-demo over {agg['n_seeds']} seeds: {proto['label']}", "",
-             f"Protocol: {proto['label']} (LoRA batch x{proto['lora_batch_multiplier']} of TSM's). "
+             f"Protocol: {proto['label']} (LoRA batch x{proto['lora_batch_multiplier']} of TSM's{lr_text}). "
              f"N = {agg['n']} images per FID row; seeds {', '.join(str(r['seed']) for r in seeds)}. Lower is better.",
              "", "## Per seed (FID; KID x1e3 in brackets)", "",
              "| seed | LoRA | TSM stage 1 | TSM stage 2 | stage 2 - LoRA | stage 1 - LoRA |", "|---|---|---|---|---|---|"]
