@@ -117,3 +117,13 @@ def test_run_folders_saved_with_the_old_phase_keys_still_read(tmp_path):
            {"name": "r", "iterations": 4, "mode": "mixture", "fake_updates_per_generator_update": 2}]
     (run / "recipe.yaml").write_text(yaml.safe_dump({"phases": old}))
     assert [(p["steps"], p["type"]) for p in db.read_phases(run)] == [(8, "foster"), (4, "assemble")]
+
+
+def test_selected_pairs_keep_the_whole_budget_and_refuse_counts_without_a_pair(tmp_path):
+    make_run(tmp_path, "lora", [(8, 2, "foster"), (4, 2, "foster")], checkpoints=(4,))
+    make_run(tmp_path, "tsm", [(2, 2, "foster"), (2, 2, "foster"), (4, 2, "foster"), (4, 2, "foster")])
+    pairs = db.equal_budget_pairs(tmp_path)
+    assert [p["generator_steps"] for p in db.select_pairs(pairs, [2])] == [2, 6]
+    assert db.select_pairs(pairs, None) == pairs
+    with pytest.raises(ValueError, match=r"no equal-budget pair at \[3\].*pairs at \[2, 4, 6\]"):
+        db.select_pairs(pairs, [3])

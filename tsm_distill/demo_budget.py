@@ -148,11 +148,27 @@ def _final_scores(results: dict) -> dict[str, dict]:
     return {k: {"fid": rows[k]["fid"], "kid": rows[k]["kid_mean"]} for k in STUDENTS}
 
 
-def budget_curve(seed_dir: str | Path, extractor=None, progress: bool = True) -> dict:
-    """Score every equal-budget pair of a finished tsm-demo run and write ``seed_dir/budget.json``.
+def select_pairs(pairs: list[dict], at: list[int] | None) -> list[dict]:
+    """The pairs at the generator-step counts ``at`` (None: all), always with the whole-budget pair last.
+
+    Raises:
+        ValueError: a count in ``at`` has no pair (the message lists the ones there are).
+    """
+    if at is None:
+        return pairs
+    have = {p["generator_steps"] for p in pairs}
+    missing = sorted(set(at) - have)
+    if missing:
+        raise ValueError(f"no equal-budget pair at {missing} generator steps; the runs have pairs at {sorted(have)}")
+    return [p for p in pairs if p["generator_steps"] in set(at) or p["fraction"] == 1.0]
+
+
+def budget_curve(seed_dir: str | Path, extractor=None, progress: bool = True, at: list[int] | None = None) -> dict:
+    """Score the equal-budget pairs of a finished tsm-demo run and write ``seed_dir/budget.json``.
 
     Uses the run's N, reference set, prompts and seeds (results.json), so the points compare with its
     table. Points already in budget.json are kept (resume); the whole-budget point is read from results.json.
+    ``at``: only the pairs at these generator-step counts (and the whole budget); None: every pair.
     """
     from .demo import student_images_of
     from .demo_seeds import is_complete, read_results, seed_of
@@ -164,6 +180,8 @@ def budget_curve(seed_dir: str | Path, extractor=None, progress: bool = True) ->
     out = seed_dir / BUDGET_FILE
     done = {p["global_step"]: p for p in json.loads(out.read_text())["points"]} if out.is_file() else {}
     pairs = equal_budget_pairs(seed_dir)
+    if pairs:
+        pairs = select_pairs(pairs, at)
     if not pairs:
         raise FileNotFoundError(f"{seed_dir}: the LoRA and TSM runs keep no snapshots at a common iteration")
     teacher = seed_dir / "teacher"
@@ -298,11 +316,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tsm_distill.demo_budget", description=__doc__.splitlines()[0])
     p.add_argument("folders", nargs="+", help="tsm-demo run folders (one seed each) with results.json")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--at", type=int, nargs="+", default=None,
+                   help="score only the pairs at these generator-step counts (the whole budget always comes "
+                        "from results.json); default: every pair")
     args = p.parse_args(argv)
     restore = ev.limit_threads(args.threads) if args.threads else (lambda: None)
     try:
         for folder in args.folders:
-            record = budget_curve(folder)
+            record = budget_curve(folder, at=args.at)
             print(format_curve(record))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
