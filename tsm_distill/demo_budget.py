@@ -306,7 +306,7 @@ def save_curve_plot(entries: list[dict], path: str | Path) -> Path:
                 marker="o", label=f"{label} (mean; thin: seeds)")
     ax.set_xlabel("generator steps (equal budget for both students)")
     ax.set_ylabel("FID (lower is better)")
-    ax.set_title("budget curve")
+    ax.set_title("budget curve (a point's mean is over the seeds scored there: see seeds.md)", fontsize=9)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
 
