@@ -52,22 +52,11 @@ class RoutingState:
 
         Raises:
             ValueError: the model's batch differs from the number of timesteps, or ``n`` is not a
-                multiple of it.
+                multiple of it (`check_rows`).
         """
-        if self.model_batch is not None and self.model_batch not in (1, self.batch):
-            raise ValueError(
-                f"TSM layer {layer_name!r}: the model got a batch of {self.model_batch} but {self.batch} timesteps; "
-                "pass one timestep per sample (for classifier-free guidance, repeat t for the unconditional half)"
-            )
+        self.check_rows(n, layer_name)
         if n == self.batch:
             return self
-        if n % self.batch:
-            raise ValueError(
-                f"TSM layer {layer_name!r} got a batch of {n} rows but {self.batch} timesteps, and {n} is not a "
-                "multiple of it, so its rows cannot be mapped to samples. Pass one timestep per sample (for "
-                "classifier-free guidance, repeat t for the unconditional half); video models may fold frames "
-                "or pixels into the batch, but only sample-major (B*F or B*H*W rows)."
-            )
         cached = self._rows.get(n)
         if cached is None:
             m = n // self.batch
@@ -76,6 +65,22 @@ class RoutingState:
                                   shared=self.shared, router_rows=self.router_rows.repeat_interleave(m))
             self._rows[n] = cached
         return cached
+
+    def check_rows(self, n: int, layer_name: str = "") -> None:
+        """Fail, in words, when a layer's ``n`` input rows cannot be mapped to the samples (see `rows`).
+        Only checks: layers that route per sample, not per row, need no expanded state."""
+        if self.model_batch is not None and self.model_batch not in (1, self.batch):
+            raise ValueError(
+                f"TSM layer {layer_name!r}: the model got a batch of {self.model_batch} but {self.batch} timesteps; "
+                "pass one timestep per sample (for classifier-free guidance, repeat t for the unconditional half)"
+            )
+        if n % self.batch:
+            raise ValueError(
+                f"TSM layer {layer_name!r} got a batch of {n} rows but {self.batch} timesteps, and {n} is not a "
+                "multiple of it, so its rows cannot be mapped to samples. Pass one timestep per sample (for "
+                "classifier-free guidance, repeat t for the unconditional half); video models may fold frames "
+                "or pixels into the batch, but only sample-major (B*F or B*H*W rows)."
+            )
 
 
 class TimestepContext:

@@ -205,7 +205,7 @@ class TSMLayer(nn.Module):
             return out
         state = self.context.current(self.name) if self._needs_context() else self.context.peek()
         if state is not None and state.batch != 1:
-            state.rows(x.shape[0], self.name)  # fails early, in words, when rows cannot be mapped to samples
+            state.check_rows(x.shape[0], self.name)  # fails early, in words, when rows cannot be mapped to samples
         xd = self.dropout(x)
         if self.mode == "expert":
             return self._up(out, [self._down(xd, self.active_scale, state)])
