@@ -52,6 +52,16 @@ def atomic_save_file(tensors: dict, path: Path, metadata: dict) -> Path:
     return path
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to the sibling ``<name>.tmp``, then rename it over ``path``: readers never see
+    half a file, and a killed write leaves the old one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def read_adapter_file(directory: str | Path) -> tuple[dict, dict]:
     """Return (tensors, metadata) of a saved adapter; FileNotFoundError/ValueError on bad input."""
     path = Path(directory)

@@ -26,13 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import yaml
 
+from tsm_core.serialization import atomic_write_text
 from tsm_core.train.checkpoint import CheckpointManager, step_of
 
 from . import demo_eval as ev
@@ -69,11 +69,12 @@ def generator_steps_at(phases: list[dict], global_step: int) -> int:
     return made
 
 
-def snapshots(run_dir: str | Path) -> dict[int, Path]:
+def snapshots(run_dir: str | Path, phases: list[dict] | None = None) -> dict[int, Path]:
     """Every saved student of a run's foster (stage-1) phases, by global step: phase adapters and checkpoints
-    (a checkpoint at a phase boundary holds the same student as that phase's adapter; the adapter wins)."""
+    (a checkpoint at a phase boundary holds the same student as that phase's adapter; the adapter wins).
+    ``phases``: the run's (`read_phases`), when the caller has read them already."""
     run_dir = Path(run_dir)
-    phases = read_phases(run_dir)
+    phases = read_phases(run_dir) if phases is None else phases
     found: dict[int, Path] = {}
     end, foster_end = 0, 0
     for i, p in enumerate(phases):
@@ -99,7 +100,7 @@ def equal_budget_pairs(seed_dir: str | Path) -> list[dict]:
     """
     seed_dir = Path(seed_dir)
     lora_phases, tsm_phases = read_phases(seed_dir / "lora"), read_phases(seed_dir / "tsm")
-    lora, tsm = snapshots(seed_dir / "lora"), snapshots(seed_dir / "tsm")
+    lora, tsm = snapshots(seed_dir / "lora", lora_phases), snapshots(seed_dir / "tsm", tsm_phases)
     total = generator_steps_at(lora_phases, sum(p["steps"] for p in lora_phases))
     pairs = []
     for step in sorted(set(lora) & set(tsm)):
@@ -135,12 +136,6 @@ def load_snapshot(teacher_path: str | Path, run_dir: str | Path, source: str | P
 
 
 # ---------------------------------------------------------------------------- scoring
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")  # atomic: a killed write leaves the old file
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _final_scores(results: dict) -> dict[str, dict]:
     from .demo_seeds import keyed_rows
 
@@ -212,8 +207,8 @@ def budget_curve(seed_dir: str | Path, extractor=None, progress: bool = True, at
             point[key] = {"fid": scores["fid"], "kid": scores["kid_mean"]}
         point["seconds"] = round(time.perf_counter() - start, 2)
         record["points"].append(point)
-        _write_json(out, record)
-    _write_json(out, record)
+        atomic_write_text(out, json.dumps(record, indent=2) + "\n")  # a stopped run keeps its scored points
+    atomic_write_text(out, json.dumps(record, indent=2) + "\n")
     (seed_dir / "budget.md").write_text(format_curve(record))
     return record
 

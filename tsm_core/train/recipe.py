@@ -371,13 +371,11 @@ def recipe_to_dict(obj: Any) -> dict:
 
 def save_recipe(obj: Any, path: str | os.PathLike) -> pathlib.Path:
     """Write the resolved recipe ``obj`` as YAML to ``path``; ``load_recipe(path, type(obj))`` gives it back."""
+    from ..serialization import atomic_write_text
+
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(recipe_to_dict(obj), f, sort_keys=False, default_flow_style=False)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, yaml.safe_dump(recipe_to_dict(obj), sort_keys=False, default_flow_style=False))
 
 
 def add_recipe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 import yaml
 
+from ..serialization import atomic_write_text
 from .accel import make_accelerator
 from .checkpoint import TMP_PREFIX, CheckpointManager
 from .logging import RunLogger, progress
@@ -202,9 +203,7 @@ def truncate_stats(run_dir: str | Path, step: int) -> int:
         else:
             dropped += 1
     if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(k + "\n" for k in kept))
     return dropped
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..serialization import atomic_write_text
 from .data import CaptionedFolder, collate_image_text
 from .fmnist import load_fashion_mnist, prompt_for
 from .fmnist import prompt_words as _fmnist_prompt_words
@@ -288,10 +289,8 @@ def moving_fmnist_clips(
         name = f"clip_{c:05d}.mp4"
         write_clip(folder / name, np.repeat(clip[..., None], 3, axis=-1), fps=8)
         lines.append(json.dumps({"file_name": name, "text": f"{prompt_for(int(labels[idx]))} moving {motion}"}))
-    meta = folder / "metadata.jsonl"
-    tmp = meta.with_name(f".{meta.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, meta)  # atomic, like the clips: a reader never sees a half-written list
+    # atomic, like the clips: a reader never sees a half-written list
+    atomic_write_text(folder / "metadata.jsonl", "\n".join(lines) + "\n")
     return folder
 
 
