@@ -99,24 +99,16 @@ def rescale_phases(phases: list[dict], budget: int | None, fake_updates: int | N
     return phases
 
 
-def scale_lr(phases: list[dict], factor: float) -> list[dict]:
-    """Phases with every generator learning rate times ``factor`` (the fake score's ``lr_critic`` stays)."""
+def scale_phase_key(phases: list[dict], key: str, factor: float) -> list[dict]:
+    """Phases with ``key`` times ``factor`` in every one (a phase that does not name it has PhaseConfig's
+    default). The LR-fairness check scales ``lr`` (the fake score's ``lr_critic`` stays); A.3's protocol
+    gives the LoRA student 4x TSM's ``batch_size``."""
     from dataclasses import fields
 
     from .config import PhaseConfig
 
-    default = next(f.default for f in fields(PhaseConfig) if f.name == "lr")  # a phase naming no lr
-    return [dict(p, lr=p.get("lr", default) * factor) for p in phases]
-
-
-def scale_batch(phases: list[dict], multiplier: int) -> list[dict]:
-    """Phases with every batch size times ``multiplier`` (A.3's protocol gives the LoRA student 4x TSM's)."""
-    from dataclasses import fields
-
-    from .config import PhaseConfig
-
-    default = next(f.default for f in fields(PhaseConfig) if f.name == "batch_size")  # a phase naming no batch
-    return [dict(p, batch_size=p.get("batch_size", default) * multiplier) for p in phases]
+    default = next(f.default for f in fields(PhaseConfig) if f.name == key)
+    return [dict(p, **{key: p.get(key, default) * factor}) for p in phases]
 
 
 def build_recipes(args, run_dir: Path, teacher: Path):
@@ -131,10 +123,11 @@ def build_recipes(args, run_dir: Path, teacher: Path):
     routers = [p for p in tsm["phases"] if p.get("type", "foster") != "foster"]
     if not routers or tsm["phases"][-len(routers):] != routers:
         raise ValueError(f"{args.tsm_recipe}: the TSM recipe must end with its router (assemble) phase(s)")
-    lora["phases"] = scale_lr(scale_batch(rescale_phases(lora["phases"], args.budget, args.fake_updates,
-                                                         args.batch_size), args.lora_batch_multiplier), args.lr_scale)
-    experts = scale_lr(rescale_phases(experts, args.budget, args.fake_updates, args.batch_size), args.lr_scale)
-    routers = scale_lr(rescale_phases(routers, args.router_steps, args.fake_updates, args.batch_size), args.lr_scale)
+    lora["phases"] = scale_phase_key(rescale_phases(lora["phases"], args.budget, args.fake_updates, args.batch_size),
+                                     "batch_size", args.lora_batch_multiplier)
+    experts = rescale_phases(experts, args.budget, args.fake_updates, args.batch_size)
+    routers = rescale_phases(routers, args.router_steps, args.fake_updates, args.batch_size)
+    lora["phases"], experts, routers = (scale_phase_key(p, "lr", args.lr_scale) for p in (lora["phases"], experts, routers))
     tsm["phases"] = experts + routers
     budget = {"lora": sum(generator_steps(p) for p in lora["phases"]),
               "tsm_stage1": sum(generator_steps(p) for p in experts),

@@ -54,9 +54,9 @@ def features_from_source(source, extractor: FeatureExtractor, on_error: OnError 
     builtin = builtin_images(source) if isinstance(source, str) else None
     if builtin is not None:
         return extractor.features_from_images(builtin[:limit], on_error=on_error)
-    if is_shard_source(source) or is_video_folder(source):
+    video = is_video_folder(source)  # globs the folder: once
+    if video or is_shard_source(source):
         errors: list[tuple[str, str]] | None = [] if on_error == "skip" else None
-        video = is_video_folder(source)
         items = video_frame_items(source, errors) if video else shard_items(source, errors)
         fs = extractor.features_from_items(islice(items, limit), on_error=on_error,
                                            desc="features video frames" if video else "features shards")
