@@ -131,6 +131,20 @@ def test_shipped_teacher_loads_by_path_and_draws_the_prompted_class(one_thread):
                        f"(the classifier scores {real_acc:.0%} on real test images); the bar is 80%")
 
 
+def test_evaluation_device_is_resolved_or_refused_with_a_fix(monkeypatch):
+    assert ev.resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ev.resolve_device("auto") == torch.device("cpu")  # a CPU-only machine evaluates on the CPU
+    with pytest.raises(ValueError, match="sees no GPU; use --device cpu"):
+        ev.resolve_device("cuda")
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        ev.resolve_device("gpu0")
+    with pytest.raises(ValueError, match="sees no GPU"):  # the demo refuses before anything runs
+        demo.parse_args(["--device", "cuda:0"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert ev.resolve_device("auto") == torch.device("cuda")
+
+
 def test_quick_demo_runs_end_to_end(tmp_path):
     run = tmp_path / "demo"
     # --quick, shrunk further for CI: N=10, batch 1, a 2-step "full" teacher row, reference rows computed here.
@@ -145,6 +159,7 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert rows[3]["generator_steps"] == rows[4]["generator_steps"] == res["budget"]["lora"] == 8
     assert rows[5]["generator_steps"] == {"experts": 8, "router": res["budget"]["tsm_stage2_router"]}
     assert res["n"] == 10 and res["n_reference"] == 200
+    assert res["device"] == demo.device_name(ev.resolve_device("auto"))
     assert {"distill LoRA", "distill TSM", "reference rows"} <= set(res["seconds"])
     assert all(v >= 0 for v in res["seconds"].values())
     assert set(res["phase_seconds"]["tsm"]) == {p.split("/")[1] for p in res["budget"]["phases"] if p.startswith("tsm/")}

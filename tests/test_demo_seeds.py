@@ -239,3 +239,36 @@ def test_lr_scale_scales_both_students_generator_rates_and_keeps_seeds_apart(tmp
         ds.aggregate([results(0), dict(results(1), lr_scale=1 / 3)])
     agg = ds.aggregate([dict(results(0), lr_scale=0.5), dict(results(1), lr_scale=0.5)])
     assert agg["lr_scale"] == 0.5 and "learning rates x0.5" in ds.format_markdown(agg)
+
+
+def test_lr_fairness_picks_each_students_better_rate_on_the_mean_and_pairs_there(tmp_path):
+    from tsm_distill import demo_lr
+
+    def at(rate, *a, **kw):
+        return dict(results(*a, **kw), lr_scale=rate)
+
+    # Rate 1: LoRA 60, 58, 62 (mean 60); rate 1/3: LoRA 50, 59, 53 (mean 54) -> LoRA's better rate is 1/3.
+    # TSM stage 2: rate 1 -> 44, 45, 46 (mean 45); rate 1/3 -> 43, 48, 47 (mean 46) -> stage 2 keeps rate 1,
+    # although seed 0 alone did better at 1/3 (the choice is on the mean, not per seed).
+    runs = [at(1.0, 0, 60.0, 46.0, 44.0), at(1.0, 1, 58.0, 47.0, 45.0), at(1.0, 2, 62.0, 48.0, 46.0),
+            at(1 / 3, 0, 50.0, 45.0, 43.0), at(1 / 3, 1, 59.0, 46.0, 48.0), at(1 / 3, 2, 53.0, 47.0, 47.0),
+            at(1 / 3, 3, 40.0, 39.0, 38.0)]  # seed 3 ran at one rate only: listed, not paired
+    rep = demo_lr.lr_fairness(runs, [f"r{i}" for i in range(len(runs))])
+    assert rep["rates"] == [1.0, 1 / 3] and rep["common_seeds"] == [0, 1, 2]
+    assert rep["better_rate"] == {"lora": 1 / 3, "tsm_stage1": 1 / 3, "tsm_stage2": 1.0}
+    assert rep["mean_on_common_seeds"][str(1 / 3)]["lora"] == pytest.approx(54.0)
+    p2 = rep["paired_at_better_rates"]["tsm_stage2_minus_lora"]
+    assert [d["fid_diff"] for d in p2["per_seed"]] == pytest.approx([44 - 50, 45 - 59, 46 - 53])
+    assert p2["tsm_wins"] == 3 and p2["n_seeds"] == 3
+    assert [e["seed"] for e in rep["per_seed"]] == [0, 1, 2, 3] and str(1.0) not in rep["per_seed"][3]
+    assert rep["per_seed"][0][str(1.0)] == {"lora": 60.0, "tsm_stage1": 46.0, "tsm_stage2": 44.0, "device": "cpu"}
+    paths = demo_lr.write_report(tmp_path, rep)
+    assert json.loads(paths[0].read_text())["better_rate"]["tsm_stage2"] == 1.0
+    assert "| 3 | - | 40.00 (cpu) |" in paths[1].read_text()
+    # Refusals: one rate only; a setting other than the rate differs; no seed at every rate.
+    with pytest.raises(ValueError, match="two or more rates"):
+        demo_lr.lr_fairness(runs[:3], ["a", "b", "c"])
+    with pytest.raises(ValueError, match="differ in n"):
+        demo_lr.lr_fairness([at(1.0, 0), at(0.5, 0, n=500)], ["a", "b"])
+    with pytest.raises(ValueError, match="no seed ran at every rate"):
+        demo_lr.lr_fairness([at(1.0, 0), at(0.5, 1)], ["a", "b"])

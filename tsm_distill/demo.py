@@ -169,6 +169,11 @@ class Stages:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 2)
 
 
+def device_name(device: torch.device) -> str:
+    """What results.json records as the device: "cpu", or the GPU's name (floats differ between them)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def copy_teacher(src: Path, dest: Path) -> Path:
     """Snapshot the teacher pipeline folder (it is small), retrying if an export swaps it meanwhile."""
     if dest.exists():
@@ -185,11 +190,13 @@ def copy_teacher(src: Path, dest: Path) -> Path:
     raise FileNotFoundError(f"could not copy the teacher from {src}: it keeps changing or does not exist")
 
 
-def student_images(teacher_path: Path, adapter: Path, prompts, seeds, timesteps, desc: str) -> torch.Tensor:
+def student_images(teacher_path: Path, adapter: Path, prompts, seeds, timesteps, desc: str,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
     """Images of a trained student (the adapter's saved mode) for the given prompts and seeds."""
     from .trainer import load_student
 
-    return student_images_of(*load_student(teacher_path, adapter), prompts, seeds, timesteps, desc)
+    teacher, tsm = load_student(teacher_path, adapter)
+    return student_images_of(teacher.to(device), tsm, prompts, seeds, timesteps, desc)
 
 
 def student_images_of(teacher, tsm, prompts, seeds, timesteps, desc: str) -> torch.Tensor:
@@ -230,7 +237,7 @@ def reference_rows(args, teacher_path: Path, extractor, ref_feats, ref_hash: str
     msg = f"reference rows computed here ({why}); this is slow: run tools/teacher_reference.py once to cache them"
     print(msg, flush=True)
     notes.append(msg)
-    return compute_reference_rows(load_teacher(teacher_path), args.n, args.teacher_steps, extractor, ref_feats, names)
+    return compute_reference_rows(load_teacher(teacher_path).to(args.device), args.n, args.teacher_steps, extractor, ref_feats, names)
 
 
 def compute_reference_rows(teacher, n: int, teacher_steps: int, extractor, ref_feats, names: dict | None = None) -> list[dict]:
@@ -287,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run every seed in <run-dir>/seed<N>/ (finished seeds are skipped), then write "
                             "<run-dir>/seeds.json, seeds.md and seeds.png")
     p.add_argument("--jobs", type=int, default=1, help="with --seeds: seeds run at once, each a subprocess")
+    p.add_argument("--device", default="auto",
+                   help="where the students are sampled and scored: auto (the GPU when torch sees one), cpu, "
+                        "cuda; training runs where accelerate puts it (also the GPU when there is one)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch/BLAS CPU threads (default 1: on a shared, oversubscribed CPU one thread per process "
                         "ran this tiny UNet 15x faster than two; use 2+ on an idle machine); 0 = torch's default")
@@ -309,6 +319,7 @@ def parse_args(argv):
     if args.lora_batch_multiplier < 1 or args.jobs < 1:
         raise ValueError(f"--lora-batch-multiplier and --jobs must be at least 1 (got {args.lora_batch_multiplier}, "
                          f"{args.jobs})")
+    args.device = ev.resolve_device(args.device)
     if not Path(args.teacher).is_dir():
         raise FileNotFoundError(f"teacher folder {args.teacher} does not exist; pass --teacher DIR")
     if args.reference is None:
@@ -341,7 +352,7 @@ def _run(args, argv: list[str]) -> int:
     print(f"budget (generator steps): LoRA {budget['lora']}, TSM experts {budget['tsm_stage1']} "
           f"+ router {budget['tsm_stage2_router']}")
 
-    extractor = ev.make_extractor()
+    extractor = ev.make_extractor(device=args.device)
     ref_feats, ref_source = stages.run("reference features", ev.reference_features, extractor, args.n_ref)
     ref_hash = ev.features_hash(ref_feats)
 
@@ -363,7 +374,7 @@ def _run(args, argv: list[str]) -> int:
     rows = []
     for name, adapter, gen_steps in students:
         def score_student(adapter=adapter, name=name):
-            imgs = student_images(teacher, adapter, prompts, seeds, ts, desc=f"sample {name}")
+            imgs = student_images(teacher, adapter, prompts, seeds, ts, desc=f"sample {name}", device=args.device)
             return imgs, ev.score_row(ev.image_features(extractor, ev.to_uint8(imgs)), ref_feats)
         start = time.perf_counter()
         imgs, scores = stages.run(f"evaluate {name}", score_student)
@@ -379,13 +390,14 @@ def _run(args, argv: list[str]) -> int:
     def report():
         from .teacher import load_teacher
 
-        t = load_teacher(teacher)
+        t = load_teacher(teacher).to(args.device)
         p10, s10 = prompts[:GRID_COLUMNS], seeds[:GRID_COLUMNS]
         teacher_grid = {f"teacher DDIM {args.teacher_steps}": ev.teacher_generate(t, p10, s10, args.teacher_steps),
                         "teacher DDIM 4": ev.teacher_generate(t, p10, s10, 4)}
         ordered = {"real (train)": grid.pop("real (train)"), **teacher_grid, **grid}
         rep.save_sample_grid(ordered, run_dir / "samples.png")
         teacher2, tsm = load_student(teacher, tsm_adapter)
+        teacher2.to(args.device)
         sweep = sorted(set(range(0, 1000, 50)) | set(ts))
         rep.save_gate_plot(rep.gate_curves(teacher2, tsm, sweep), ts, run_dir / "gates.png")
 
@@ -406,6 +418,7 @@ def _run(args, argv: list[str]) -> int:
                      "is the whole set, so the std reads 0 and says nothing about noise: compare runs (seeds)")
     meta = {"mode": "quick" if args.quick else "full", "seed": args.seed,
             "protocol": ds.protocol(args.lora_batch_multiplier), "lr_scale": args.lr_scale, "n": args.n,
+            "device": device_name(args.device),
             "n_reference": args.n_ref,
             "reference_features": ref_source, "teacher_unet_sha256": ev.unet_hash(teacher),
             "teacher_info": json.loads((teacher / "teacher_info.json").read_text())
@@ -420,7 +433,7 @@ def _run(args, argv: list[str]) -> int:
     if args.budget_points:  # after results.json: a failure here cannot cost the seed's table
         from .demo_budget import budget_curve, format_curve
 
-        print("\n" + format_curve(stages.run("budget curve", budget_curve, run_dir, extractor)))
+        print("\n" + format_curve(stages.run("budget curve", budget_curve, run_dir, extractor, device=args.device)))
     return 0
 
 

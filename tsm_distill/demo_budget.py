@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from tsm_core.serialization import atomic_write_text
@@ -158,12 +159,14 @@ def select_pairs(pairs: list[dict], at: list[int] | None) -> list[dict]:
     return [p for p in pairs if p["generator_steps"] in set(at) or p["fraction"] == 1.0]
 
 
-def budget_curve(seed_dir: str | Path, extractor=None, progress: bool = True, at: list[int] | None = None) -> dict:
+def budget_curve(seed_dir: str | Path, extractor=None, progress: bool = True, at: list[int] | None = None,
+                 device: str | torch.device = "cpu") -> dict:
     """Score the equal-budget pairs of a finished tsm-demo run and write ``seed_dir/budget.json``.
 
     Uses the run's N, reference set, prompts and seeds (results.json), so the points compare with its
     table. Points already in budget.json are kept (resume); the whole-budget point is read from results.json.
     ``at``: only the pairs at these generator-step counts (and the whole budget); None: every pair.
+    ``device``: where the students are sampled (and, when ``extractor`` is None, scored).
     """
     from .demo import student_images_of
     from .demo_seeds import is_complete, read_results, seed_of
@@ -194,15 +197,15 @@ def budget_curve(seed_dir: str | Path, extractor=None, progress: bool = True, at
             record["points"].append(dict(pair, **_final_scores(results), scored="results.json"))
             continue
         if extractor is None:
-            extractor = ev.make_extractor(progress)
+            extractor = ev.make_extractor(progress, device)
         if ref_feats is None:
             ref_feats, _ = ev.reference_features(extractor, results["n_reference"])
         point = dict(pair)
         start = time.perf_counter()
         for key in STUDENTS:
             source = seed_dir / pair["sources"][key]
-            student = load_snapshot(teacher, source.parents[1], source)
-            imgs = student_images_of(*student, prompts, seeds, timesteps, desc=f"sample {key} @ {step}")
+            student_teacher, tsm = load_snapshot(teacher, source.parents[1], source)
+            imgs = student_images_of(student_teacher.to(device), tsm, prompts, seeds, timesteps, desc=f"sample {key} @ {step}")
             scores = ev.score_row(ev.image_features(extractor, ev.to_uint8(imgs)), ref_feats)
             point[key] = {"fid": scores["fid"], "kid": scores["kid_mean"]}
         point["seconds"] = round(time.perf_counter() - start, 2)
@@ -265,7 +268,7 @@ def aggregate_curves(curves: list[dict]) -> list[dict]:
 
 def format_curves(entries: list[dict]) -> str:
     """The budget-curve section of seeds.md."""
-    from .demo_seeds import _ci, _pm
+    from .demo_seeds import _pm, format_interval
 
     lines = ["## Budget curve: equal-budget pairs (LoRA vs TSM stage 1, FID)", "",
              "Intermediate students from each run's checkpoints and phase adapters (tsm_distill/demo_budget.py). "
@@ -278,7 +281,7 @@ def format_curves(entries: list[dict]) -> str:
         lines.append(f"| {e['generator_steps']} | {e['fraction']:.2f} | {', '.join(map(str, e['seeds']))} "
                      f"| {_pm(e['lora']['fid_mean'], e['lora']['fid_std'])} "
                      f"| {_pm(e['tsm_stage1']['fid_mean'], e['tsm_stage1']['fid_std'])} | {_pm(d['mean'], d['std'])} "
-                     f"| {_ci(d['ci95_bootstrap'])} | {_ci(d['ci95_t'])} | {d['tsm_wins']} / {d['n_seeds']} |")
+                     f"| {format_interval(d['ci95_bootstrap'])} | {format_interval(d['ci95_t'])} | {d['tsm_wins']} / {d['n_seeds']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -311,14 +314,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tsm_distill.demo_budget", description=__doc__.splitlines()[0])
     p.add_argument("folders", nargs="+", help="tsm-demo run folders (one seed each) with results.json")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--device", default="auto", help="where students are sampled and scored: auto (the GPU when "
+                   "torch sees one), cpu, cuda")
     p.add_argument("--at", type=int, nargs="+", default=None,
                    help="score only the pairs at these generator-step counts (the whole budget always comes "
                         "from results.json); default: every pair")
     args = p.parse_args(argv)
     restore = ev.limit_threads(args.threads) if args.threads else (lambda: None)
     try:
+        device = ev.resolve_device(args.device)
         for folder in args.folders:
-            record = budget_curve(folder, at=args.at)
+            record = budget_curve(folder, at=args.at, device=device)
             print(format_curve(record))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -118,11 +118,31 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
 
 
-def make_extractor(progress: bool = True):
-    """The clean-mode CPU Inception extractor every row uses."""
+def resolve_device(name: str = "auto") -> torch.device:
+    """The evaluation device: "auto" is the GPU when torch sees one, else the CPU.
+
+    Sampling noise is drawn on the CPU from each image's seed on every device, so the rows of a GPU
+    run start from the same noise as a CPU run's; the numbers differ only by float rounding.
+
+    Raises:
+        ValueError: an unknown name, or "cuda" on a machine where torch sees no GPU.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but torch sees no GPU; use --device cpu (or auto)")
+    return device
+
+
+def make_extractor(progress: bool = True, device: str | torch.device = "cpu"):
+    """The clean-mode Inception extractor every row uses (the same network and preprocessing on any device)."""
     from tsm_core.eval import FeatureExtractor
 
-    return FeatureExtractor(device="cpu", mode=FEATURE_MODE, batch_size=50, progress=progress, allow_download=False)
+    return FeatureExtractor(device=device, mode=FEATURE_MODE, batch_size=50, progress=progress, allow_download=False)
 
 
 def image_features(extractor, images_uint8: np.ndarray) -> np.ndarray:

@@ -239,7 +239,8 @@ def _pm(mean: float, std: float | None, scale: float = 1.0) -> str:
     return f"{scale * mean:.2f}" + ("" if std is None else f" +- {scale * std:.2f}")
 
 
-def _ci(ci: list[float] | None) -> str:
+def format_interval(ci: list[float] | None) -> str:
+    """A 95% interval as "[lo, hi]", or why there is none."""
     return "n/a (one seed)" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
@@ -266,7 +267,7 @@ def format_markdown(agg: dict) -> str:
               "| TSM wins (KID) | mean(TSM) / mean(LoRA) |", "|---|---|---|---|---|---|---|---|"]
     for tsm, lora in PAIRS:
         p = agg["paired"][f"{tsm}_minus_{lora}"]
-        lines.append(f"| {PAIR_LABELS[tsm]} | {_pm(p['mean'], p['std'])} | {_ci(p['ci95_bootstrap'])} | {_ci(p['ci95_t'])} "
+        lines.append(f"| {PAIR_LABELS[tsm]} | {_pm(p['mean'], p['std'])} | {format_interval(p['ci95_bootstrap'])} | {format_interval(p['ci95_t'])} "
                      f"| {p['tsm_wins']} / {p['n_seeds']} | {1e3 * p['kid_mean_diff']:+.2f} "
                      f"| {p['kid_tsm_wins']} / {p['n_seeds']} | {agg['ratio'][f'{tsm}_over_{lora}']:.3f} |")
     b = agg["bootstrap"]
