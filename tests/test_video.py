@@ -261,3 +261,35 @@ def test_the_animatediff_backbone_trains_through_the_same_recipe(tmp_path, video
     tsm = load_adapter(UNetMotionModel.from_pretrained(str(pipe / "unet")), run / "adapter")
     assert any(".motion_modules." in n for n in tsm.layers)
     assert any(p.abs().sum() > 0 for k, p in tsm.state_dict().items() if "lora_B" in k)  # trained
+
+
+def test_an_inflated_image_unet_draws_each_frame_as_the_image_model_until_trained(tmp_path):
+    from diffusers import UNet2DConditionModel, UNet3DConditionModel
+
+    from tsm_core.testing.tiny import tiny_unet_config
+    from tsm_core.testing.tiny_video import inflate_unet2d
+
+    torch.manual_seed(0)
+    unet2d = UNet2DConditionModel(**tiny_unet_config(sample_size=8)).eval()
+    for p in unet2d.parameters():  # a trained-looking image model: no zero-initialised layer left
+        torch.nn.init.normal_(p, std=0.05)
+    inflated = inflate_unet2d(unet2d)
+    inflated.save_pretrained(tmp_path / "unet3d")  # the saved model is the one the trainers load
+    unet3d = UNet3DConditionModel.from_pretrained(tmp_path / "unet3d").eval()
+    g = torch.Generator().manual_seed(1)
+    frames, c = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 32, generator=g)
+    t = torch.tensor([30, 800])
+    with torch.no_grad():
+        image = unet2d(frames, t, encoder_hidden_states=c).sample
+        video = unet3d(frames[:, :, None].expand(-1, -1, FRAMES, -1, -1), t, encoder_hidden_states=c).sample
+        for f in range(FRAMES):
+            assert_close(video[:, :, f], image)
+        # The temporal layers are there and trainable: a nonzero temporal output projection mixes frames.
+        moving = torch.randn(2, 4, FRAMES, 8, 8, generator=g)
+        before = unet3d(moving, t, encoder_hidden_states=c).sample
+        torch.nn.init.normal_(unet3d.down_blocks[1].temp_attentions[0].proj_out.weight, std=0.5)
+        after = unet3d(moving, t, encoder_hidden_states=c).sample
+    assert not close(before, after)
+    with pytest.raises(ValueError, match="cannot inflate block types"):
+        inflate_unet2d(UNet2DConditionModel(**tiny_unet_config(sample_size=8, down_block_types=(
+            "DownBlock2D", "AttnDownBlock2D"))))
