@@ -39,11 +39,11 @@ def folder(tmp_path_factory):
     return root
 
 
-def _recipe(model_kind, model_path, data_path, run_dir, stages, te=(), **train):
+def _recipe(model_kind, model_path, data_path, run_dir, stages, te=(), experts=None, **train):
     d = {
         "model": {"kind": model_kind, "path": str(model_path), "max_sequence_length": 8},
         "data": {"source": "folder", "path": str(data_path), "resolution": 16},
-        "experts": {"rank": 2, "alpha": 2, "text_encoder_targets": list(te)},
+        "experts": {"rank": 2, "alpha": 2, "text_encoder_targets": list(te), **(experts or {})},
         "stages": stages,
         "train": {"run_dir": str(run_dir), "batch_size": 2, "checkpoint_every": 3, "keep_last": None,
                   "log_every": 1, "tensorboard": False, **train},
@@ -120,6 +120,29 @@ def test_stage1_then_stage2_change_only_their_parameters(kind, tmp_path, folder,
     assert (run / "recipe.yaml").is_file()
     assert load_recipe(run / "recipe.yaml", FinetuneRecipe).stages[0].scale == 4
     assert [r["step"] for r in read_stats(run)] == list(range(1, 10))
+
+
+def test_a_plain_text_encoder_lora_trains_while_fostering_and_rests_while_assembling(tmp_path, folder,
+                                                                                      sd_pipeline_path):
+    run = tmp_path / "run"
+    # A.2.2: timestep experts only in the denoiser, a plain LoRA on the text encoder
+    r = _recipe("unet", sd_pipeline_path, folder, run, TWO_STAGES, te=["q_proj", "v_proj"],
+                experts={"text_encoder_experts": "plain"})
+    trainer = FinetuneTrainer(r)
+    (text,) = trainer.text_adapters
+    assert text.config.scales == (1,) and trainer.tsm.config.scales == (1, 4)
+    init = {k: v.clone() for k, v in text.state_dict().items()}
+    trainer.train()
+    ck = {s: load_file(run / "checkpoints" / f"step_{s:08d}" / "adapter_text_encoder0.safetensors") for s in (3, 6, 9)}
+    b_keys = [k for k in init if "lora_B" in k]
+    assert b_keys and all(k.endswith("lora_B.s1_e0") for k in b_keys)  # one LoRA per layer, nothing per interval
+    assert all(not torch.equal(ck[3][k], init[k]) for k in b_keys)  # foster n=4: it trains
+    assert all(not torch.equal(ck[6][k], ck[3][k]) for k in b_keys)  # foster n=1: it trains on
+    assert ck[9].keys() == ck[6].keys() and all(torch.equal(ck[9][k], ck[6][k]) for k in ck[6])  # assemble: frozen
+    bb, tsm, (te,) = load_finetuned("unet", sd_pipeline_path, run, max_sequence_length=8)
+    assert tsm.mode == "mixture" and te.mode == "expert" and te.config.scales == (1,)
+    with pytest.raises(ValueError, match="text_encoder_experts 'plain' needs experts.text_encoder_targets"):
+        _recipe("unet", sd_pipeline_path, folder, run, TWO_STAGES, experts={"text_encoder_experts": "plain"})
 
 
 def _eval_loss(trainer, seed=123):

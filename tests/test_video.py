@@ -180,6 +180,7 @@ def test_the_a22_video_recipes_hold_the_papers_values():
         assert all((s.steps, s.lr, s.weight_decay, s.text_encoder_lr, s.text_encoder_weight_decay)
                    == (5000, 2e-4, 1e-2, 2e-4, 1e-2) for s in r.stages)
     tsm = load_recipe(RECIPES / "video_posttrain_tsm.yaml", FinetuneRecipe)
+    assert tsm.experts.text_encoder_experts == "plain"  # "TSM only in the 3D-UNet"
     assert [(p.mode, p.scale, p.core_scale) for p in plan_phases(tsm)] == [("expert", 8, None), ("expert", 1, None),
                                                                           ("mixture", None, 8)]
 

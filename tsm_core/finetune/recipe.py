@@ -28,6 +28,11 @@ class FinetuneExperts(ExpertsSection):
 
     text_encoder_targets: list[str] = field(default_factory=list)
     """Text-encoder layers that get experts (e.g. [q_proj, v_proj] for CLIP, [q, v] for T5); empty: none."""
+    text_encoder_experts: Literal["timestep", "plain"] = "timestep"
+    """"timestep": the text-encoder layers get timestep experts at the stages' scales, routed by the same t
+    as the denoiser (the prompts are re-encoded at every sampling step). "plain": one LoRA per layer for
+    every timestep (A.2.2 adopts TSM "only in the 3D-UNet"); it trains in every foster stage, continuing,
+    and stays frozen while the router assembles (stage 2 trains only the router)."""
 
 
 @dataclass
@@ -147,6 +152,9 @@ class FinetuneRecipe:
         if video and (self.data.cache_latents or self.data.crop == "resize"):
             raise ValueError("data.cache_latents and data.crop 'resize' are for image folders; video clips are "
                              "center- or random-cropped and encoded every step")
+        if self.experts.text_encoder_experts == "plain" and not self.experts.text_encoder_targets:
+            raise ValueError("experts.text_encoder_experts 'plain' needs experts.text_encoder_targets (the text-encoder "
+                             "layers that get the LoRA), e.g. [out_proj]")
         if self.data.cache_text and self.experts.text_encoder_targets:
             raise ValueError("data.cache_text cannot be used with experts.text_encoder_targets: text-encoder experts "
                              "change the embeddings every step; turn one of them off")

@@ -43,7 +43,7 @@ class FinetuneTrainer(PhasedTrainer):
     """
 
     desc = "finetune"
-    shape_keys = PhasedTrainer.shape_keys + ("experts.text_encoder_targets*", "stages", "stages.*.type",
+    shape_keys = PhasedTrainer.shape_keys + ("experts.text_encoder_targets*", "experts.text_encoder_experts", "stages", "stages.*.type",
                                              "stages.*.scale", "stages.*.schedule", "stages.*.core_scale",
                                              "stages.*.context_scales*")
 
@@ -65,7 +65,9 @@ class FinetuneTrainer(PhasedTrainer):
         self.text_adapters = []
         self.text_encoder_index: list[int] = []  # which encoder each text adapter sits on
         if ex.text_encoder_targets:
-            te_cfg = ex.tsm_config(recipe.scales, bb.num_timesteps, target_modules=ex.text_encoder_targets)
+            # "plain": one interval covering every t, i.e. an ordinary LoRA (routing then always picks it).
+            te_scales = (1,) if ex.text_encoder_experts == "plain" else recipe.scales
+            te_cfg = ex.tsm_config(te_scales, bb.num_timesteps, target_modules=ex.text_encoder_targets)
             ends = tuple("." + t for t in ex.text_encoder_targets)
             for i, te in enumerate(bb.text_encoders):
                 # e.g. SD3: CLIP q_proj/v_proj targets match the two CLIPs, not the T5
@@ -96,8 +98,11 @@ class FinetuneTrainer(PhasedTrainer):
         """Set every adapter's mode for phase ``index`` and build a fresh optimizer and LR schedule."""
         ph = self.phases[index]
         st, tr = self.recipe.stages[ph.stage], self.recipe.train
+        plain_text = self.recipe.experts.text_encoder_experts == "plain"
         for a in self.adapters:
-            if ph.mode == "expert":
+            if plain_text and a is not self.tsm:  # the one LoRA: trained while fostering, frozen while assembling
+                a.set_mode("expert", scale=1, experts=None if ph.mode == "expert" else [])
+            elif ph.mode == "expert":
                 a.set_mode("expert", scale=ph.scale, experts=ph.experts)
             else:
                 a.set_mode("mixture", core_scale=ph.core_scale, context_scales=ph.context_scales)
