@@ -189,6 +189,11 @@ class TSMAdapter:
         weights, so the teacher is not held in memory twice.
         """
         saved = {name: layer.mode for name, layer in self.layers.items()}
+        # The bypassed forward (e.g. the real score's CFG pass at 2B rows) must not become the block's
+        # recorded model batch: gradient checkpointing re-runs the routed forward's layers in backward
+        # and checks their rows against it.
+        state = self.context.peek()
+        model_batch = state.model_batch if state is not None else None
         for layer in self.layers.values():
             layer.mode = "off"
         try:
@@ -196,6 +201,8 @@ class TSMAdapter:
         finally:
             for name, layer in self.layers.items():
                 layer.mode = saved[name]
+            if state is not None:
+                state.model_batch = model_batch
 
     # ------------------------------------------------------------------ gates
     @contextmanager
