@@ -276,3 +276,88 @@ def test_image_folder_real_batches_follow_the_generator(tmp_path):
     assert values <= expected and len(values) >= 5, (values, expected)
     with pytest.raises(ValueError, match="encoder"):
         RealSource(str(tmp_path), 8)
+
+
+# ---------------------------------------------------------------------------- gradient checkpointing
+def test_gradient_checkpointing_with_the_cfg_real_score_updates_like_without(env, tmp_path):
+    # The real score's bypassed CFG pass (2B rows) runs between the checkpointed generator forward and its
+    # backward; the recomputed layers must still route the generator's B rows (the SD1.5 recipes' setting).
+    after = {}
+    for gc in (False, True):
+        tr = DMD2Trainer(recipe(env, [phase("e3", scale=4, experts=[3], gan=True)], gradient_checkpointing=gc,
+                                real_guidance_scale=1.75), tmp_path / f"run{gc}")
+        tr.enter_phase(0)
+        cond = tr.teacher.encode_prompts(["a cat", "a dog"])
+        x_in = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        tr.generator_step(x_in, torch.full((2,), 999), cond, torch.Generator().manual_seed(1))
+        after[gc] = {k: v.detach().clone() for k, v in tr.tsm.state_dict().items() if ".s4_e3" in k}
+    assert after[True].keys() == after[False].keys() and after[True]
+    for k in after[False]:
+        assert_close(after[True][k], after[False][k], rel=1e-5, msg=k)
+
+
+# ---------------------------------------------------------------------------- tsm-distill --plan
+def test_plan_needs_no_weight_files_and_matches_a_measured_cpu_step(env, tmp_path):
+    import shutil
+
+    from tsm_distill.plan import LiveBytes, plan_recipe
+
+    config_only = tmp_path / "configs"  # the pipeline folder without a single weight file
+    shutil.copytree(env[1], config_only, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    assert not list(config_only.rglob("*.safetensors"))
+    for gan in (False, True):
+        phases = [phase("e3", scale=4, experts=[3], gan=gan, batch_size=8)]
+        planned = recipe(env, phases)
+        planned.model.path = str(config_only)
+        (plan,) = plan_recipe(planned)
+        tr = DMD2Trainer(recipe(env, phases), tmp_path / f"run{gan}")
+        tr.enter_phase(0)
+        cond = tr.teacher.encode_prompts(["a cat", "a dog"] * 4)
+        x_in, t = torch.randn(8, 3, 16, 16), torch.full((8,), 999)
+        logs = tr.generator_step(x_in, t, cond)  # a first iteration creates the AdamW moments
+        tr.critic_step(logs["x0"], cond, torch.Generator().manual_seed(0))
+        with LiveBytes() as gen_step:
+            logs = tr.generator_step(x_in, t, cond)
+        with LiveBytes() as critic_step:
+            tr.critic_step(logs["x0"], cond, torch.Generator().manual_seed(0))
+        # Weights and optimizer moments are counted exactly; the step peaks within 25% of the measured ones.
+        modules = (tr.teacher.unet, tr.critic, tr.teacher.text_encoder)
+        assert plan.weights == sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+        assert plan.optimizer == sum(v.numel() * v.element_size() for opt in (tr.gen_opt, tr.critic_opt)
+                                     for state in opt.state.values() for v in state.values() if v.ndim > 0)
+        for name, want, got in (("generator", gen_step.peak, plan.generator_step),
+                                ("critic", critic_step.peak, plan.critic_step)):
+            assert abs(got - want) <= 0.25 * want, (gan, name, got, want)
+    with pytest.raises(FileNotFoundError, match="needs a local pipeline folder"):
+        bad = recipe(env, phases)
+        bad.model.path = str(tmp_path / "nowhere")
+        plan_recipe(bad)
+
+
+def test_plan_cli_prints_every_phase_and_refuses_a_missing_folder(env, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    from tsm_distill.cli import main
+
+    config_only = tmp_path / "configs"
+    shutil.copytree(env[1], config_only, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    d, _ = env
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"path": str(config_only)},
+        "experts": {"rank": 2, "alpha": 2, "scales": [1, 4], "target_modules": ["to_q", "to_v"]},
+        "data": {"prompts": str(d / "prompts.txt"), "real_images": str(d / "real.pt")},
+        "phases": [phase("e3", scale=4, experts=[3], batch_size=4),
+                   phase("e3_gan", scale=4, experts=[3], gan=True, batch_size=4),
+                   phase("router", type="assemble", core_scale=4, context_scales=[1], gan=True, batch_size=4)]}))
+    assert main([str(path), "--plan", "--processes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "with 2 process(es)" in out
+    rows = [line for line in out.splitlines() if line.startswith("| e3") or line.startswith("| router")]
+    assert [r.split("|")[1].strip() for r in rows] == ["e3", "e3_gan", "router"]
+    assert all(r.split("|")[2].strip() == "2" for r in rows)  # the global batch 4 over 2 processes
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.glob("**/checkpoints"))  # nothing trained
+    assert main([str(path), "--plan", "--set", f"model.path={tmp_path / 'missing'}"]) == 2
+    assert "needs a local pipeline folder" in capsys.readouterr().err

@@ -7,11 +7,17 @@ half of the UNet is not run: the same saving DMD2 gets from its 297-line copied 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
 import torch
 from torch import nn
+
+
+def _fp32(device: torch.device):
+    """Autocast off (DMD2 runs its head in fp32); meta tensors (tsm-distill --plan) have no autocast."""
+    return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device_type=device.type, enabled=False)
 
 
 class _StopAfterMidBlock(Exception):
@@ -90,7 +96,7 @@ class Critic(nn.Module):
             raise ValueError("this critic was built without a GAN head; set critic.gan_head: true in the recipe")
         features = self._bottleneck(x_t, t, cond)
         # DMD2 runs its classification head on ``features.float()``, outside mixed precision.
-        with torch.autocast(device_type=features.device.type, enabled=False):
+        with _fp32(features.device):
             return self.head(features.float())
 
     def _bottleneck(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -125,7 +131,7 @@ class Critic(nn.Module):
             self.head = GANHead(features.shape[1], self.head_resolution).to(param.device, param.dtype)
         if self.head is not None:
             try:
-                with torch.autocast(device_type=features.device.type, enabled=False):
+                with _fp32(features.device):
                     self.head(features.float())
             except RuntimeError as e:
                 raise ValueError(f"the GAN head does not fit the fake UNet's {h}x{w} bottleneck "

@@ -158,18 +158,7 @@ class DMD2Trainer(PhasedTrainer):
                 own[k].copy_(tensors[k])
 
     def _phase_steps(self, ph: PhaseConfig) -> list[int]:
-        """Student steps trained in a phase: given, or those inside the trained experts' intervals."""
-        if ph.student_steps is not None:
-            return list(ph.student_steps)
-        if ph.type == "assemble" or ph.scale == 1:
-            return list(range(len(self.timesteps)))
-        experts = set(ph.experts if ph.experts is not None else range(ph.scale))
-        idx = self.tsm.intervals.index(torch.tensor(self.timesteps), ph.scale).tolist()
-        steps = [k for k, e in enumerate(idx) if e in experts]
-        if not steps:
-            raise ValueError(f"phase {ph.name!r}: no student timestep of {self.timesteps} falls in experts "
-                             f"{sorted(experts)} of scale {ph.scale}; set student_steps explicitly")
-        return steps
+        return phase_student_steps(ph, self.timesteps, self.tsm.intervals)
 
     def phase_lengths(self) -> list[tuple[str, int]]:
         """(name, iterations) of every phase: a skeleton step is one DMD2 iteration."""
@@ -410,6 +399,21 @@ class DMD2Trainer(PhasedTrainer):
                     v.copy_(backup[k])
 
 
+def phase_student_steps(ph: PhaseConfig, timesteps: list[int], intervals) -> list[int]:
+    """Student steps (indices into ``timesteps``) a phase trains: given, or those inside its experts' intervals."""
+    if ph.student_steps is not None:
+        return list(ph.student_steps)
+    if ph.type == "assemble" or ph.scale == 1:
+        return list(range(len(timesteps)))
+    experts = set(ph.experts if ph.experts is not None else range(ph.scale))
+    idx = intervals.index(torch.tensor(timesteps), ph.scale).tolist()
+    steps = [k for k, e in enumerate(idx) if e in experts]
+    if not steps:
+        raise ValueError(f"phase {ph.name!r}: no student timestep of {timesteps} falls in experts "
+                         f"{sorted(experts)} of scale {ph.scale}; set student_steps explicitly")
+    return steps
+
+
 def load_student(teacher_path: str | Path, adapter_dir: str | Path):
     """A trained student for inference: (teacher parts, adapter) with the adapter's saved mode."""
     teacher = load_teacher(teacher_path)
@@ -417,4 +421,4 @@ def load_student(teacher_path: str | Path, adapter_dir: str | Path):
     return teacher, tsm
 
 
-__all__ = ["DMD2Trainer", "NonFiniteLossError", "check_run_folder", "load_student"]
+__all__ = ["DMD2Trainer", "NonFiniteLossError", "check_run_folder", "load_student", "phase_student_steps"]
