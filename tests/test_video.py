@@ -193,6 +193,27 @@ def test_a_video_model_needs_video_data_and_back():
         load_recipe(RECIPES / "video_posttrain_lora.yaml", FinetuneRecipe, overrides=["data.source=folder"])
     with pytest.raises(ValueError, match="video backbones"):
         load_recipe(RECIPES / "sd15_domain_lora.yaml", FinetuneRecipe, overrides=["data.source=video_folder"])
+    with pytest.raises(ValueError, match="video backbones"):
+        load_recipe(RECIPES / "sd15_domain_lora.yaml", FinetuneRecipe, overrides=["data.source=video_webdataset"])
+    r = load_recipe(RECIPES / "video_posttrain_lora.yaml", FinetuneRecipe, overrides=["data.source=video_webdataset"])
+    assert r.data.source == "video_webdataset"
+
+
+def test_a_video_model_trains_from_clip_shards(tmp_path, video_data):
+    from safetensors.torch import load_file
+
+    from tsm_core.finetune.cli import main
+    from tsm_core.train.video_data import write_clip_shards
+
+    write_clip_shards(video_data, tmp_path / "shards" / "clips", maxcount=2)
+    pipe = build_video_pipeline(tmp_path / "video")
+    run = tmp_path / "run"
+    args = video_run_args("video_posttrain_lora.yaml", pipe, tmp_path / "shards" / "clips-{000000..000001}.tar", run,
+                          "--set", "data.source=video_webdataset", "--set", "data.shuffle_buffer=0",
+                          "--set", "stages.0.steps=2", "--set", "train.checkpoint_every=2")
+    assert main(args) == 0
+    trained = load_file(str(run / "adapter" / "tsm_adapter.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if ".lora_B." in k)  # the LoRA moved off zero
 
 
 def video_run_args(recipe, pipe, data, run, *extra):

@@ -323,3 +323,30 @@ def test_per_frame_fid_reads_every_frame_of_every_clip_and_skips_bad_clips(tmp_p
     result = _json.loads(out.read_text())
     assert (result["n_images"], result["n_skipped"]) == (6, 1)
     assert abs(result["fid"]) < 1e-2  # the same frames: FID 0 up to sqrtm's rounding (FIDs of distinct sets are > 1)
+
+
+def test_clip_shards_give_the_folders_items_and_skip_bad_samples(tmp_path):
+    import webdataset as wds
+
+    from tsm_core.train.video_data import webdataset_video_text, write_clip_shards
+
+    folder = moving_fmnist_clips(tmp_path / "clips", n=5, num_frames=4, size=16)
+    shards = write_clip_shards(folder, tmp_path / "shards" / "clips", maxcount=3)
+    assert [s.name for s in shards] == ["clips-000000.tar", "clips-000001.tar"]
+    first = (folder / "clip_00000.mp4").read_bytes()
+    assert np.array_equal(read_clip(first, 4), read_clip(folder / "clip_00000.mp4", 4))  # bytes decode like files
+    with wds.TarWriter(str(tmp_path / "shards" / "clips-000002.tar")) as sink:  # two bad samples
+        sink.write({"__key__": "corrupt", "mp4": b"not a video", "txt": "a bag"})
+        sink.write({"__key__": "no_clip", "txt": "a bag"})
+    ds = webdataset_video_text(str(tmp_path / "shards" / "clips-{000000..000002}.tar"), 16, num_frames=3,
+                               frame_stride=1, shuffle=0)
+    items = list(ds)
+    want = VideoTextFolder(folder, 16, num_frames=3)
+    assert len(items) == 5 and ds.skip_counter.count == 2
+    for i, item in enumerate(items):  # shard order = metadata order with shuffle 0
+        assert item["text"] == want[i]["text"]
+        assert torch.equal(item["pixel_values"], want[i]["pixel_values"])
+    reasons = " ".join(ds.skip_counter.reasons)
+    assert "corrupt" in reasons and "no clip" in reasons
+    batch = collate_video_text(items[:2])
+    assert batch["pixel_values"].shape == (2, 3, 3, 16, 16)

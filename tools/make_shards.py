@@ -1,6 +1,9 @@
 """Write Fashion-MNIST as webdataset shards: ``png`` (28x28 grey), ``txt`` (prompt), ``cls`` (label).
 
     python tools/make_shards.py --split train --out shards/fmnist-train --maxcount 10000
+    python tools/make_shards.py --clips my_clips/ --out shards/clips --maxcount 1000   # (mp4, txt) for video
+
+``--clips`` packs a clip folder (mp4 files + metadata.jsonl) instead, for ``data.source: video_webdataset``.
 
 Read them back with
 ``wds.WebDataset(urls, shardshuffle=False).decode("torchrgb").to_tuple("png", "txt", "cls")``.
@@ -60,9 +63,15 @@ def main(argv=None) -> int:
     p.add_argument("--data-root", default=None, help=f"Fashion-MNIST folder (default ${fmnist.ENV_VAR} "
                                                      f"or {fmnist.DEFAULT_DIR})")
     p.add_argument("--limit", type=int, default=None, help="only the first LIMIT images")
-    p.add_argument("--maxcount", type=int, default=10000, help="images per shard")
+    p.add_argument("--maxcount", type=int, default=10000, help="images (or clips) per shard")
+    p.add_argument("--clips", default=None, help="a clip folder with metadata.jsonl to pack instead of Fashion-MNIST")
     args = p.parse_args(argv)
-    files = write_shards(args.out, args.split, args.data_root, args.limit, args.maxcount)
+    if args.clips is not None:
+        from tsm_core.train.video_data import write_clip_shards
+
+        files = write_clip_shards(args.clips, args.out, args.maxcount)
+    else:
+        files = write_shards(args.out, args.split, args.data_root, args.limit, args.maxcount)
     print(f"wrote {len(files)} shard(s): {', '.join(str(f) for f in files)}")
     return 0
 

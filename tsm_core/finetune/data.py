@@ -81,6 +81,12 @@ def build_dataset(cfg: DataSection):
 
         return VideoTextFolder(cfg.path, cfg.resolution, cfg.num_frames, cfg.frame_stride,
                                caption_column=cfg.caption_column, center_crop=cfg.crop != "random")
+    if cfg.source == "video_webdataset":
+        from ..train.video_data import webdataset_video_text
+
+        return webdataset_video_text(cfg.path, cfg.resolution, cfg.num_frames, cfg.frame_stride,
+                                     center_crop=cfg.crop != "random", shuffle=cfg.shuffle_buffer,
+                                     counter=SkipCounter())
     if cfg.source == "folder":
         ds = ImageTextFolder(cfg.path, cfg.resolution, center_crop=cfg.crop != "random",
                              random_flip=cfg.random_flip, caption_column=cfg.caption_column)

@@ -39,16 +39,17 @@ class FinetuneExperts(ExpertsSection):
 class DataSection:
     """Training images with captions."""
 
-    source: Literal["folder", "webdataset", "video_folder"]
+    source: Literal["folder", "webdataset", "video_folder", "video_webdataset"]
     """"folder": an imagefolder with metadata.jsonl; "webdataset": tar shards of (image, caption);
-    "video_folder": mp4 clips with metadata.jsonl (the video backbones "unet3d" / "animatediff")."""
+    "video_folder": mp4 clips with metadata.jsonl; "video_webdataset": tar shards of (mp4, caption) (the
+    two video sources are for the video backbones "unet3d" / "animatediff", and only they take them)."""
     path: str
     """The folder, or a shard pattern like data/shard-{000..009}.tar."""
     resolution: int = 512
     num_frames: int = 16
-    """video_folder: frames per training clip (also the length of sampled videos)."""
+    """Video sources: frames per training clip (also the length of sampled videos)."""
     frame_stride: int = 1
-    """video_folder: take every frame_stride-th frame from the clip's start."""
+    """Video sources: take every frame_stride-th frame from the clip's start."""
     crop: Literal["center", "random", "resize"] = "center"
     """Resize the short side then crop (center/random), or resize to a square (folders only)."""
     random_flip: bool = False
@@ -146,9 +147,10 @@ class FinetuneRecipe:
                 raise ValueError(f"stages[{i}] assembles, but it needs experts of at least two scales fostered "
                                  f"before it (core and context); fostered so far: {fostered}")
         video = self.model.kind in ("unet3d", "animatediff")
-        if video != (self.data.source == "video_folder"):
+        if video != (self.data.source in ("video_folder", "video_webdataset")):
             raise ValueError(f"model.kind {self.model.kind!r} with data.source {self.data.source!r}: the video "
-                             "backbones (unet3d, animatediff) train on data.source video_folder, and only they do")
+                             "backbones (unet3d, animatediff) train on data.source video_folder or video_webdataset, "
+                             "and only they do")
         if video and (self.data.cache_latents or self.data.crop == "resize"):
             raise ValueError("data.cache_latents and data.crop 'resize' are for image folders; video clips are "
                              "center- or random-cropped and encoded every step")

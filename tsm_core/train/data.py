@@ -378,22 +378,26 @@ def expand_shards(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     return out
 
 
-def _decode_samples(src: Iterable[dict], transform: Callable, counter: SkipCounter) -> Iterator[dict]:
+def _decode_samples(src: Iterable[dict], decode: Callable[[dict], Any], counter: SkipCounter) -> Iterator[dict]:
     """webdataset stage: raw samples (bytes per extension) -> {"pixel_values", "text"}; bad ones skipped."""
     for sample in src:
         key = sample.get("__key__", "?")
         try:
-            image_key = next((k for k in IMAGE_KEYS if k in sample), None)
-            if image_key is None:
-                raise ValueError(f"no image ({'/'.join(IMAGE_KEYS)}) in sample")
             text = shard_caption(sample)
-            pixels = transform(_open_rgb(sample[image_key]))
+            pixels = decode(sample)
         except Exception as e:  # any decoding failure: count it and move on
             counter.add(f"{sample.get('__url__', '?')}:{key}: {type(e).__name__}: {e}")
             continue
         url = sample.get("__url__", "?")
         counter.read[url] = counter.read.get(url, 0) + 1
         yield {"pixel_values": pixels, "text": text}
+
+
+def _decode_image(sample: dict, transform: Callable) -> torch.Tensor:
+    image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if image_key is None:
+        raise ValueError(f"no image ({'/'.join(IMAGE_KEYS)}) in sample")
+    return transform(_open_rgb(sample[image_key]))
 
 
 def webdataset_image_text(
@@ -405,6 +409,7 @@ def webdataset_image_text(
     resampled: bool = False,
     counter: SkipCounter | None = None,
     seed: int | None = None,
+    decode: Callable[[dict], Any] | None = None,
 ):
     """An iterable dataset of ``{"pixel_values", "text"}`` from webdataset tar shards.
 
@@ -421,6 +426,8 @@ def webdataset_image_text(
             epoch with ``.with_epoch(n)``).
         counter: where skips are counted; a new `SkipCounter` when None.
         seed: seed for shard shuffling (webdataset picks one at random when None).
+        decode: raw sample (bytes per extension) -> pixel tensor; default: the image, resized and cropped
+            (`image_transform`). The video shards pass their clip decoder (`webdataset_video_text`).
 
     Shards are split across distributed processes (``split_by_node``) and DataLoader workers, so give
     at least ``world_size * num_workers`` shards unless ``resampled``.
@@ -434,7 +441,8 @@ def webdataset_image_text(
     for shard in shards:
         if os.path.isfile(shard) and not tar_is_complete(shard):
             counter.shard_lost(shard, "the file ends without the tar end-of-archive marker (cut short)")
-    transform = image_transform(resolution, center_crop, random_flip)
+    if decode is None:
+        decode = functools.partial(_decode_image, transform=image_transform(resolution, center_crop, random_flip))
     ds = wds.WebDataset(
         shards,
         resampled=resampled,
@@ -447,7 +455,7 @@ def webdataset_image_text(
     )
     if shuffle > 0:
         ds = ds.shuffle(shuffle)
-    ds = ds.compose(functools.partial(_decode_samples, transform=transform, counter=counter))
+    ds = ds.compose(functools.partial(_decode_samples, decode=decode, counter=counter))
     ds.skip_counter = counter
     ds.shards = shards
     return ds

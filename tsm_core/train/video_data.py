@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..serialization import atomic_write_text
-from .data import CaptionedFolder, collate_image_text
+from .data import CaptionedFolder, SkipCounter, collate_image_text, webdataset_image_text
 from .fmnist import load_fashion_mnist, prompt_for
 from .fmnist import prompt_words as _fmnist_prompt_words
 
@@ -92,9 +92,10 @@ def write_clip(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> Pat
     return path
 
 
-def read_clip(path: str | os.PathLike, num_frames: int | None, frame_stride: int = 1) -> np.ndarray:
+def read_clip(path: str | os.PathLike | bytes, num_frames: int | None, frame_stride: int = 1) -> np.ndarray:
     """Decode frames 0, s, 2s, ... (s = ``frame_stride``) of a clip until ``num_frames`` are taken
-    (``None``: to the end of the clip, as per-frame FID reads them).
+    (``None``: to the end of the clip, as per-frame FID reads them). ``path`` may also be the clip's
+    bytes (an mp4 read from a webdataset shard).
 
     Returns a uint8 array (num_frames, H, W, 3), RGB. Decoding stops as soon as the last wanted frame
     is read, so a long clip costs only its first ``(num_frames - 1) * frame_stride + 1`` frames.
@@ -105,19 +106,25 @@ def read_clip(path: str | os.PathLike, num_frames: int | None, frame_stride: int
             stream, or cannot be decoded (the message names the file); ``num_frames`` or
             ``frame_stride`` < 1.
     """
+    import io
+
     import av
 
-    path = Path(path)
     everything = num_frames is None
     num_frames = _check_count("num_frames", 1 if everything else num_frames, 1)
     frame_stride = _check_count("frame_stride", frame_stride, 1)
-    if not path.is_file():
-        raise FileNotFoundError(f"video clip not found: {path}")
+    if isinstance(path, bytes):
+        source, path = io.BytesIO(path), "the clip's bytes"
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"video clip not found: {path}")
+        source = str(path)
     need = (num_frames - 1) * frame_stride + 1
     taken: list[np.ndarray] = []
     seen = 0
     try:
-        with av.open(str(path), mode="r") as container:
+        with av.open(source, mode="r") as container:
             if not container.streams.video:
                 raise ValueError(f"{path} has no video stream")
             for frame in container.decode(video=0):
@@ -197,6 +204,50 @@ class VideoTextFolder(CaptionedFolder):
 
     def load_settings(self) -> str:
         return f" with num_frames={self.num_frames} and frame_stride={self.frame_stride}"
+
+
+VIDEO_KEYS = ("mp4", "webm", "mkv", "mov", "avi")
+
+
+def webdataset_video_text(urls, resolution: int, num_frames: int, frame_stride: int = 1, center_crop: bool = True,
+                          shuffle: int = 1000, resampled: bool = False, counter: SkipCounter | None = None,
+                          seed: int | None = None):
+    """An iterable dataset of ``{"pixel_values": (3, F, R, R), "text"}`` from webdataset shards of clips.
+
+    Each sample has a clip (``mp4``, ``webm``, ``mkv``, ``mov`` or ``avi`` bytes) and a caption (``txt``,
+    or ``json`` with "text"/"prompt"/"caption"). Frames as `VideoTextFolder` takes them (`read_clip`,
+    `video_transform`); clips that fail to decode or are too short are skipped and counted, like every
+    other unreadable sample of `webdataset_image_text` (sharding, shuffling and the counter are its own).
+    """
+    resolution = _check_count("resolution", resolution, 8)
+    num_frames = _check_count("num_frames", num_frames, 1)
+    frame_stride = _check_count("frame_stride", frame_stride, 1)
+
+    def decode(sample: dict) -> torch.Tensor:
+        key = next((k for k in VIDEO_KEYS if k in sample), None)
+        if key is None:
+            raise ValueError(f"no clip ({'/'.join(VIDEO_KEYS)}) in sample")
+        return video_transform(read_clip(sample[key], num_frames, frame_stride), resolution, center_crop)
+
+    return webdataset_image_text(urls, resolution, center_crop=center_crop, shuffle=shuffle, resampled=resampled,
+                                 counter=counter, seed=seed, decode=decode)
+
+
+def write_clip_shards(folder: str | os.PathLike, out: str | os.PathLike, maxcount: int = 1000) -> list[Path]:
+    """Pack a clip folder (clips + ``metadata.jsonl``, as `VideoTextFolder` reads it) into webdataset shards
+    ``out-000000.tar``, ... of (``mp4``, ``txt``) samples, in the metadata's order; returns the shard paths.
+    The clip bytes are copied, not re-encoded, so the shards decode to the folder's frames exactly."""
+    import webdataset as wds
+
+    folder, out = Path(folder), Path(out)
+    if maxcount < 1:
+        raise ValueError(f"maxcount must be >= 1, got {maxcount}")
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(f"{out}-%06d.tar", maxcount=maxcount, verbose=0) as sink:
+        for i, row in enumerate(rows):
+            sink.write({"__key__": f"{i:08d}", "mp4": (folder / row["file_name"]).read_bytes(), "txt": row["text"]})
+    return sorted(out.parent.glob(f"{out.name}-*.tar"))
 
 
 def collate_video_text(batch: Sequence[dict]) -> dict[str, Any]:
