@@ -187,3 +187,31 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
     assert any(v.abs().sum() > 0 for v in a.values())  # a trained student, not the zero init
+
+
+def test_a_retried_seed_resumes_a_student_only_from_the_same_recipe(tmp_path):
+    from tsm_core.train.recipe import save_recipe
+
+    args = demo.parse_args(["--quick", "--run-dir", str(tmp_path / "run")])
+    lora, _, _ = demo.build_recipes(args, tmp_path, tmp_path / "teacher")
+
+    class Trainer:  # records how train() was called
+        def train(self, resume=False, overwrite=False):
+            self.called = {"resume": resume, "overwrite": overwrite}
+            return "adapter"
+
+    run = tmp_path / "lora"
+    t = Trainer()
+    assert demo.train_student(t, lora, run) == ("adapter", False) and t.called == {"resume": False, "overwrite": True}
+    save_recipe(lora, run / "recipe.yaml")
+    assert demo.train_student(t, lora, run)[1] is False  # a recipe but no checkpoint yet: from scratch
+    from tsm_core.train.checkpoint import STATE_FILE
+
+    ckpt = run / "checkpoints" / "step_00000003"  # a complete checkpoint, as CheckpointManager marks one
+    ckpt.mkdir(parents=True)
+    (ckpt / STATE_FILE).write_text(json.dumps({"global_step": 3}))
+    assert demo.train_student(t, lora, run) == ("adapter", True) and t.called == {"resume": True, "overwrite": False}
+    assert demo.train_student(t, lora, run, may_resume=False)[1] is False  # TSM after a retrained LoRA
+    other, _, _ = demo.build_recipes(demo.parse_args(["--quick", "--lr-scale", "0.5", "--run-dir", str(tmp_path)]),
+                                     tmp_path, tmp_path / "teacher")
+    assert demo.train_student(t, other, run)[1] is False  # another learning rate: never resume

@@ -27,7 +27,8 @@ Protocol: by default both students train at the same batch size (equal compute).
 A.3 trains the vanilla LoRA at 4 times TSM's batch (K = 4). results.json records the protocol.
 
 Several seeds: ``--seeds 0 1 2 3 4 [--jobs 2]`` runs this single-seed demo once per seed, each in
-``<run-dir>/seed<N>/``, skips finished seeds and writes the paired statistics (``demo_seeds``).
+``<run-dir>/seed<N>/``, skips finished seeds and writes the paired statistics (``demo_seeds``). A stopped
+seed run again with the same options resumes each student from its last checkpoint (`train_student`).
 """
 
 from __future__ import annotations
@@ -167,6 +168,28 @@ class Stages:
             return fn(*a, **kw)
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 2)
+
+
+def train_student(trainer, recipe, run: Path, may_resume: bool = True) -> tuple[Path, bool]:
+    """Train a student in ``run``, or resume it there when a stopped run of the *same* recipe left a
+    checkpoint (a retried seed of ``tsm-demo --seeds`` then loses at most the work since the student's last
+    checkpoint: every 1/K of the budget with ``--budget-points K``). Resume is the skeleton's, bit-exact, so
+    the student equals an uninterrupted one; a finished run only rebuilds its final adapter. Any other
+    recipe, or ``may_resume`` false, starts again from scratch.
+
+    Returns ``(adapter path, resumed)``.
+    """
+    from tsm_core.train.checkpoint import CheckpointManager
+    from tsm_core.train.recipe import load_recipe
+
+    from .config import DistillRecipe
+
+    saved = run / "recipe.yaml"
+    resume = (may_resume and saved.is_file() and CheckpointManager(run).latest() is not None
+              and load_recipe(saved, DistillRecipe) == recipe)
+    if resume:
+        print(f"resuming {run} from {CheckpointManager(run).latest().name} (same recipe)", flush=True)
+    return trainer.train(resume=resume, overwrite=not resume), resume
 
 
 def device_name(device: torch.device) -> str:
@@ -357,10 +380,11 @@ def _run(args, argv: list[str]) -> int:
     ref_hash = ev.features_hash(ref_feats)
 
     lora_tr = DMD2Trainer(lora_recipe, run_dir / "lora")
-    # overwrite: a retried seed (tsm-demo --seeds after a stop) restarts its students from scratch.
-    lora_adapter = stages.run("distill LoRA", lora_tr.train, overwrite=True)
+    lora_adapter, lora_resumed = stages.run("distill LoRA", train_student, lora_tr, lora_recipe, run_dir / "lora")
     tsm_tr = DMD2Trainer(tsm_recipe, run_dir / "tsm")
-    tsm_adapter = stages.run("distill TSM", tsm_tr.train, overwrite=True)
+    # The TSM run's router phase starts from the LoRA adapter (its n = 1 context expert): it may resume only
+    # when the LoRA student did too, i.e. is the same one its checkpoints were made with.
+    tsm_adapter, _ = stages.run("distill TSM", train_student, tsm_tr, tsm_recipe, run_dir / "tsm", lora_resumed)
     n_experts = len(tsm_recipe.phases) - sum(p.type != "foster" for p in tsm_recipe.phases)
     stage1 = run_dir / "tsm" / "phases" / f"{n_experts - 1:02d}_{tsm_recipe.phases[n_experts - 1].name}"
 
