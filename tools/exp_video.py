@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from experiments import equal_step_recipes, record_run, trained_model  # tools/experiments.py
 
 TEACHER = Path(__file__).resolve().parents[1] / "tsm_distill" / "assets" / "fmnist_teacher"
 # k and v of every attention (spatial and temporal), attention output projections, temporal conv outputs.
@@ -69,16 +70,7 @@ def recipes(model: Path, data: Path, out: Path, steps: int, batch: int, lr: floa
         "train": {"batch_size": batch, "checkpoint_every": steps, "keep_last": 1, "log_every": 20,
                   "tensorboard": False, "seed": 0},
     }
-    a, b = int(0.6 * steps), int(0.2 * steps)
-    stages = {
-        "lora": [{"type": "foster", "scale": 1, "steps": steps, "lr": lr}],
-        "tsm_stage1": [{"type": "foster", "scale": 4, "steps": steps, "lr": lr}],
-        "tsm_stage2": [{"type": "foster", "scale": 4, "steps": a, "lr": lr},
-                       {"type": "foster", "scale": 1, "steps": b, "lr": lr},
-                       {"type": "assemble", "steps": steps - a - b, "lr": lr}],
-    }
-    return {name: {**common, "stages": st, "train": {**common["train"], "run_dir": str(out / name)}}
-            for name, st in stages.items()}
+    return equal_step_recipes(common, out, steps, lr)
 
 
 def captions(metadata: Path) -> list[str]:
@@ -117,13 +109,10 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from tsm_core.eval import FeatureExtractor, kid_from_features
-    from tsm_core.finetune import FinetuneRecipe, FinetuneTrainer, load_finetuned
-    from tsm_core.train.backbones import load_backbone, video_strip
+    from tsm_core.eval import FeatureExtractor
+    from tsm_core.train.backbones import video_strip
     from tsm_core.train.logging import save_image_grid
-    from tsm_core.train.recipe import load_recipe
     from tsm_core.train.video_data import moving_fmnist_clips, read_clip, save_gif
-    from tsm_distill.demo_eval import fid_low_rank  # clean-fid's FID, exact, without the 2048^2 sqrtm
 
     if not (args.teacher / "model_index.json").is_file():
         raise FileNotFoundError(f"teacher pipeline not found at {args.teacher}; train it with tools/train_teacher.py")
@@ -147,23 +136,13 @@ def main(argv=None) -> dict:
     all_recipes = recipes(model, train_clips, args.out, args.steps, args.batch, args.lr, args.frames)
     for name in args.runs:
         t0 = time.time()
-        if name == "base":
-            bb, tsm = load_backbone("unet3d", model), None
-        else:
-            recipe = load_recipe(all_recipes[name], FinetuneRecipe)
-            FinetuneTrainer(recipe).train(overwrite=True)  # a re-run of the experiment replaces its runs
-            bb, tsm, _ = load_finetuned("unet3d", model, recipe.train.run_dir)
+        bb, tsm = trained_model("unet3d", model, None if name == "base" else all_recipes[name])
         bb.num_frames = args.frames
         t_train = time.time() - t0
         videos = generate(bb, tsm, prompts, args.sample_steps, seed=1, guidance=args.guidance)
         save_image_grid(video_strip(videos[:4]), args.out / f"{name}.png", nrow=1)
         save_gif(torch.cat(list(videos[:4]), dim=-1), args.out / f"{name}.gif")  # four clips side by side
-        feats = ext.features_from_images(frames_uint8(videos)).features
-        kid, kid_std = kid_from_features(feats, ref)
-        results["runs"][name] = {"fid": fid_low_rank(feats, ref), "kid": kid, "kid_std": kid_std,
-                                 "train_seconds": round(t_train, 1), "total_seconds": round(time.time() - t0, 1)}
-        print(name, json.dumps(results["runs"][name]), flush=True)
-        (args.out / "results.json").write_text(json.dumps(results, indent=2))
+        record_run(results, name, ext.features_from_images(frames_uint8(videos)).features, ref, t0, t_train, args.out)
     return results
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tsm_core.train.cli import USER_ERROR, add_run_args, run_recipe
+from tsm_core.train.cli import USER_ERROR, add_run_args, run_recipe, user_error
 
 __all__ = ["USER_ERROR", "main"]
 
@@ -41,8 +41,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _plan(args, schema) -> int:
-    import sys
-
     from tsm_core.train.recipe import load_recipe
 
     from .plan import format_plan, plan_recipe
@@ -51,8 +49,7 @@ def _plan(args, schema) -> int:
         recipe = load_recipe(args.recipe, schema, args.overrides)
         print(format_plan(plan_recipe(recipe, args.processes), args.recipe, recipe.model.path, args.processes))
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return USER_ERROR
+        return user_error(e)
     return 0
 
 

@@ -184,11 +184,10 @@ def train_student(trainer, recipe, run: Path, may_resume: bool = True) -> tuple[
 
     from .config import DistillRecipe
 
-    saved = run / "recipe.yaml"
-    resume = (may_resume and saved.is_file() and CheckpointManager(run).latest() is not None
-              and load_recipe(saved, DistillRecipe) == recipe)
+    saved, latest = run / "recipe.yaml", CheckpointManager(run).latest()
+    resume = may_resume and latest is not None and saved.is_file() and load_recipe(saved, DistillRecipe) == recipe
     if resume:
-        print(f"resuming {run} from {CheckpointManager(run).latest().name} (same recipe)", flush=True)
+        print(f"resuming {run} from {latest.name} (same recipe)", flush=True)
     return trainer.train(resume=resume, overwrite=not resume), resume
 
 
@@ -218,8 +217,7 @@ def student_images(teacher_path: Path, adapter: Path, prompts, seeds, timesteps,
     """Images of a trained student (the adapter's saved mode) for the given prompts and seeds."""
     from .trainer import load_student
 
-    teacher, tsm = load_student(teacher_path, adapter)
-    return student_images_of(teacher.to(device), tsm, prompts, seeds, timesteps, desc)
+    return student_images_of(*load_student(teacher_path, adapter, device), prompts, seeds, timesteps, desc)
 
 
 def student_images_of(teacher, tsm, prompts, seeds, timesteps, desc: str) -> torch.Tensor:
@@ -420,8 +418,7 @@ def _run(args, argv: list[str]) -> int:
                         "teacher DDIM 4": ev.teacher_generate(t, p10, s10, 4)}
         ordered = {"real (train)": grid.pop("real (train)"), **teacher_grid, **grid}
         rep.save_sample_grid(ordered, run_dir / "samples.png")
-        teacher2, tsm = load_student(teacher, tsm_adapter)
-        teacher2.to(args.device)
+        teacher2, tsm = load_student(teacher, tsm_adapter, args.device)
         sweep = sorted(set(range(0, 1000, 50)) | set(ts))
         rep.save_gate_plot(rep.gate_curves(teacher2, tsm, sweep), ts, run_dir / "gates.png")
 

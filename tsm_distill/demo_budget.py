@@ -116,8 +116,8 @@ def equal_budget_pairs(seed_dir: str | Path) -> list[dict]:
     return pairs
 
 
-def load_snapshot(teacher_path: str | Path, run_dir: str | Path, source: str | Path):
-    """The student a snapshot holds, as (teacher, tsm) in its stage-1 mode.
+def load_snapshot(teacher_path: str | Path, run_dir: str | Path, source: str | Path, device: torch.device | str = "cpu"):
+    """The student a snapshot holds, as (teacher, tsm) on ``device`` in its stage-1 mode.
 
     A phase adapter loads as saved. A checkpoint holds only tensors: the run's first phase adapter gives
     the structure and mode (expert mode for TSM, the single scale for LoRA), then the checkpoint's
@@ -130,10 +130,10 @@ def load_snapshot(teacher_path: str | Path, run_dir: str | Path, source: str | P
     source = Path(source)
     if (source / "generator.safetensors").is_file():
         first = sorted((Path(run_dir) / "phases").iterdir())[0]
-        teacher, tsm = load_student(teacher_path, first)
-        tsm.load_state_dict(load_file(source / "generator.safetensors", device="cpu"))
+        teacher, tsm = load_student(teacher_path, first, device)
+        tsm.load_state_dict(load_file(source / "generator.safetensors", device="cpu"))  # copied onto the device
         return teacher, tsm
-    return load_student(teacher_path, source)
+    return load_student(teacher_path, source, device)
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -204,8 +204,8 @@ def budget_curve(seed_dir: str | Path, extractor=None, progress: bool = True, at
         start = time.perf_counter()
         for key in STUDENTS:
             source = seed_dir / pair["sources"][key]
-            student_teacher, tsm = load_snapshot(teacher, source.parents[1], source)
-            imgs = student_images_of(student_teacher.to(device), tsm, prompts, seeds, timesteps, desc=f"sample {key} @ {step}")
+            student = load_snapshot(teacher, source.parents[1], source, device)
+            imgs = student_images_of(*student, prompts, seeds, timesteps, desc=f"sample {key} @ {step}")
             scores = ev.score_row(ev.image_features(extractor, ev.to_uint8(imgs)), ref_feats)
             point[key] = {"fid": scores["fid"], "kid": scores["kid_mean"]}
         point["seconds"] = round(time.perf_counter() - start, 2)

@@ -24,6 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# tsm-demo's --device. Sampling noise is drawn on the CPU from each image's seed on every device, so the
+# rows of a GPU run start from the same noise as a CPU run's; the numbers differ only by float rounding.
+from tsm_core.eval.features import resolve_device  # noqa: F401
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_TEACHER = ASSETS / "fmnist_teacher"
 TEST_FEATURES = ASSETS / "fmnist_test_features.npz"
@@ -116,26 +120,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     pad = (images.shape[-1] - 28) // 2 if images.shape[-1] == IMAGE_SIZE else 0
     x = images[..., pad:images.shape[-2] - pad, pad:images.shape[-1] - pad].float().mean(1)
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """The evaluation device: "auto" is the GPU when torch sees one, else the CPU.
-
-    Sampling noise is drawn on the CPU from each image's seed on every device, so the rows of a GPU
-    run start from the same noise as a CPU run's; the numbers differ only by float rounding.
-
-    Raises:
-        ValueError: an unknown name, or "cuda" on a machine where torch sees no GPU.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but torch sees no GPU; use --device cpu (or auto)")
-    return device
 
 
 def make_extractor(progress: bool = True, device: str | torch.device = "cpu"):

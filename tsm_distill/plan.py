@@ -22,7 +22,6 @@ at half size: the activation figure is then a slight underestimate.
 from __future__ import annotations
 
 import contextlib
-import json
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,11 +142,11 @@ def _fused_attention():
         F.scaled_dot_product_attention = original
 
 
-def _step_peak(passes, update: str) -> int:
-    """Peak bytes allocated by one update's passes; the weights are cast to the compute dtype before."""
-    cast = passes.unet if update == "generator" else passes.critic.fake  # the GAN head stays fp32 (DMD2)
-    with passes.cast(cast), _fused_attention(), LiveBytes() as counter:
-        getattr(passes, f"{update}_update")()
+def _step_peak(passes, update, autocast_module) -> int:
+    """Peak bytes ``update`` (one of the passes' updates) allocates; ``autocast_module``'s weights are cast
+    to the compute dtype before, outside the count."""
+    with passes.cast(autocast_module), _fused_attention(), LiveBytes() as counter:
+        update()
     return counter.peak
 
 
@@ -158,7 +157,7 @@ def plan_recipe(recipe, num_processes: int = 1) -> list[PhasePlan]:
     from tsm_core import attach
 
     from .critic import Critic
-    from .trainer import per_process_batch, phase_student_steps
+    from .trainer import per_process_batch, phase_student_steps, set_phase_mode
 
     unet, text, vae, scheduler = _meta_teacher(Path(recipe.model.path))
     dtype = DTYPES[recipe.train.mixed_precision]
@@ -178,20 +177,18 @@ def plan_recipe(recipe, num_processes: int = 1) -> list[PhasePlan]:
     for i, ph in enumerate(recipe.phases):
         B = per_process_batch(ph.batch_size, num_processes, f"phases[{i}] ({ph.name!r}).batch_size")
         with init_empty_weights():  # the router's parameters appear with the first mixture phase
-            if ph.type == "foster":
-                tsm.set_mode("expert", scale=ph.scale, experts=ph.experts)
-            else:
-                tsm.set_mode("mixture", core_scale=ph.core_scale, context_scales=ph.context_scales)
-        gen = list(tsm.trainable_parameters())
-        crit = [p for p in critic.parameters() if p.requires_grad]
-        weights = _bytes([*unet.parameters(), *critic.parameters(), *frozen])  # unet holds the experts too
-        optimizer = 2 * 4 * sum(p.numel() for p in [*gen, *crit])  # AdamW: two fp32 moments per element
+            set_phase_mode(tsm, ph)
         # A timestep the phase trains (its expert's), so the generator pass has the phase's gradients.
         t = recipe.student_timesteps[phase_student_steps(ph, list(recipe.student_timesteps), tsm.intervals)[0]]
         passes = _Passes(unet, tsm, critic, B, channels, size, seq, width, dtype, ph.gan, t)
-        plans.append(PhasePlan(ph.name, B, ph.gan, sum(p.numel() for p in gen), sum(p.numel() for p in crit),
-                               weights, optimizer, _step_peak(passes, "generator"),
-                               _step_peak(passes, "critic")))
+        gen = sum(p.numel() for p in tsm.trainable_parameters())
+        crit = sum(p.numel() for p in passes.critic_trainable)
+        weights = _bytes([*unet.parameters(), *critic.parameters(), *frozen])  # unet holds the experts too
+        optimizer = 2 * 4 * (gen + crit)  # AdamW: two fp32 moments per element
+        # The GAN head stays fp32 in the critic update (DMD2 runs it outside autocast).
+        plans.append(PhasePlan(ph.name, B, ph.gan, gen, crit, weights, optimizer,
+                               _step_peak(passes, passes.generator_update, unet),
+                               _step_peak(passes, passes.critic_update, critic.fake)))
     return plans
 
 
@@ -291,7 +288,3 @@ def format_plan(plans: list[PhasePlan], recipe_path: str, model_path: str, num_p
     lines += ["", "Not counted: CUDA context and allocator fragmentation (add 1-2 GB), train.ema_decay's copy of "
               "the adapter, data loading. Step peaks are measured on meta tensors (no compute)."]
     return "\n".join(lines)
-
-
-def plan_json(plans: list[PhasePlan]) -> str:
-    return json.dumps([dict(vars(p), total=p.total) for p in plans], indent=2)

@@ -167,10 +167,7 @@ class DMD2Trainer(PhasedTrainer):
     def enter_phase(self, index: int) -> None:
         """Route the generator for phase ``index`` and build fresh optimizers for its trained set."""
         ph = self.recipe.phases[index]
-        if ph.type == "foster":
-            self.tsm.set_mode("expert", scale=ph.scale, experts=ph.experts)
-        else:
-            self.tsm.set_mode("mixture", core_scale=ph.core_scale, context_scales=ph.context_scales)
+        set_phase_mode(self.tsm, ph)
         self.phase, self.steps = ph, self._phase_steps(ph)
         if self.ema is not None:
             self.ema.track(self.tsm.state_dict())  # the router exists from the mixture phase on
@@ -399,6 +396,14 @@ class DMD2Trainer(PhasedTrainer):
                     v.copy_(backup[k])
 
 
+def set_phase_mode(tsm, ph: PhaseConfig) -> None:
+    """Route the generator's adapter for a phase: its experts' scale while fostering, the mixture after."""
+    if ph.type == "foster":
+        tsm.set_mode("expert", scale=ph.scale, experts=ph.experts)
+    else:
+        tsm.set_mode("mixture", core_scale=ph.core_scale, context_scales=ph.context_scales)
+
+
 def phase_student_steps(ph: PhaseConfig, timesteps: list[int], intervals) -> list[int]:
     """Student steps (indices into ``timesteps``) a phase trains: given, or those inside its experts' intervals."""
     if ph.student_steps is not None:
@@ -414,11 +419,12 @@ def phase_student_steps(ph: PhaseConfig, timesteps: list[int], intervals) -> lis
     return steps
 
 
-def load_student(teacher_path: str | Path, adapter_dir: str | Path):
-    """A trained student for inference: (teacher parts, adapter) with the adapter's saved mode."""
+def load_student(teacher_path: str | Path, adapter_dir: str | Path, device: torch.device | str = "cpu"):
+    """A trained student for inference on ``device``: (teacher parts, adapter) with the adapter's saved mode."""
     teacher = load_teacher(teacher_path)
     tsm = load_adapter(teacher.unet, adapter_dir)
-    return teacher, tsm
+    return teacher.to(device), tsm
 
 
-__all__ = ["DMD2Trainer", "NonFiniteLossError", "check_run_folder", "load_student", "phase_student_steps"]
+__all__ = ["DMD2Trainer", "NonFiniteLossError", "check_run_folder", "load_student", "phase_student_steps",
+           "set_phase_mode"]

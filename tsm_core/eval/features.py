@@ -54,6 +54,24 @@ class FeatureSet:
         return "mixed"
 
 
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """A device from a name: "auto" is the GPU when torch sees one, else the CPU; "cpu", "cuda", "cuda:N".
+
+    Raises:
+        ValueError: an unknown name, or a CUDA device on a machine where torch sees no GPU.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(name)!r} was asked for but torch sees no GPU; use --device cpu (or auto), "
+                         "device='cpu' in Python")
+    return device
+
+
 def _default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
@@ -61,11 +79,12 @@ def _default_workers() -> int:
 class FeatureExtractor:
     """Inception-v3 (FID 2015-12-05 network) features with clean-fid's preprocessing.
 
-    device: "cpu", "cuda" or a torch.device. mode: clean-fid mode ("clean", "legacy_tensorflow",
-    "legacy_pytorch"). batch_size: images per network call. workers: threads that decode and resize
-    (0 = in the calling thread). pre_resize: center-crop + Lanczos resize to this side first (DMD2's
-    COCO protocol uses 256); None keeps images as they are. weights_path / allow_download: see
-    :func:`tsm_core.eval.weights.find_inception_weights`. progress: show tqdm bars.
+    device: "auto" (the GPU when torch sees one), "cpu", "cuda" or a torch.device (`resolve_device`).
+    mode: clean-fid mode ("clean", "legacy_tensorflow", "legacy_pytorch"). batch_size: images per network
+    call. workers: threads that decode and resize (0 = in the calling thread). pre_resize: center-crop +
+    Lanczos resize to this side first (DMD2's COCO protocol uses 256); None keeps images as they are.
+    weights_path / allow_download: see :func:`tsm_core.eval.weights.find_inception_weights`. progress: show
+    tqdm bars.
     """
 
     def __init__(
@@ -86,9 +105,7 @@ class FeatureExtractor:
             raise ValueError(f"pre_resize must be a positive side length or None, got {pre_resize}.")
         if workers is not None and workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}.")
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was requested but torch sees no GPU; use device='cpu'.")
+        self.device = resolve_device(device)
         self.batch_size = batch_size
         self.workers = _default_workers() if workers is None else workers
         self.pre_resize = pre_resize

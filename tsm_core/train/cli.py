@@ -29,6 +29,12 @@ USER_ERROR = 2  # argparse's own status for a bad command line
 INTERRUPTED = 130  # the shell's status for a run stopped by SIGINT
 
 
+def user_error(e: BaseException) -> int:
+    """Print a setting the user must fix as one ``error:`` line on stderr; returns `USER_ERROR`."""
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return USER_ERROR
+
+
 def add_run_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """`add_recipe_args` plus ``--overwrite``."""
     add_recipe_args(parser)
@@ -62,10 +68,8 @@ def run_recipe(args: argparse.Namespace, schema: type, run_dir_of: Callable[[Any
         print(f"interrupted: {e}", file=sys.stderr)
         return INTERRUPTED, None
     except RunFolderError as e:  # the machine, not the code: one line even mid-run
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return USER_ERROR, None
+        return user_error(e), None
     except (ValueError, FileNotFoundError) as e:
         if trainer is not None and trainer.started:
             raise  # raised by a training step: a bug's traceback, not a setting to fix
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return USER_ERROR, None
+        return user_error(e), None

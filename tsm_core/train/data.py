@@ -393,11 +393,16 @@ def _decode_samples(src: Iterable[dict], decode: Callable[[dict], Any], counter:
         yield {"pixel_values": pixels, "text": text}
 
 
+def shard_field(sample: dict, keys: Sequence[str], what: str) -> bytes:
+    """The bytes of the first of ``keys`` (file extensions) a webdataset sample has; ValueError naming them."""
+    key = next((k for k in keys if k in sample), None)
+    if key is None:
+        raise ValueError(f"no {what} ({'/'.join(keys)}) in sample")
+    return sample[key]
+
+
 def _decode_image(sample: dict, transform: Callable) -> torch.Tensor:
-    image_key = next((k for k in IMAGE_KEYS if k in sample), None)
-    if image_key is None:
-        raise ValueError(f"no image ({'/'.join(IMAGE_KEYS)}) in sample")
-    return transform(_open_rgb(sample[image_key]))
+    return transform(_open_rgb(shard_field(sample, IMAGE_KEYS, "image")))
 
 
 def webdataset_image_text(

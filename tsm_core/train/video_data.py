@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..serialization import atomic_write_text
-from .data import CaptionedFolder, SkipCounter, collate_image_text, webdataset_image_text
+from .data import CaptionedFolder, SkipCounter, collate_image_text, shard_field, webdataset_image_text
 from .fmnist import load_fashion_mnist, prompt_for
 from .fmnist import prompt_words as _fmnist_prompt_words
 
@@ -224,10 +224,8 @@ def webdataset_video_text(urls, resolution: int, num_frames: int, frame_stride: 
     frame_stride = _check_count("frame_stride", frame_stride, 1)
 
     def decode(sample: dict) -> torch.Tensor:
-        key = next((k for k in VIDEO_KEYS if k in sample), None)
-        if key is None:
-            raise ValueError(f"no clip ({'/'.join(VIDEO_KEYS)}) in sample")
-        return video_transform(read_clip(sample[key], num_frames, frame_stride), resolution, center_crop)
+        frames = read_clip(shard_field(sample, VIDEO_KEYS, "clip"), num_frames, frame_stride)
+        return video_transform(frames, resolution, center_crop)
 
     return webdataset_image_text(urls, resolution, center_crop=center_crop, shuffle=shuffle, resampled=resampled,
                                  counter=counter, seed=seed, decode=decode)
@@ -239,14 +237,16 @@ def write_clip_shards(folder: str | os.PathLike, out: str | os.PathLike, maxcoun
     The clip bytes are copied, not re-encoded, so the shards decode to the folder's frames exactly."""
     import webdataset as wds
 
-    folder, out = Path(folder), Path(out)
+    out = Path(out)
     if maxcount < 1:
         raise ValueError(f"maxcount must be >= 1, got {maxcount}")
-    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    # The folder's own reader parses and checks metadata.jsonl (missing clips are skipped and counted);
+    # resolution and num_frames only matter when it decodes, which packing does not do.
+    items = VideoTextFolder(folder, resolution=8, num_frames=1).items
     out.parent.mkdir(parents=True, exist_ok=True)
     with wds.ShardWriter(f"{out}-%06d.tar", maxcount=maxcount, verbose=0) as sink:
-        for i, row in enumerate(rows):
-            sink.write({"__key__": f"{i:08d}", "mp4": (folder / row["file_name"]).read_bytes(), "txt": row["text"]})
+        for i, (file, text) in enumerate(items):
+            sink.write({"__key__": f"{i:08d}", "mp4": file.read_bytes(), "txt": text})
     return sorted(out.parent.glob(f"{out.name}-*.tar"))
 
 
