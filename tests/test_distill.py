@@ -58,14 +58,14 @@ def changed(before, module):
 # ---------------------------------------------------------------------------- rollout
 def test_rollout_uses_each_steps_own_expert(env):
     teacher = load_teacher(env[1])
-    tsm = attach(teacher.unet, TSMConfig(scales=(4,), target_modules=["to_q", "to_v", "conv1", "conv2"]))
+    tsm = attach(teacher.denoiser, TSMConfig(scales=(4,), target_modules=["to_q", "to_v", "conv1", "conv2"]))
     perturb(tsm)
     tsm.set_mode("expert", scale=4)
-    student = Student(teacher.unet, tsm, teacher.schedule)
+    student = Student(teacher, tsm)
     cond = teacher.encode_prompts(["a cat", "a dog"])
     ts = [999, 749, 499, 249]
     noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    got = backward_simulation(student.predict_x0(cond), noise, 3, ts, teacher.schedule, torch.Generator().manual_seed(1))
+    got = backward_simulation(student.predict_x0(cond), noise, 3, ts, teacher, torch.Generator().manual_seed(1))
 
     def manual(expert_t):
         # An independent composition: each step's expert fused into the weights (tsm.merged), not routed.
@@ -73,7 +73,7 @@ def test_rollout_uses_each_steps_own_expert(env):
         for i in range(3):
             t = torch.full((2,), ts[i])
             with tsm.merged(expert_t(i)), torch.no_grad():
-                x0 = teacher.schedule.to_x0(x, teacher.unet(x, t, encoder_hidden_states=cond).sample, t)
+                x0 = teacher.schedule.to_x0(x, teacher.denoiser(x, t, **cond).sample, t)
             x = renoise(x0, ts[i + 1], teacher.schedule, g)
         return x
 
@@ -91,15 +91,15 @@ def test_generator_and_critic_steps_touch_only_their_parameters(env, tmp_path):
     cond = tr.teacher.encode_prompts(["a cat", "a dog"])
     x_in = torch.randn(2, 3, 16, 16)
     t = torch.full((2,), 999)
-    gen0, crit0 = params(tr.teacher.unet), params(tr.critic)
+    gen0, crit0 = params(tr.teacher.denoiser), params(tr.critic)
     logs = tr.generator_step(x_in, t, cond)
-    gen_changed = changed(gen0, tr.teacher.unet)
+    gen_changed = changed(gen0, tr.teacher.denoiser)
     assert gen_changed and all(".s4_e3" in n for n in gen_changed), sorted(gen_changed)[:5]
     assert not changed(crit0, tr.critic)
     assert {"loss_dmd", "loss_gan_generator"} <= set(logs)
-    gen1, crit1 = params(tr.teacher.unet), params(tr.critic)
+    gen1, crit1 = params(tr.teacher.denoiser), params(tr.critic)
     logs = tr.critic_step(logs["x0"], cond, torch.Generator().manual_seed(0))
-    assert not changed(gen1, tr.teacher.unet)
+    assert not changed(gen1, tr.teacher.denoiser)
     crit_changed = changed(crit1, tr.critic)
     assert any(n.startswith("head.") for n in crit_changed) and any(n.startswith("fake.") for n in crit_changed)
     assert {"loss_fake", "loss_gan_critic", "d_accuracy"} <= set(logs)
@@ -321,7 +321,7 @@ def test_plan_needs_no_weight_files_and_matches_a_measured_cpu_step(env, tmp_pat
         with LiveBytes() as critic_step:
             tr.critic_step(logs["x0"], cond, torch.Generator().manual_seed(0))
         # Weights and optimizer moments are counted exactly; the step peaks within 25% of the measured ones.
-        modules = (tr.teacher.unet, tr.critic, tr.teacher.text_encoder)
+        modules = (tr.teacher.denoiser, tr.critic, tr.teacher.text_encoders[0])
         assert plan.weights == sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
         assert plan.optimizer == sum(v.numel() * v.element_size() for opt in (tr.gen_opt, tr.critic_opt)
                                      for state in opt.state.values() for v in state.values() if v.ndim > 0)

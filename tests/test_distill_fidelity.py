@@ -105,28 +105,29 @@ def test_discriminator_sees_prompts_for_fakes_and_captions_for_reals(env, tmp_pa
     d, _ = env
     tr = DMD2Trainer(recipe(env, [phase("g", scale=4, experts=[3], gan=True, batch_size=4)]), tmp_path / "run")
     tr.recipe.data.real_images = str(d / "images")
-    tr.real = RealSource(str(d / "images"), 16, tr.teacher.encode_images)
+    tr.real = RealSource(str(d / "images"), 16, tr.teacher.vae_encode)
     tr.enter_phase(0)
     calls = []
     original = Critic.discriminate
 
     def spy(self, x_t, t, cond):
-        calls.append((x_t.detach().clone(), cond.detach().clone()))
+        calls.append((x_t.detach().clone(), cond["encoder_hidden_states"].detach().clone()))
         return original(self, x_t, t, cond)
 
     monkeypatch.setattr(Critic, "discriminate", spy)
     prompts = ["a cat", "a dog", "a big dog", "a red cat"]
     cond = tr.teacher.encode_prompts(prompts)
     x0 = tr.generator_step(torch.randn(4, 3, 16, 16), torch.full((4,), 999), cond)["x0"]
-    assert len(calls) == 1 and torch.equal(calls[0][1], cond)  # G's GAN loss: D(fake | its prompt)
+    text = cond["encoder_hidden_states"]
+    assert len(calls) == 1 and torch.equal(calls[0][1], text)  # G's GAN loss: D(fake | its prompt)
     calls.clear()
     tr.critic_step(x0, cond, torch.Generator().manual_seed(0))
     (fake_x, fake_cond), (real_x, real_cond) = calls
-    assert torch.equal(fake_cond, cond)
+    assert torch.equal(fake_cond, text)
     # Which image each real sample is (flat grey 40 * i), hence which caption it must be scored with.
     idx = [round((float(v) + 1) * 127.5 / 40) for v in real_x.mean((1, 2, 3))]
-    assert torch.equal(real_cond, tr.teacher.encode_prompts([CAPTIONS[i] for i in idx]))
-    assert not torch.equal(real_cond, tr.uncond.expand_as(real_cond))
+    assert torch.equal(real_cond, tr.teacher.encode_prompts([CAPTIONS[i] for i in idx])["encoder_hidden_states"])
+    assert not torch.equal(real_cond, tr.uncond["encoder_hidden_states"].expand_as(real_cond))
 
 
 def test_real_sources_return_captions(env, tmp_path):
@@ -212,11 +213,11 @@ def test_real_latents_are_vae_posterior_samples(sd_pipeline_path, tmp_path):
     teacher = load_teacher(sd_pipeline_path)
     pixels = torch.as_tensor(np.asarray(Image.open(tmp_path / "0.png")), dtype=torch.float32).permute(2, 0, 1)
     x = pixels[None] / 127.5 - 1
-    mean = teacher.encode_images(x)
-    a, b, c = (teacher.encode_images(x, torch.Generator().manual_seed(s)) for s in (0, 0, 1))
+    mean = teacher.vae_encode(x)
+    a, b, c = (teacher.vae_encode(x, torch.Generator().manual_seed(s)) for s in (0, 0, 1))
     assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, mean)
     seen = []
-    source = RealSource(str(tmp_path), 16, lambda px, g: seen.append(g) or teacher.encode_images(px, g))
+    source = RealSource(str(tmp_path), 16, lambda px, g: seen.append(g) or teacher.vae_encode(px, g))
     generator = torch.Generator().manual_seed(3)
     latents, captions = source.sample(2, generator, "cpu")  # the one image, twice
     assert seen == [generator] and captions == ["a cat", "a cat"]

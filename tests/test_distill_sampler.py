@@ -28,14 +28,16 @@ def test_stock_pipeline_with_student_matches_our_sampler(sd_pipeline_path):
     assert seen == [[999], [749], [499], [249]]  # one UNet call per step, each routed by its own t
 
     # The same student through our sampler, with the pipeline's noise stream (one generator, in order).
-    student = Student(pipe.unet, tsm, load_teacher(sd_pipeline_path).schedule)
-    cond = pipe.encode_prompt(["a cat"], "cpu", 1, False)[0]
+    teacher = load_teacher(sd_pipeline_path)
+    teacher.denoiser = pipe.unet  # the pipeline's UNet, which carries the experts
+    student = Student(teacher, tsm)
+    cond = {"encoder_hidden_states": pipe.encode_prompt(["a cat"], "cpu", 1, False)[0]}
     g = torch.Generator().manual_seed(0)
     noise = torch.randn((1, 4, 8, 8), generator=g)
-    ours = sample(student.predict_x0(cond), noise, [999, 749, 499, 249], student.schedule, g)
+    ours = sample(student.predict_x0(cond), noise, [999, 749, 499, 249], teacher, g)
     assert_close(latents, ours, rel=1e-4)
     tsm.set_mode("off")
-    base = sample(student.predict_x0(cond), noise, [999, 749, 499, 249], student.schedule,
+    base = sample(student.predict_x0(cond), noise, [999, 749, 499, 249], teacher,
                   torch.Generator().manual_seed(0))
     assert not close(base, ours, rel=1e-3)
 
@@ -43,7 +45,7 @@ def test_stock_pipeline_with_student_matches_our_sampler(sd_pipeline_path):
 def test_generate_is_deterministic_and_pixel_space_works(pixel_pipeline_path):
     teacher = load_teacher(pixel_pipeline_path)
     assert teacher.vae is None
-    tsm = attach(teacher.unet, TSMConfig(scales=(4,), target_modules=["to_q"]))
+    tsm = attach(teacher.denoiser, TSMConfig(scales=(4,), target_modules=["to_q"]))
     perturb(tsm)
     tsm.set_mode("expert", scale=4)
     a = generate(teacher, tsm, ["a cat", "a dog", "a cat"], [0, 1, 0], batch_size=2)

@@ -278,12 +278,13 @@ def test_gan_head_that_cannot_fit_the_bottleneck_is_refused_at_start(env, teache
 
 def test_gan_head_is_sized_from_the_measured_bottleneck(env):
     teacher = load_teacher(env[1])
-    critic = Critic(teacher.unet)
+    critic = Critic(teacher)
     cond = teacher.encode_prompts([""])
     assert critic.head_resolution == 8  # the config's estimate: 16 px, two levels
     assert critic.fit_head(torch.zeros(1, 3, 32, 32), cond) == (16, 16)
     assert critic.head_resolution == 16
-    assert critic.discriminate(torch.zeros(2, 3, 32, 32), torch.zeros(2, dtype=torch.long), cond.expand(2, -1, -1)).shape == (2,)
+    assert critic.discriminate(torch.zeros(2, 3, 32, 32), torch.zeros(2, dtype=torch.long),
+                                {"encoder_hidden_states": cond["encoder_hidden_states"].expand(2, -1, -1)}).shape == (2,)
     with pytest.raises(ValueError, match="1x1 bottleneck"):
         critic.fit_head(torch.zeros(1, 3, 2, 2), cond)
 

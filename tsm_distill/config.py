@@ -141,10 +141,15 @@ class DistillRecipe:
     """A whole distillation run: the teacher (``model``), the student's experts, critic, data, phases."""
 
     model: ModelSection
-    """The teacher: a diffusers pipeline folder or hub id (kind unet: the SD1.5 family; a pixel-space
-    pipeline without VAE works too)."""
+    """The teacher: a diffusers pipeline folder or hub id; ``kind`` unet (the SD1.5/SD2 family; a
+    pixel-space pipeline without VAE works too), sdxl, or sd3 (flow matching)."""
     phases: list[PhaseConfig]
     student_timesteps: list[int] = field(default_factory=lambda: [999, 749, 499, 249])
+    """DDPM teachers (unet, sdxl): the student's timesteps, noisiest first (DMD2's 4-step students)."""
+    student_sigmas: list[float] | None = None
+    """Flow-matching teachers (sd3): the student's sigmas, noisiest first, e.g. [1.0, 0.9, 0.75, 0.5] (SD3's
+    shifted 4-step Euler grid); step k runs at ``t = sigma_k * T`` and is routed onto the expert intervals
+    by that t, as the fine-tuning trainer routes SD3. Required for sd3, refused for DDPM teachers."""
     experts: DistillExperts = field(default_factory=DistillExperts)
     critic: CriticConfig = field(default_factory=CriticConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -153,12 +158,22 @@ class DistillRecipe:
     renamed_keys: ClassVar[dict[str, str]] = {"teacher": "model: {path: ...} (the teacher pipeline)"}
 
     def __post_init__(self):
-        from .rollout import check_student_timesteps
+        from .rollout import check_student_sigmas, check_student_timesteps
+        from .teacher import KINDS
 
-        if self.model.kind != "unet":
-            raise ValueError(f"model.kind {self.model.kind!r}: distillation supports UNet teachers (the SD1.5 family); "
-                             "set model.kind: unet")
-        check_student_timesteps(self.student_timesteps)
+        if self.model.kind not in KINDS:
+            raise ValueError(f"model.kind {self.model.kind!r}: distillation supports {list(KINDS)} teachers "
+                             "(SD1.5/SD2 UNets, SDXL, flow-matching SD3)")
+        if self.flow:
+            if self.student_sigmas is None:
+                raise ValueError("model.kind sd3 is a flow-matching teacher: give the student's steps as student_sigmas "
+                                 "(e.g. [1.0, 0.9, 0.75, 0.5], SD3's shifted 4-step grid), not student_timesteps")
+            check_student_sigmas(self.student_sigmas)
+        elif self.student_sigmas is not None:
+            raise ValueError(f"student_sigmas is for flow-matching teachers (model.kind sd3); a {self.model.kind} "
+                             "teacher is DDPM: give student_timesteps (e.g. [999, 749, 499, 249])")
+        else:
+            check_student_timesteps(self.student_timesteps)
         if not self.phases:
             raise ValueError("a recipe needs at least one phase")
         if all(ph.steps == 0 for ph in self.phases):
@@ -180,10 +195,22 @@ class DistillRecipe:
             else:
                 _check_router_phase(where, ph, sorted(scales))
             if ph.student_steps is not None:
-                bad = [k for k in ph.student_steps if not 0 <= k < len(self.student_timesteps)]
+                steps = self.student_sigmas if self.flow else self.student_timesteps
+                bad = [k for k in ph.student_steps if not 0 <= k < len(steps)]
                 if bad or not ph.student_steps:
-                    raise ValueError(f"{where}: student_steps must be non-empty indices into "
-                                     f"{self.student_timesteps}; bad: {bad}")
+                    raise ValueError(f"{where}: student_steps must be non-empty indices into {steps}; bad: {bad}")
+
+    @property
+    def flow(self) -> bool:
+        """Whether the teacher is a flow-matching model (its student steps are sigmas)."""
+        return self.model.kind == "sd3"
+
+    def timesteps(self, num_timesteps: int = 1000) -> list[float]:
+        """The student's timesteps as its denoiser receives them: ``student_timesteps`` (DDPM), or
+        ``sigma * T`` for every student sigma (flow matching)."""
+        if self.flow:
+            return [s * num_timesteps for s in self.student_sigmas]
+        return list(self.student_timesteps)
 
 
 def _check_router_phase(where: str, ph: PhaseConfig, scales: list[int]) -> None:

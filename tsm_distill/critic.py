@@ -1,8 +1,10 @@
 """The DMD2 critic: a trainable fake score model with a GAN head D on its bottleneck features.
 
-D reads the fake UNet's mid-block output through a forward hook (no copied UNet forward). When
-only D's logits are needed, the hook stops the forward right after the mid block, so the decoder
-half of the UNet is not run: the same saving DMD2 gets from its 297-line copied forward.
+D reads the fake denoiser's bottleneck through a forward hook (no copied UNet forward): a UNet's mid
+block (SD1.5, SDXL: DMD2's choice), an MM-DiT's middle joint block (SD3; DMD2 has no SD3 model, so
+this is our choice, the transformer's analogue of the bottleneck). When only D's logits are needed,
+the hook stops the forward right after that module, so the decoder half of the UNet (the later
+blocks of the transformer) is not run: the same saving DMD2 gets from its 297-line copied forward.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class GANHead(nn.Module):
     def __init__(self, channels: int, resolution: int = 8):
         super().__init__()
         groups = math.gcd(32, channels)
+        if channels // groups < 2:  # a 1x1 map after the second conv needs >= 2 channels per norm group
+            groups = math.gcd(groups, channels // 2) or 1
         after = max(1, (resolution + 2 - 4) // 2 + 1)
         k2 = min(4, after)
         self.net = nn.Sequential(
@@ -47,34 +51,45 @@ class GANHead(nn.Module):
         return self.net(features).mean(dim=(1, 2, 3))  # (B,)
 
 
+def _head_estimate(denoiser: nn.Module) -> tuple[int, int]:
+    """(channels, side) of the bottleneck from the denoiser's config: a UNet's last block width at
+    sample_size / 2^(levels - 1), a transformer's width at sample_size / patch_size."""
+    cfg = denoiser.config
+    if hasattr(cfg, "block_out_channels"):
+        return cfg.block_out_channels[-1], max(1, cfg.sample_size // 2 ** (len(cfg.block_out_channels) - 1))
+    return cfg.num_attention_heads * cfg.attention_head_dim, max(1, cfg.sample_size // cfg.patch_size)
+
+
 class Critic(nn.Module):
-    """Fake score (full copy of the teacher UNet, or the teacher with a peft LoRA) plus GAN head.
+    """Fake score (full copy of the teacher's denoiser, or the denoiser with a peft LoRA) plus GAN head.
 
     Args:
-        teacher_unet: the teacher's UNet; it is deep-copied, never modified.
+        teacher: the teacher's backbone (`tsm_core.train.backbones.Backbone`); its denoiser is
+            deep-copied, never modified, and called through the backbone's ``predict`` (so SDXL's added
+            conditioning and SD3's pooled projections reach the fake score and D alike).
         lora_rank: ``None`` trains the full copy (DMD2's default); an int trains a peft LoRA of that
             rank on the copy instead (less memory).
         lora_targets: layers for the fake-score LoRA.
         with_head: build the GAN head (needed by GAN phases).
     """
 
-    def __init__(self, teacher_unet: nn.Module, lora_rank: int | None = None,
+    def __init__(self, teacher, lora_rank: int | None = None,
                  lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"), with_head: bool = True):
         super().__init__()
-        self.fake = copy.deepcopy(teacher_unet)
+        self.teacher = teacher
+        self.fake = copy.deepcopy(teacher.denoiser)
         self.fake.requires_grad_(lora_rank is None)
         if lora_rank is not None:
             from peft import LoraConfig
 
             self.fake.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=list(lora_targets),
                                              init_lora_weights="gaussian"))
-        cfg = self.fake.config
         # An estimate from the config; fit_head() measures the real bottleneck and rebuilds if it differs.
-        self.head_resolution = max(1, cfg.sample_size // 2 ** (len(cfg.block_out_channels) - 1))
-        self.head = GANHead(cfg.block_out_channels[-1], self.head_resolution) if with_head else None
-        self._features: torch.Tensor | None = None
+        self.head_channels, self.head_resolution = _head_estimate(self.fake)
+        self.head = GANHead(self.head_channels, self.head_resolution) if with_head else None
+        self._features = None
         self._stop_early = False
-        self.fake.mid_block.register_forward_hook(self._capture)
+        teacher.bottleneck(self.fake).register_forward_hook(self._capture)
 
     def _capture(self, module, args, output):
         self._features = output
@@ -85,13 +100,13 @@ class Critic(nn.Module):
         """The tensors a checkpoint needs: trainable fake-score weights and the head."""
         return {n: p for n, p in self.named_parameters() if p.requires_grad or n.startswith("head.")}
 
-    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Raw fake-score output (epsilon or v) at (x_t, t)."""
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        """Raw fake-score output (epsilon, v or flow velocity) at (x_t, t)."""
         self._stop_early = False
-        return self.fake(x_t, t, encoder_hidden_states=cond).sample
+        return self.teacher.predict(x_t, t, cond, denoiser=self.fake)
 
-    def discriminate(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """D's logit per sample: the head on the fake UNet's mid-block output (decoder skipped)."""
+    def discriminate(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        """D's logit per sample: the head on the fake denoiser's bottleneck (the rest skipped)."""
         if self.head is None:
             raise ValueError("this critic was built without a GAN head; set critic.gan_head: true in the recipe")
         features = self._bottleneck(x_t, t, cond)
@@ -99,20 +114,20 @@ class Critic(nn.Module):
         with _fp32(features.device):
             return self.head(features.float())
 
-    def _bottleneck(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """The fake UNet's mid-block output (B, C, h, w), the decoder half skipped."""
+    def _bottleneck(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        """The fake denoiser's bottleneck features (B, C, h, w), the rest of its forward skipped."""
         self._stop_early = True
         try:
-            self.fake(x_t, t, encoder_hidden_states=cond)
+            self.teacher.predict(x_t, t, cond, denoiser=self.fake)
         except _StopAfterMidBlock:
             pass
         finally:
             self._stop_early = False
-        features, self._features = self._features, None
-        return features
+        output, self._features = self._features, None
+        return self.teacher.bottleneck_features(output, x_t)
 
     @torch.no_grad()
-    def fit_head(self, sample: torch.Tensor, cond: torch.Tensor) -> tuple[int, int]:
+    def fit_head(self, sample: torch.Tensor, cond: dict) -> tuple[int, int]:
         """Size the GAN head from the bottleneck the fake UNet really gives ``sample`` (one batch of the
         size D will see), then run D once, so a head that cannot fit fails now, not at the first GAN step.
 
@@ -122,13 +137,13 @@ class Critic(nn.Module):
         Raises:
             ValueError: the head's convolutions do not fit the bottleneck (smaller than 2x2).
         """
-        t = torch.zeros(sample.shape[0], dtype=torch.long, device=sample.device)
+        t = torch.zeros(sample.shape[0], dtype=self.teacher.timestep_dtype, device=sample.device)
         features = self._bottleneck(sample, t, cond)
         h, w = features.shape[-2:]
-        if self.head is not None and min(h, w) != self.head_resolution:
+        if self.head is not None and (min(h, w), features.shape[1]) != (self.head_resolution, self.head_channels):
             param = next(self.head.parameters())
-            self.head_resolution = min(h, w)
-            self.head = GANHead(features.shape[1], self.head_resolution).to(param.device, param.dtype)
+            self.head_channels, self.head_resolution = features.shape[1], min(h, w)
+            self.head = GANHead(self.head_channels, self.head_resolution).to(param.device, param.dtype)
         if self.head is not None:
             try:
                 with _fp32(features.device):

@@ -88,9 +88,13 @@ def teacher_generate(teacher, prompts: Sequence[str], seeds: Sequence[int], step
         raise ValueError(f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    device = next(teacher.unet.parameters()).device
-    shape = (teacher.latent_channels, teacher.latent_size, teacher.latent_size)
-    uncond = teacher.encode_prompts([""])
+    from tsm_core.train.backbones import cat_cond
+
+    from .teacher import encode, expand_cond
+
+    device = teacher.device
+    shape = teacher.noise_shape(1, teacher.latent_size)[1:]
+    uncond = encode(teacher, [""])
     out = []
     batches = range(0, len(prompts), batch_size)
     bar = tqdm(total=len(batches) * steps, desc=progress_desc or f"teacher {steps} steps", disable=progress_desc == "")
@@ -99,14 +103,13 @@ def teacher_generate(teacher, prompts: Sequence[str], seeds: Sequence[int], step
         sched = DDIMScheduler.from_config(teacher.scheduler.config, timestep_spacing="trailing")
         sched.set_timesteps(steps)
         x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in ss]).to(device)
-        cond = teacher.encode_prompts(ps)
-        both = torch.cat([cond, uncond.expand_as(cond)])
+        both = cat_cond([encode(teacher, ps), expand_cond(uncond, len(ps))])
         for t in sched.timesteps:
             tt = torch.full((2 * len(ps),), int(t), device=device, dtype=torch.long)
-            eps_c, eps_u = teacher.unet(torch.cat([x, x]), tt, encoder_hidden_states=both).sample.chunk(2)
+            eps_c, eps_u = teacher.predict(torch.cat([x, x]), tt, both).chunk(2)
             x = sched.step(eps_u + guidance * (eps_c - eps_u), t, x).prev_sample
             bar.update(1)
-        out.append(teacher.decode(x).float().cpu())
+        out.append(teacher.vae_decode(x).float().cpu())
     bar.close()
     return torch.cat(out)
 

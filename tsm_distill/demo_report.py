@@ -84,16 +84,18 @@ def gate_curves(teacher, tsm, timesteps: Sequence[int], n_images: int = 8, seed:
     from tsm_core.train.fmnist import load_fashion_mnist, prompt_for, to_model_space
 
     images, labels = load_fashion_mnist("test")
-    x0 = to_model_space(images[:n_images]).to(next(teacher.unet.parameters()).device)
-    cond = teacher.encode_prompts([prompt_for(int(c)) for c in labels[:n_images]])
+    from .teacher import encode
+
+    x0 = to_model_space(images[:n_images]).to(teacher.device)
+    cond = encode(teacher, [prompt_for(int(c)) for c in labels[:n_images]])
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(x0.shape, generator=gen).to(x0.device)
     curves: dict[str, dict[int, list[float]]] = {}
     for t in timesteps:
         tt = torch.full((n_images,), int(t), device=x0.device, dtype=torch.long)
-        x_t = teacher.schedule.add_noise(x0, noise, tt)
+        x_t = teacher.add_noise(x0, noise, tt)
         with tsm.timesteps(tt), tsm.record_gates() as logs:
-            teacher.unet(x_t, tt, encoder_hidden_states=cond)
+            teacher.predict(x_t, tt, cond)
         for layer, recs in logs.items():
             if recs:
                 g = torch.cat([gate for _, gate in recs]).mean(0)

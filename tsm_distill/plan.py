@@ -89,6 +89,8 @@ def _meta_teacher(path: Path):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from tsm_core.train.backbones import UNetBackbone
+
     if not (path / "unet" / "config.json").is_file():
         raise FileNotFoundError(f"{path / 'unet' / 'config.json'} does not exist: --plan needs a local pipeline "
                                 "folder with at least model_index.json and the config.json files (no weights); "
@@ -100,7 +102,7 @@ def _meta_teacher(path: Path):
         vae = (AutoencoderKL.from_config(AutoencoderKL.load_config(path / "vae"))
                if (path / "vae" / "config.json").is_file() else None)
     schedule = DDPMScheduler.from_config(DDPMScheduler.load_config(path / "scheduler"))
-    return unet, text, vae, schedule
+    return UNetBackbone(unet, [text], [None], vae, schedule, path=str(path))
 
 
 def _bytes(params) -> int:
@@ -159,13 +161,14 @@ def plan_recipe(recipe, num_processes: int = 1) -> list[PhasePlan]:
     from .critic import Critic
     from .trainer import per_process_batch, phase_student_steps, set_phase_mode
 
-    unet, text, vae, scheduler = _meta_teacher(Path(recipe.model.path))
+    teacher = _meta_teacher(Path(recipe.model.path))
+    unet, text, vae = teacher.denoiser, teacher.text_encoders[0], teacher.vae
     dtype = DTYPES[recipe.train.mixed_precision]
     uses_gan = any(ph.gan for ph in recipe.phases)
     ec, cc = recipe.experts, recipe.critic
-    T = scheduler.config.num_train_timesteps
+    T = teacher.num_timesteps
     with init_empty_weights():
-        critic = Critic(unet, cc.lora_rank, tuple(cc.lora_targets), uses_gan)
+        critic = Critic(teacher, cc.lora_rank, tuple(cc.lora_targets), uses_gan)
         tsm = attach(unet, ec.tsm_config(ec.scales, T))
     if recipe.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -222,6 +225,10 @@ class _Passes:
         self.t = torch.full((batch,), t, device=meta, dtype=torch.long)
         self.t_value = t
         self.cond = torch.empty(batch, seq, width, device=meta, dtype=dtype)
+        self.cond_dict = {"encoder_hidden_states": self.cond}  # the critic takes the backbone's conditioning
+
+    def _critic_cond(self, dtype=None) -> dict:
+        return {k: v if dtype is None else v.to(dtype) for k, v in self.cond_dict.items()}
 
     @contextlib.contextmanager
     def cast(self, *modules):
@@ -250,24 +257,25 @@ class _Passes:
         with _routed_on_meta(self.tsm, self.t.shape[0], self.t_value):
             x0 = self.unet(self.x, self.t, encoder_hidden_states=self.cond).sample
             with torch.no_grad(), self.tsm.bypass():  # the real score is the plain teacher
-                fake = self.critic.predict(x0.float(), self.t, self.cond.float())  # fp32, like DMD2
+                fake = self.critic.predict(x0.float(), self.t, self._critic_cond(torch.float32))  # fp32, like DMD2
                 real = self.unet(torch.cat([x0, x0]), torch.cat([self.t, self.t]),
                                  encoder_hidden_states=torch.cat([self.cond, self.cond])).sample
                 target = (x0 - (fake - real.chunk(2)[0])).detach()
             loss = (x0.float() - target.float()).pow(2).mean()
             if self.gan:
-                loss = loss + self.critic.discriminate(x0.float(), torch.zeros_like(self.t), self.cond.float()).mean()
+                loss = loss + self.critic.discriminate(x0.float(), torch.zeros_like(self.t),
+                                                         self._critic_cond(torch.float32)).mean()
             loss.backward()
             for p in self.tsm.trainable_parameters():
                 p.grad = None
 
     def critic_update(self) -> None:
         x0 = self.x.detach()
-        loss = (self.critic.predict(x0, self.t, self.cond) - x0).pow(2).mean()
+        cond = self._critic_cond()
+        loss = (self.critic.predict(x0, self.t, cond) - x0).pow(2).mean()
         if self.gan:  # D on the fakes and on as many reals
             zero = torch.zeros_like(self.t)
-            loss = loss + self.critic.discriminate(x0, zero, self.cond).mean() \
-                + self.critic.discriminate(x0, zero, self.cond).mean()
+            loss = loss + self.critic.discriminate(x0, zero, cond).mean() + self.critic.discriminate(x0, zero, cond).mean()
         loss.backward()
         for p in self.critic_trainable:
             p.grad = None

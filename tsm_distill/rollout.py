@@ -12,13 +12,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from tsm_core.train.schedule import NoiseSchedule
+from tsm_core.train.backbones import Backbone
 
 PredictX0 = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 def check_student_timesteps(timesteps: Sequence[int], num_timesteps: int = 1000) -> list[int]:
-    """Student timesteps must be distinct ints in [0, T), in decreasing order."""
+    """Student timesteps must be distinct ints in [0, T), in decreasing order (DDPM teachers; flow teachers
+    give sigmas, see `check_student_sigmas`)."""
     ts = list(timesteps)
     if not ts:
         raise ValueError("student_timesteps is empty; the paper's 4-step student uses [999, 749, 499, 249]")
@@ -30,11 +31,27 @@ def check_student_timesteps(timesteps: Sequence[int], num_timesteps: int = 1000)
     return ts
 
 
+def check_student_sigmas(sigmas: Sequence[float]) -> list[float]:
+    """Student sigmas of a flow-matching teacher must be numbers in (0, 1], strictly decreasing; the student
+    step at sigma s runs at timestep ``t = s * T`` (what SD3's transformer and the TSM intervals receive)."""
+    ss = list(sigmas)
+    if not ss:
+        raise ValueError("student_sigmas is empty; a 4-step SD3 student uses [1.0, 0.9, 0.75, 0.5] (the shifted "
+                         "4-step Euler grid of SD3's scheduler)")
+    for s in ss:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 < s <= 1.0:
+            raise ValueError(f"student sigma {s!r} is out of range: each must be a number in (0, 1]")
+    if any(a <= b for a, b in zip(ss, ss[1:])):
+        raise ValueError(f"student_sigmas must strictly decrease (noisiest first), got {ss}")
+    return [float(s) for s in ss]
+
+
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
-def renoise(x0: torch.Tensor, t: int, schedule: NoiseSchedule, generator: Generators = None) -> torch.Tensor:
-    """Fresh-noise ``x0`` to timestep ``t`` (the forward process q(x_t | x0)).
+def renoise(x0: torch.Tensor, t: float, schedule: Backbone, generator: Generators = None) -> torch.Tensor:
+    """Fresh-noise ``x0`` to timestep ``t`` (the forward process q(x_t | x0) of the teacher's family:
+    ``schedule`` is its backbone, or anything with its ``add_noise``).
 
     ``generator`` may be one generator for the batch, or one per sample (so a sample's noise does not
     depend on which batch it was drawn in).
@@ -46,12 +63,12 @@ def renoise(x0: torch.Tensor, t: int, schedule: NoiseSchedule, generator: Genera
         # Draw on the generator's device (a CPU generator may drive a GPU run), then move.
         where = generator.device if generator is not None else x0.device
         noise = torch.randn(x0.shape, generator=generator, device=where, dtype=x0.dtype).to(x0.device)
-    return schedule.add_noise(x0, noise, torch.full((x0.shape[0],), t, device=x0.device))
+    return schedule.add_noise(x0, noise, torch.full((x0.shape[0],), t, device=x0.device))  # long for ints
 
 
 @torch.no_grad()
-def backward_simulation(predict_x0: PredictX0, noise: torch.Tensor, k: int, timesteps: Sequence[int],
-                        schedule: NoiseSchedule, generator: Generators = None) -> torch.Tensor:
+def backward_simulation(predict_x0: PredictX0, noise: torch.Tensor, k: int, timesteps: Sequence[float],
+                        schedule: Backbone, generator: Generators = None) -> torch.Tensor:
     """The student's input at step ``k``: pure noise for k = 0, else the rollout of steps 0..k-1."""
     if not 0 <= k < len(timesteps):
         raise ValueError(f"student step k={k} is outside 0..{len(timesteps) - 1}")
@@ -63,7 +80,7 @@ def backward_simulation(predict_x0: PredictX0, noise: torch.Tensor, k: int, time
 
 
 @torch.no_grad()
-def sample(predict_x0: PredictX0, noise: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule,
+def sample(predict_x0: PredictX0, noise: torch.Tensor, timesteps: Sequence[float], schedule: Backbone,
            generator: Generators = None) -> torch.Tensor:
     """Few-step sampling: the rollout through every student step, returning the last x0 estimate."""
     x = backward_simulation(predict_x0, noise, len(timesteps) - 1, timesteps, schedule, generator)

@@ -23,20 +23,21 @@ def generate(teacher, tsm, prompts: Sequence[str], seeds: Sequence[int], timeste
              batch_size: int = 16) -> torch.Tensor:
     """Images in [-1, 1], (N, 3, H, W), one per (prompt, seed) pair, with the student's few-step sampler."""
     from .student import Student
+    from .teacher import encode
 
     if len(prompts) != len(seeds):
         raise ValueError(f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
-    student = Student(teacher.unet, tsm, teacher.schedule)
-    device = next(teacher.unet.parameters()).device
-    shape = (teacher.latent_channels, teacher.latent_size, teacher.latent_size)
+    student = Student(teacher, tsm)
+    device = teacher.device
+    shape = teacher.noise_shape(1, teacher.latent_size)[1:]
     out = []
     for i in range(0, len(prompts), batch_size):
         ps, ss = list(prompts[i:i + batch_size]), list(seeds[i:i + batch_size])
         # One generator per sample: its image depends on its seed only, not on the batch it lands in.
         gens = [torch.Generator().manual_seed(s) for s in ss]
         noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-        x0 = sample(student.predict_x0(teacher.encode_prompts(ps)), noise, timesteps, teacher.schedule, gens)
-        out.append(teacher.decode(x0).float().cpu())
+        x0 = sample(student.predict_x0(encode(teacher, ps)), noise, timesteps, teacher, gens)
+        out.append(teacher.vae_decode(x0).float().cpu())
     return torch.cat(out)
 
 

@@ -1,82 +1,49 @@
-"""The teacher (an SD1.5-family pipeline folder or hub id) as DMD2 needs it.
+"""The teacher of a distillation run: the shared backbone of its family, loaded from a pipeline folder.
 
 The teacher gives the three DMD2 models their weights: the frozen *real* score, the trainable *fake*
-score (a copy) and the *generator* (the teacher plus TSM experts). Loading and prompt/VAE handling
-are the shared UNet backbone's (``tsm_core.train.backbones``); this view adds the x0-space noise
-arithmetic distillation works in. Pixel-space pipelines without a VAE (the embedded Fashion-MNIST
+score (a copy of its denoiser) and the *generator* (the denoiser plus TSM experts). Everything
+distillation needs of it (prompt encoding, VAE, noise arithmetic, x0 from the denoiser's output, the
+denoiser call) is the shared `tsm_core.train.backbones.Backbone`, so SD1.5, SDXL and SD3 teachers
+differ only in their backbone class. Pixel-space pipelines without a VAE (the embedded Fashion-MNIST
 teacher) work too: encode/decode are then the identity.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from tsm_core.train.backbones import UNetBackbone
-from tsm_core.train.schedule import NoiseSchedule
+from tsm_core.train.backbones import Backbone, Cond, load_backbone
 
-
-@dataclass
-class Teacher:
-    """The parts of a text-to-image teacher that distillation needs."""
-
-    backbone: UNetBackbone
-    schedule: NoiseSchedule
-
-    @property
-    def unet(self) -> nn.Module:
-        return self.backbone.denoiser
-
-    @property
-    def text_encoder(self) -> nn.Module:
-        return self.backbone.text_encoders[0]
-
-    @property
-    def tokenizer(self):
-        return self.backbone.tokenizers[0]
-
-    @property
-    def scheduler(self):
-        return self.backbone.scheduler
-
-    @property
-    def vae(self) -> nn.Module | None:
-        return self.backbone.vae
-
-    @property
-    def latent_channels(self) -> int:
-        return self.unet.config.in_channels
-
-    @property
-    def latent_size(self) -> int:
-        return self.unet.config.sample_size
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """CLIP hidden states (B, L, D) for a list of prompts (the frozen text encoder, no grad)."""
-        return self.backbone.encode_prompts(list(prompts))["encoder_hidden_states"]
-
-    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images in [-1, 1] -> model space (scaled VAE latents, or the images themselves).
-
-        With a ``generator`` the latent is a sample of the VAE posterior (DMD2's real latents), without
-        one its mean.
-        """
-        return self.backbone.vae_encode(images, generator)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Model space -> images in [-1, 1]."""
-        return self.backbone.vae_decode(latents)
-
-    def to(self, device, dtype: torch.dtype | None = None) -> Teacher:
-        self.backbone.to(device, dtype)
-        return self
+KINDS = ("unet", "sdxl", "sd3")
+"""Teacher families distillation supports: SD1.5/SD2 UNets, SDXL, and flow-matching SD3."""
 
 
-def load_teacher(path: str | Path) -> Teacher:
-    """Load UNet, CLIP text encoder, tokenizer, scheduler and (if present) VAE with ``from_pretrained``."""
-    backbone = UNetBackbone.from_pretrained(path)
-    return Teacher(backbone=backbone, schedule=backbone.schedule)
+def load_teacher(path: str | Path, kind: str = "unet") -> Backbone:
+    """Load a teacher pipeline folder (or hub id) of family ``kind`` with ``from_pretrained``.
+
+    Raises:
+        ValueError: a family distillation does not support.
+        FileNotFoundError: the folder (or one of its components) is missing.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"model.kind {kind!r}: distillation supports {list(KINDS)} teachers (SD1.5/SD2 UNets, "
+                         "SDXL, flow-matching SD3)")
+    return load_backbone(kind, path)
+
+
+@torch.no_grad()
+def encode(teacher: Backbone, prompts: list[str]) -> Cond:
+    """The frozen teacher's conditioning of ``prompts`` (no graph: its text encoders never train here)."""
+    return teacher.encode_prompts(list(prompts))
+
+
+def cond_map(cond: Cond, fn) -> Cond:
+    """Apply ``fn`` to every tensor of a conditioning (a dtype or device change)."""
+    return {k: fn(v) for k, v in cond.items()}
+
+
+def expand_cond(cond: Cond, n: int) -> Cond:
+    """A one-prompt conditioning (the "" embedding) repeated for a batch of ``n``."""
+    return {k: v.expand(n, *v.shape[1:]) for k, v in cond.items()}

@@ -39,7 +39,7 @@ from .critic import Critic
 from .data import PromptSource, RealSource
 from .rollout import backward_simulation, sample
 from .student import Student
-from .teacher import load_teacher
+from .teacher import cond_map, encode, load_teacher
 
 # Streams of step_generator(seed, step, process_index, stream): one generator per purpose, so adding a
 # draw to one does not shift the others.
@@ -48,10 +48,6 @@ _DATA_STREAM, _NOISE_STREAM = 1, 2
 def _randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Standard normal noise shaped like ``x``, drawn on the generator's device (CPU), then moved."""
     return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
-
-
-def _randint(low: int, high: int, n: int, generator: torch.Generator, device) -> torch.Tensor:
-    return torch.randint(low, high, (n,), generator=generator).to(device)
 
 
 class DMD2Trainer(PhasedTrainer):
@@ -64,7 +60,7 @@ class DMD2Trainer(PhasedTrainer):
 
     desc = "distill"
     shape_keys = PhasedTrainer.shape_keys + (
-        "experts.scales*", "critic.lora_rank", "critic.lora_targets*", "student_timesteps*", "phases",
+        "experts.scales*", "critic.lora_rank", "critic.lora_targets*", "student_timesteps*", "student_sigmas*", "phases",
         "phases.*.type", "phases.*.scale", "phases.*.experts*", "phases.*.core_scale", "phases.*.context_scales*",
         "phases.*.gan")
 
@@ -75,29 +71,30 @@ class DMD2Trainer(PhasedTrainer):
         super().__init__(recipe, run_dir, seed=tc.seed, mixed_precision=tc.mixed_precision,
                          checkpoint_every=tc.checkpoint_every, log_every=tc.log_every, sample_every=tc.sample_every,
                          keep_last=tc.keep_last, max_grad_norm=tc.max_grad_norm, accelerator=accelerator)
-        self.teacher = load_teacher(recipe.model.path)
-        T = self.teacher.schedule.num_timesteps
+        self.teacher = load_teacher(recipe.model.path, recipe.model.kind)
+        T = self.teacher.num_timesteps
         uses_gan = any(ph.gan for ph in recipe.phases)
         # The fake score is copied from the clean teacher before the experts are attached.
-        self.critic = Critic(self.teacher.unet, recipe.critic.lora_rank, tuple(recipe.critic.lora_targets), uses_gan)
+        self.critic = Critic(self.teacher, recipe.critic.lora_rank, tuple(recipe.critic.lora_targets), uses_gan)
         ec = recipe.experts
-        self.tsm = attach(self.teacher.unet, ec.tsm_config(ec.scales, T))
+        self.tsm = attach(self.teacher.denoiser, ec.tsm_config(ec.scales, T))
         if ec.init_from:
             self._init_experts(ec.init_from, ec.init_scales)
         self.teacher.to(self.device)
         self.critic.to(self.device)
         if tc.gradient_checkpointing:
-            self.teacher.unet.enable_gradient_checkpointing()
+            self.teacher.denoiser.enable_gradient_checkpointing()
             self.critic.fake.enable_gradient_checkpointing()
-        self.student = Student(self.teacher.unet, self.tsm, self.teacher.schedule)
-        self.timesteps = list(recipe.student_timesteps)
-        if max(self.timesteps) >= T:
+        self.student = Student(self.teacher, self.tsm)
+        self.timesteps = recipe.timesteps(T)
+        if self.teacher.timestep_dtype == torch.long and max(self.timesteps) >= T:
             raise ValueError(f"student timestep {max(self.timesteps)} >= the teacher's {T} training timesteps")
-        self.uncond = self.teacher.encode_prompts([""])
+        # The real score's unconditional input is the teacher's own encoding of "" (DMD2).
+        self.uncond = encode(self.teacher, [""])
         self.prompts = PromptSource(recipe.data.prompts)
         if uses_gan and not recipe.data.real_images:
             raise ValueError("a GAN phase needs data.real_images (latent cache, image folder, shards or builtin:fmnist)")
-        self.real = (RealSource(recipe.data.real_images, recipe.data.resolution, self.teacher.encode_images)
+        self.real = (RealSource(recipe.data.real_images, recipe.data.resolution, self.teacher.vae_encode)
                      if uses_gan else None)
         if uses_gan:
             self._check_gan_fits()
@@ -112,8 +109,13 @@ class DMD2Trainer(PhasedTrainer):
     # ------------------------------------------------------------------ set-up
     def _pixels(self, size: int) -> int:
         """The image size in pixels of a model-space size (VAE factor 2^(levels - 1); 1 without a VAE)."""
-        vae = self.teacher.vae
-        return size * 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else size
+        return size * self.teacher.vae_scale
+
+    def _draw_t(self, low: float, high: float, n: int, generator: torch.Generator, device) -> torch.Tensor:
+        """``n`` training timesteps uniform in ``[low, high)`` from ``generator`` (on the CPU), warped to the
+        teacher's training distribution (SD3's shift; DDPM: integers, unwarped, as DMD2 draws them)."""
+        t = self.teacher.sample_timesteps(n, low, high, generator)
+        return self.teacher.shift_timesteps(t).to(device)
 
     @torch.no_grad()
     def _check_gan_fits(self) -> None:
@@ -126,7 +128,7 @@ class DMD2Trainer(PhasedTrainer):
             real_shape, source = tuple(self.real.cache.shape[1:]), f"data.real_images {dc.real_images}"
         else:  # folders and shards are resized to data.resolution, then encoded
             dummy = torch.zeros(1, 3, dc.resolution, dc.resolution, device=self.device)
-            real_shape = tuple(self.teacher.encode_images(dummy).shape[1:])
+            real_shape = tuple(self.teacher.vae_encode(dummy).shape[1:])
             source = f"data.resolution {dc.resolution}"
         if real_shape != fake_shape:
             raise ValueError(
@@ -189,25 +191,25 @@ class DMD2Trainer(PhasedTrainer):
         B = x.shape[0]
         cc = self.recipe.critic
         if not cc.diffusion_gan:
-            return x, torch.zeros(B, dtype=torch.long, device=x.device)
-        t = _randint(0, cc.diffusion_gan_max_timestep, B, generator, x.device)
-        return self.teacher.schedule.add_noise(x, _randn_like(x, generator), t), t
+            return x, torch.zeros(B, dtype=self.teacher.timestep_dtype, device=x.device)
+        t = self._draw_t(0, cc.diffusion_gan_max_timestep, B, generator, x.device)
+        return self.teacher.add_noise(x, _randn_like(x, generator), t), t
 
-    def _fake_x0_fp32(self, x_s: torch.Tensor, s: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def _fake_x0_fp32(self, x_s: torch.Tensor, s: torch.Tensor, cond: dict) -> torch.Tensor:
         """The fake score's x0 for the DMD gradient as DMD2 computes it: the prediction in fp32 outside
         autocast, x0 from it in float64."""
         with torch.no_grad(), torch.autocast(device_type=x_s.device.type, enabled=False):
-            pred = self.critic.predict(x_s.float(), s, cond.float())
-        return self.teacher.schedule.to_x0(x_s.double(), pred.double(), s)
+            pred = self.critic.predict(x_s.float(), s, cond_map(cond, lambda v: v.float()))
+        return self.teacher.to_x0(x_s.double(), pred.double(), s)
 
-    def generator_step(self, x_in: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+    def generator_step(self, x_in: torch.Tensor, t: torch.Tensor, cond: dict,
                        generator: torch.Generator | None = None) -> dict:
         """DMD (+ GAN) update of the generator's trainable experts/router only. Returns detached x0 and logs.
 
         ``generator`` draws the DMD timestep ``s``, its noise and the diffusion-GAN noise (this
         process's noise stream; a fixed seed when omitted).
         """
-        tc, ph, sched = self.recipe.train, self.phase, self.teacher.schedule
+        tc, ph, sched = self.recipe.train, self.phase, self.teacher
         generator = generator if generator is not None else torch.Generator().manual_seed(tc.seed)
         B = x_in.shape[0]
         self.critic.requires_grad_(False)  # D's and fake's weights are constants in this step
@@ -221,7 +223,7 @@ class DMD2Trainer(PhasedTrainer):
                 # DMD2 clamps the range to the schedule's timesteps (max_step_percent = 1 is t = T - 1).
                 low = min(int(tc.min_step_percent * T), T - 1)
                 high = min(int(tc.max_step_percent * T) + 1, T)
-                s = _randint(low, high, B, generator, x0.device)
+                s = self._draw_t(low, high, B, generator, x0.device)
                 x_s = sched.add_noise(x0.detach(), _randn_like(x0, generator), s)
                 x0_fake = self._fake_x0_fp32(x_s, s, cond)
                 with torch.no_grad():
@@ -251,20 +253,20 @@ class DMD2Trainer(PhasedTrainer):
         logs["x0"] = x0.detach()
         return logs
 
-    def critic_step(self, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator,
+    def critic_step(self, x0: torch.Tensor, cond: dict, generator: torch.Generator,
                     noise_generator: torch.Generator | None = None) -> dict:
         """Fake-score denoising (+ GAN D) update of fake and D only, on the generator's samples.
 
         ``generator`` draws the real images (and their VAE posterior sample); ``noise_generator`` the
         fake-loss ``t``, its noise and the diffusion-GAN noise (default: ``generator``).
         """
-        ph, sched = self.phase, self.teacher.schedule
+        ph, sched = self.phase, self.teacher
         noise_generator = noise_generator if noise_generator is not None else generator
         B = x0.shape[0]
         x0 = x0.detach()
         logs = {}
         with self.acc.autocast():
-            t = _randint(0, sched.num_timesteps, B, noise_generator, x0.device)
+            t = self._draw_t(0, sched.num_timesteps, B, noise_generator, x0.device)
             noise = _randn_like(x0, noise_generator)
             pred = self.critic.predict(sched.add_noise(x0, noise, t), t, cond)
             loss = losses.fake_score_loss(pred, sched.target(x0, noise, t))
@@ -273,7 +275,8 @@ class DMD2Trainer(PhasedTrainer):
                 real, captions = self.real.sample(B, generator, x0.device)
                 real = real.to(x0.dtype)
                 # D is text-conditional (DMD2): fakes with their prompts, reals with their own captions.
-                real_cond = self.teacher.encode_prompts(captions).to(cond.dtype)
+                dtype = cond["encoder_hidden_states"].dtype
+                real_cond = cond_map(encode(self.teacher, captions), lambda v: v.to(dtype))
                 fake_logits = self.critic.discriminate(*self._d_input(x0, noise_generator), cond)
                 real_logits = self.critic.discriminate(*self._d_input(real, noise_generator), real_cond)
                 d_loss = losses.gan_discriminator_loss(fake_logits, real_logits)
@@ -297,12 +300,11 @@ class DMD2Trainer(PhasedTrainer):
         data_gen = step_generator(tc.seed, self.global_step, rank, _DATA_STREAM)
         noise_gen = step_generator(tc.seed, self.global_step, rank, _NOISE_STREAM)
         B = self.per_process_batch[self.phase_index]
-        cond = self.teacher.encode_prompts(self.prompts.sample(B, data_gen))
-        shape = (B, self.teacher.latent_channels, self.teacher.latent_size, self.teacher.latent_size)
+        cond = encode(self.teacher, self.prompts.sample(B, data_gen))
+        shape = self.teacher.noise_shape(B, self.teacher.latent_size)
         noise = torch.randn(shape, generator=noise_gen).to(self.device)
-        x_in = backward_simulation(self.student.predict_x0(cond), noise, k, self.timesteps, self.teacher.schedule,
-                                   noise_gen)
-        t = torch.full((B,), self.timesteps[k], device=self.device, dtype=torch.long)
+        x_in = backward_simulation(self.student.predict_x0(cond), noise, k, self.timesteps, self.teacher, noise_gen)
+        t = torch.full((B,), self.timesteps[k], device=self.device, dtype=self.teacher.timestep_dtype)
         if self.phase_step % ph.fake_updates_per_generator_update == 0:
             logs = self.generator_step(x_in, t, cond, noise_gen)
         else:
@@ -354,16 +356,16 @@ class DMD2Trainer(PhasedTrainer):
         tc = self.recipe.train
         prompts = [p for p in tc.sample_prompts for _ in tc.sample_seeds]
         seeds = [s for _ in tc.sample_prompts for s in tc.sample_seeds]
-        cond = self.teacher.encode_prompts(prompts)
-        shape = (self.teacher.latent_channels, self.teacher.latent_size, self.teacher.latent_size)
+        cond = encode(self.teacher, prompts)
+        shape = self.teacher.noise_shape(1, self.teacher.latent_size)[1:]
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(self.device)
         state = torch.get_rng_state()
-        x0 = sample(self.student.predict_x0(cond), noise, self.timesteps, self.teacher.schedule,
+        x0 = sample(self.student.predict_x0(cond), noise, self.timesteps, self.teacher,
                     generator=torch.Generator(device=self.device).manual_seed(tc.seed))
         torch.set_rng_state(state)  # sampling must not change the training run's random stream
         if not self.acc.is_main_process:
             return None
-        path = save_image_grid(self.teacher.decode(x0).float().cpu(), self.run_dir / "samples" / f"{tag}.png",
+        path = save_image_grid(self.teacher.vae_decode(x0).float().cpu(), self.run_dir / "samples" / f"{tag}.png",
                                nrow=len(tc.sample_seeds))
         if self.logger is not None:
             self.logger.log_image(self.global_step, "samples", path)
@@ -419,10 +421,11 @@ def phase_student_steps(ph: PhaseConfig, timesteps: list[int], intervals) -> lis
     return steps
 
 
-def load_student(teacher_path: str | Path, adapter_dir: str | Path, device: torch.device | str = "cpu"):
-    """A trained student for inference on ``device``: (teacher parts, adapter) with the adapter's saved mode."""
-    teacher = load_teacher(teacher_path)
-    tsm = load_adapter(teacher.unet, adapter_dir)
+def load_student(teacher_path: str | Path, adapter_dir: str | Path, device: torch.device | str = "cpu",
+                 kind: str = "unet"):
+    """A trained student for inference on ``device``: (teacher backbone, adapter) with the adapter's saved mode."""
+    teacher = load_teacher(teacher_path, kind)
+    tsm = load_adapter(teacher.denoiser, adapter_dir)
     return teacher.to(device), tsm
 
 

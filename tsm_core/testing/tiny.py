@@ -134,3 +134,29 @@ def build_sd3(folder: str | Path, seed: int = 0):
         pos_embed_max_size=16,
     ).save_pretrained(str(folder))
     return SD3Transformer2DModel.from_pretrained(str(folder))
+
+
+def build_sdxl_pipeline(folder: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """A whole tiny StableDiffusionXLPipeline saved to ``folder/pipe`` (latent 8x8, images 16x16).
+
+    The UNet has SDXL's ``text_time`` micro-conditioning: its added embedding takes the second text
+    encoder's pooled projection (32) plus six time ids of 8 each; cross-attention sees both encoders'
+    hidden states side by side (32 + 32).
+    """
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    tok = write_clip_tokenizer(folder / "_tok")
+    torch.manual_seed(seed)
+    clip = CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=16, projection_dim=32)
+    unet = UNet2DConditionModel(**tiny_unet_config(
+        sample_size=8, cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8, use_linear_projection=True))
+    pipe = StableDiffusionXLPipeline(
+        vae=build_vae(folder / "_vae", seed=seed), text_encoder=CLIPTextModel(clip), text_encoder_2=CLIPTextModelWithProjection(clip),
+        tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=build_scheduler(folder / "_sched", prediction_type),
+        add_watermarker=False)
+    pipe.save_pretrained(str(folder / "pipe"))
+    return folder / "pipe"

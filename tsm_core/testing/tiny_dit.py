@@ -49,8 +49,9 @@ def build_pixart_pipeline(folder: str | Path, seed: int = 0) -> Path:
     return folder / "pipe"
 
 
-def build_sd3_pipeline(folder: str | Path, seed: int = 0, with_t5: bool = False) -> Path:
-    """A whole tiny StableDiffusion3Pipeline saved to ``folder/pipe`` (T5 slot empty unless ``with_t5``)."""
+def build_sd3_pipeline(folder: str | Path, seed: int = 0, with_t5: bool = False, sample_size: int = 8) -> Path:
+    """A whole tiny StableDiffusion3Pipeline saved to ``folder/pipe`` (T5 slot empty unless ``with_t5``;
+    latents ``sample_size`` per side, images twice that)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -64,9 +65,9 @@ def build_sd3_pipeline(folder: str | Path, seed: int = 0, with_t5: bool = False)
             max_position_embeddings=16, projection_dim=8))
 
     transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        sample_size=sample_size, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
-        pos_embed_max_size=16,
+        pos_embed_max_size=max(16, sample_size // 2),
     )
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_tiny_vae(0.0),

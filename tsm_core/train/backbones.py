@@ -6,6 +6,8 @@ target:
 - ``"unet"``: Stable Diffusion 1.x / 2.x folders (UNet2DConditionModel + CLIP text encoder), DDPM
   noise, epsilon or v prediction (read from the scheduler config). Pixel-space pipelines without a
   VAE (the embedded Fashion-MNIST teacher) work too: `Backbone.vae_encode` is then the identity.
+- ``"sdxl"``: SDXL folders (the UNet with ``text_time`` micro-conditioning, two CLIP text encoders),
+  DDPM noise, epsilon or v prediction.
 - ``"pixart"``: PixArt-alpha (PixArtTransformer2DModel + T5 encoder), DDPM noise, epsilon target;
   the learned-variance half of the output is dropped, as in diffusers' PixArt LoRA scripts.
 - ``"sd3"``: SD3 (SD3Transformer2DModel + two CLIPTextModelWithProjection + optional T5), rectified
@@ -43,7 +45,7 @@ from torch import nn
 from tsm_core.routing import route_by_timestep  # noqa: F401  (re-exported: samplers use it)
 from tsm_core.train.schedule import NoiseSchedule
 
-KINDS = ("unet", "pixart", "sd3", "unet3d", "animatediff")
+KINDS = ("unet", "sdxl", "pixart", "sd3", "unet3d", "animatediff")
 _HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 
 Cond = dict[str, torch.Tensor]
@@ -183,9 +185,31 @@ class Backbone:
         """Prompts -> conditioning dict passed to `predict` (gradients flow when encoders train)."""
         raise NotImplementedError
 
-    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """The denoiser's output in the parameterisation of `target`."""
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, denoiser: nn.Module | None = None) -> torch.Tensor:
+        """The denoiser's output in the parameterisation of `target`. ``denoiser`` defaults to the
+        backbone's own; distillation passes its fake score (a copy of the denoiser) through the same call."""
         raise NotImplementedError
+
+    # Distillation (DMD2) needs three more facts of a family: the timestep dtype its denoiser takes, how
+    # its training timesteps are warped (SD3's shift), and where its bottleneck features are for D.
+    timestep_dtype: torch.dtype = torch.long
+
+    def shift_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """Warp uniformly drawn timesteps to the family's training distribution (identity for DDPM)."""
+        return t
+
+    def bottleneck(self, denoiser: nn.Module) -> nn.Module:
+        """The module whose output D (the GAN head) reads: the UNet's mid block (DMD2)."""
+        return denoiser.mid_block
+
+    def bottleneck_features(self, output, x_t: torch.Tensor) -> torch.Tensor:
+        """The `bottleneck` module's output as a feature map (B, C, h, w)."""
+        return output
+
+    @property
+    def latent_size(self) -> int:
+        """The denoiser's native sample size per side, in model space (latents, or pixels without a VAE)."""
+        return self.denoiser.config.sample_size
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The noisy input x_t at per-sample timesteps ``t``."""
@@ -292,8 +316,8 @@ class UNetBackbone(Backbone):
                   return_tensors="pt").input_ids.to(self.device)
         return {"encoder_hidden_states": te(ids)[0]}
 
-    def predict(self, x_t, t, cond):
-        return self.denoiser(x_t, t.to(x_t.device), encoder_hidden_states=cond["encoder_hidden_states"]).sample
+    def predict(self, x_t, t, cond, denoiser=None):
+        return (denoiser or self.denoiser)(x_t, t.to(x_t.device), encoder_hidden_states=cond["encoder_hidden_states"]).sample
 
     def add_noise(self, x0, noise, t):
         return self.schedule.add_noise(x0, noise, t)
@@ -309,6 +333,62 @@ class UNetBackbone(Backbone):
 
         return DDIMScheduler.from_config(self.scheduler.config, timestep_spacing="trailing",
                                          set_alpha_to_one=False)
+
+
+# ----------------------------------------------------------------------------- SDXL
+
+
+class SDXLBackbone(UNetBackbone):
+    """SDXL: UNet2DConditionModel with ``addition_embed_type: text_time``, two CLIP text encoders (the
+    second with projection), DDPM noise (eps or v), as diffusers' StableDiffusionXLPipeline runs it.
+
+    The conditioning adds SDXL's micro-conditioning: ``text_embeds`` (the second encoder's pooled,
+    projected embedding) and ``time_ids`` = (original h, w, crop top, left, target h, w), here
+    ``(size, size, 0, 0, size, size)`` at the training resolution ``size`` (pixels), no crop, which is
+    what the pipeline passes for an uncropped square image and what DMD2's SDXL runs condition on.
+    """
+
+    kind = "sdxl"
+
+    def __init__(self, *a, resolution: int | None = None, **kw):
+        super().__init__(*a, **kw)
+        self.resolution = resolution or self.latent_size * self.vae_scale
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **_) -> SDXLBackbone:
+        """Load ``unet``, ``text_encoder`` (CLIP), ``text_encoder_2`` (CLIP with projection), both tokenizers,
+        ``scheduler`` (as DDPM) and ``vae``."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+        path = _check_source(path)
+        unet = _load(UNet2DConditionModel, path, "unet")
+        if getattr(unet.config, "addition_embed_type", None) != "text_time":
+            raise ValueError(f"{path}: the UNet has addition_embed_type {unet.config.addition_embed_type!r}, not "
+                             "'text_time', so it is not an SDXL UNet; use model.kind: unet for SD1.5/SD2 folders")
+        tes = [_load(CLIPTextModel, path, "text_encoder"), _load(CLIPTextModelWithProjection, path, "text_encoder_2")]
+        toks = [_load(AutoTokenizer, path, "tokenizer"), _load(AutoTokenizer, path, "tokenizer_2")]
+        return cls(unet, tes, toks, _load(AutoencoderKL, path, "vae"), _load(DDPMScheduler, path, "scheduler"),
+                   path=path)
+
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        prompts = list(prompts)
+        hidden = []
+        for tok, te in zip(self.tokenizers, self.text_encoders):
+            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(self.device)
+            out = te(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])  # the penultimate layer of both, as SDXL was trained
+        pooled = out.text_embeds  # the second encoder's projected pooled output
+        size = float(self.resolution)
+        time_ids = torch.tensor([size, size, 0.0, 0.0, size, size], device=self.device).expand(len(prompts), 6)
+        return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled,
+                "time_ids": time_ids.to(pooled.dtype)}
+
+    def predict(self, x_t, t, cond, denoiser=None):
+        return (denoiser or self.denoiser)(
+            x_t, t.to(x_t.device), encoder_hidden_states=cond["encoder_hidden_states"],
+            added_cond_kwargs={"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}).sample
 
 
 # ----------------------------------------------------------------------------- PixArt-alpha
@@ -342,8 +422,8 @@ class PixArtBackbone(UNetBackbone):
         ids, mask = enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
         return {"encoder_hidden_states": te(ids, attention_mask=mask)[0], "encoder_attention_mask": mask}
 
-    def predict(self, x_t, t, cond):
-        out = self.denoiser(x_t, encoder_hidden_states=cond["encoder_hidden_states"],
+    def predict(self, x_t, t, cond, denoiser=None):
+        out = (denoiser or self.denoiser)(x_t, encoder_hidden_states=cond["encoder_hidden_states"],
                             encoder_attention_mask=cond["encoder_attention_mask"], timestep=t.to(x_t.device),
                             added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
         c = x_t.shape[1]
@@ -424,10 +504,31 @@ class SD3Backbone(Backbone):
         # x_t = (1 - s) x0 + s noise and v = noise - x0 give x0 = x_t - s v.
         return x_t - self._sigma(t, x_t) * output
 
-    def predict(self, x_t, t, cond):
-        return self.denoiser(hidden_states=x_t, timestep=t.float().to(x_t.device),
+    def predict(self, x_t, t, cond, denoiser=None):
+        return (denoiser or self.denoiser)(hidden_states=x_t, timestep=t.float().to(x_t.device),
                              encoder_hidden_states=cond["encoder_hidden_states"],
                              pooled_projections=cond["pooled_projections"]).sample
+
+    timestep_dtype = torch.float32
+
+    def shift_timesteps(self, t):
+        """SD3's timestep shift on ``t = sigma * T``: ``sigma' = k sigma / (1 + (k - 1) sigma)`` with the
+        scheduler's ``shift`` k (3.0 for SD3), the warp its Euler sampler applies to its sigmas; distillation
+        draws its DMD and fake-score timesteps through it, so they follow the teacher's own sigmas."""
+        k = float(getattr(self.scheduler.config, "shift", 1.0) or 1.0)
+        s = t.float() / self.num_timesteps
+        return k * s / (1 + (k - 1) * s) * self.num_timesteps
+
+    def bottleneck(self, denoiser):
+        """The middle joint block (an MM-DiT has no mid block): D reads its image tokens."""
+        return denoiser.transformer_blocks[(len(denoiser.transformer_blocks) - 1) // 2]
+
+    def bottleneck_features(self, output, x_t):
+        """The block returns (text tokens, image tokens); the image tokens (B, h*w, D) as a map (B, D, h, w)."""
+        tokens = output[1]
+        p = self.denoiser.config.patch_size
+        h, w = x_t.shape[-2] // p, x_t.shape[-1] // p
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
 
     def sampling_scheduler(self):
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -480,9 +581,9 @@ class MotionUNetBackbone(VideoUNetBackbone):
     kind = "animatediff"
     denoiser_class = "UNetMotionModel"
 
-    def predict(self, x_t, t, cond):
+    def predict(self, x_t, t, cond, denoiser=None):
         text = cond["encoder_hidden_states"].repeat_interleave(x_t.shape[2], dim=0)
-        return self.denoiser(x_t, t.to(x_t.device), encoder_hidden_states=text).sample
+        return (denoiser or self.denoiser)(x_t, t.to(x_t.device), encoder_hidden_states=text).sample
 
 
 def video_strip(videos: torch.Tensor) -> torch.Tensor:
@@ -490,7 +591,7 @@ def video_strip(videos: torch.Tensor) -> torch.Tensor:
     return videos.permute(0, 1, 3, 2, 4).flatten(3, 4)
 
 
-_CLASSES = {"unet": UNetBackbone, "pixart": PixArtBackbone, "sd3": SD3Backbone, "unet3d": VideoUNetBackbone,
+_CLASSES = {"unet": UNetBackbone, "sdxl": SDXLBackbone, "pixart": PixArtBackbone, "sd3": SD3Backbone, "unet3d": VideoUNetBackbone,
             "animatediff": MotionUNetBackbone}
 
 
@@ -498,7 +599,7 @@ def load_backbone(kind: str, path: str | os.PathLike, max_sequence_length: int |
     """Load a diffusers pipeline folder (or hub id) as a `Backbone` of family ``kind``.
 
     Args:
-        kind: "unet" (SD1.5 / SD2, also pixel-space pipelines without a VAE), "pixart", "sd3", or the
+        kind: "unet" (SD1.5 / SD2, also pixel-space pipelines without a VAE), "sdxl", "pixart", "sd3", or the
             video UNets "unet3d" (ModelScope / zeroscope) and "animatediff" (UNetMotionModel).
         path: the pipeline folder or hub id.
         max_sequence_length: T5 prompt length (PixArt default 120, SD3 default 256).

@@ -22,8 +22,8 @@ class ModelSection:
 
     path: str
     """Pipeline folder or hub id (loaded with from_pretrained)."""
-    kind: Literal["unet", "pixart", "sd3", "unet3d", "animatediff"] = "unet"
-    """Backbone family: "unet" (SD1.5 / SD2 / pixel-space SD), "pixart" (PixArt-alpha), "sd3", and the
+    kind: Literal["unet", "sdxl", "pixart", "sd3", "unet3d", "animatediff"] = "unet"
+    """Backbone family: "unet" (SD1.5 / SD2 / pixel-space SD), "sdxl", "pixart" (PixArt-alpha), "sd3", and the
     video UNets "unet3d" (ModelScope / zeroscope UNet3DConditionModel) and "animatediff" (UNetMotionModel)."""
     max_sequence_length: int | None = None
     """T5 prompt length (PixArt default 120, SD3 default 256)."""

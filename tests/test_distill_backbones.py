@@ -1,0 +1,196 @@
+"""DMD2 + TSM beyond SD1.5: a tiny SDXL teacher (two text encoders, text_time micro-conditioning) and a
+tiny flow-matching SD3 teacher, through the same trainer, rollout and CLI (issue 14)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.numerics import assert_close, close
+from tests.test_core import perturb
+from tsm_core import TSMConfig, attach
+from tsm_core.testing import tiny, tiny_dit
+from tsm_core.train.recipe import load_recipe
+from tsm_distill import DistillRecipe, DMD2Trainer
+from tsm_distill.critic import Critic
+from tsm_distill.rollout import backward_simulation, renoise
+from tsm_distill.student import Student
+from tsm_distill.teacher import encode, load_teacher
+
+KINDS = ("sdxl", "sd3")
+SIZE = {"sdxl": 8, "sd3": 16}  # latent side
+STEPS = {"sdxl": {"student_timesteps": [999, 749, 499, 249]}, "sd3": {"student_sigmas": [1.0, 0.9, 0.75, 0.5]}}
+TARGETS = {"sdxl": ["to_q", "to_v", "conv1"], "sd3": ["to_q", "to_v", "add_q_proj"]}
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    d = tmp_path_factory.mktemp("backbones")
+    (d / "prompts.txt").write_text("a cat\na dog\na red cat\na big dog\n")
+    # Real latents at each student's latent size. SD3's is 16 (32 px): at 8 its 2x2-patched bottleneck
+    # would be 4x4 tokens, which the GAN head's second stage shrinks to one value per norm group.
+    torch.save(torch.randn(8, 4, 8, 8), d / "real_sdxl.pt")
+    torch.save(torch.randn(8, 4, 16, 16), d / "real_sd3.pt")
+    return d, {"sdxl": tiny.build_sdxl_pipeline(d / "sdxl"), "sd3": tiny_dit.build_sd3_pipeline(d / "sd3", sample_size=16)}
+
+
+def recipe(teachers, kind, phases, **train):
+    d, pipes = teachers
+    r = {"model": {"path": str(pipes[kind]), "kind": kind}, **STEPS[kind],
+         "experts": {"rank": 2, "alpha": 2, "scales": [1, 4], "target_modules": TARGETS[kind]},
+         "data": {"prompts": str(d / "prompts.txt"), "real_images": str(d / f"real_{kind}.pt")},
+         "train": {"checkpoint_every": 1000, "sample_every": 0, "sample_prompts": ["a cat"], "sample_seeds": [0],
+                   "log_every": 1, **train},
+         "phases": phases}
+    return r
+
+
+def phase(name, steps=1, **kw):
+    return {"name": name, "steps": steps, "batch_size": 2, "warmup_steps": 0,
+            "fake_updates_per_generator_update": 1, "lr": 1e-3, "lr_critic": 1e-3, **kw}
+
+
+def params(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def changed(before, module):
+    return {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rollout_routes_each_step_through_its_own_expert(teachers, kind):
+    teacher = load_teacher(teachers[1][kind], kind)
+    tsm = attach(teacher.denoiser, TSMConfig(scales=(4,), target_modules=TARGETS[kind]))
+    perturb(tsm)
+    tsm.set_mode("expert", scale=4)
+    ts = load_recipe(recipe(teachers, kind, [phase("e", scale=4)]), DistillRecipe).timesteps(teacher.num_timesteps)
+    cond = encode(teacher, ["a cat", "a dog"])
+    noise = torch.randn(2, 4, SIZE[kind], SIZE[kind], generator=torch.Generator().manual_seed(0))
+    got = backward_simulation(Student(teacher, tsm).predict_x0(cond), noise, 3, ts, teacher,
+                              torch.Generator().manual_seed(1))
+
+    def manual(expert_t):
+        # Each step's expert fused into the weights (tsm.merged), the denoiser called by hand.
+        g, x = torch.Generator().manual_seed(1), noise
+        for i in range(3):
+            t = torch.full((2,), ts[i], dtype=teacher.timestep_dtype)
+            with tsm.merged(expert_t(i)), torch.no_grad():
+                x0 = teacher.to_x0(x, teacher.predict(x, t, cond), t)
+            x = renoise(x0, ts[i + 1], teacher, g)
+        return x
+
+    assert_close(got, manual(lambda i: ts[i]), rel=1e-5)
+    assert not close(got, manual(lambda i: ts[3]), rel=1e-3)  # step 3's expert everywhere: another input
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generator_and_critic_steps_touch_only_their_parameters(teachers, kind, tmp_path):
+    r = recipe(teachers, kind, [phase("e3gan", scale=4, experts=[3], gan=True)], real_guidance_scale=3.0)
+    tr = DMD2Trainer(load_recipe(r, DistillRecipe), tmp_path / "run")
+    tr.enter_phase(0)
+    cond = encode(tr.teacher, ["a cat", "a dog"])
+    t = torch.full((2,), tr.timesteps[0], dtype=tr.teacher.timestep_dtype)
+    gen0, crit0 = params(tr.teacher.denoiser), params(tr.critic)
+    logs = tr.generator_step(torch.randn(2, 4, SIZE[kind], SIZE[kind]), t, cond)
+    gen_changed = changed(gen0, tr.teacher.denoiser)
+    assert gen_changed and all(".s4_e3" in n for n in gen_changed), sorted(gen_changed)[:5]
+    assert not changed(crit0, tr.critic)
+    assert torch.isfinite(logs["loss_dmd"]) and torch.isfinite(logs["loss_gan_generator"])
+    gen1, crit1 = params(tr.teacher.denoiser), params(tr.critic)
+    logs = tr.critic_step(logs["x0"], cond, torch.Generator().manual_seed(0))
+    assert not changed(gen1, tr.teacher.denoiser)
+    crit_changed = changed(crit1, tr.critic)
+    assert any(n.startswith("head.") for n in crit_changed) and any(n.startswith("fake.") for n in crit_changed)
+    assert torch.isfinite(logs["loss_gan_critic"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cli_distills_both_stages_end_to_end_and_the_student_loads(teachers, kind, tmp_path):
+    from tsm_distill.cli import main
+    from tsm_distill.sampler import generate
+    from tsm_distill.trainer import load_student
+
+    phases = [phase("e3", scale=4, experts=[3]), phase("e3gan", scale=4, experts=[3], gan=True),
+              phase("router", type="assemble", core_scale=4, context_scales=[1], gan=True)]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe(teachers, kind, phases)))
+    run = tmp_path / "run"
+    assert main([str(tmp_path / "r.yaml"), "--run-dir", str(run)]) == 0
+    stats = [yaml.safe_load(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert len(stats) == 3 and all(torch.isfinite(torch.tensor(s["loss_dmd"])) for s in stats)
+    assert "loss_gan_critic" in stats[1] and "loss_gan_critic" not in stats[0]
+    teacher, tsm = load_student(teachers[1][kind], run / "adapter", kind=kind)
+    timesteps = load_recipe(run / "recipe.yaml", DistillRecipe).timesteps(teacher.num_timesteps)
+    images = generate(teacher, tsm, ["a cat", "a dog"], [0, 1], timesteps)
+    assert images.shape == (2, 3, 2 * SIZE[kind], 2 * SIZE[kind]) and torch.isfinite(images).all()
+    assert not close(images[0], images[1], rel=1e-3)  # two prompts and seeds, two images
+
+
+def test_sdxl_conditions_every_network_on_text_embeds_and_time_ids(teachers, tmp_path, monkeypatch):
+    tr = DMD2Trainer(load_recipe(recipe(teachers, "sdxl", [phase("g", scale=4, gan=True)]), DistillRecipe),
+                     tmp_path / "run")
+    tr.enter_phase(0)
+    seen = []
+    forward = type(tr.teacher.denoiser).forward
+
+    def spy(self, sample, timestep, encoder_hidden_states, *a, added_cond_kwargs=None, **kw):
+        seen.append((self is tr.critic.fake, sorted(added_cond_kwargs), added_cond_kwargs["time_ids"][0].tolist()))
+        return forward(self, sample, timestep, encoder_hidden_states, *a, added_cond_kwargs=added_cond_kwargs, **kw)
+
+    monkeypatch.setattr(type(tr.teacher.denoiser), "forward", spy)
+    cond = encode(tr.teacher, ["a cat", "a dog"])
+    logs = tr.generator_step(torch.randn(2, 4, 8, 8), torch.full((2,), 999), cond)
+    tr.critic_step(logs["x0"], cond, torch.Generator().manual_seed(0))
+    # generator, fake score (DMD), real score (CFG), D (G's GAN loss); then fake-score loss, D on fakes and reals
+    assert [fake for fake, _, _ in seen] == [False, True, False, True, True, True, True]
+    assert all(keys == ["text_embeds", "time_ids"] and ids == [16, 16, 0, 0, 16, 16] for _, keys, ids in seen)
+
+
+def test_sd3_dmd_draws_shifted_sigmas_and_recovers_x0_from_the_velocity(teachers, tmp_path, monkeypatch):
+    tr = DMD2Trainer(load_recipe(recipe(teachers, "sd3", [phase("e", scale=4)]), DistillRecipe), tmp_path / "run")
+    assert tr.timesteps == [1000.0, 900.0, 750.0, 500.0] and tr.teacher.timestep_dtype == torch.float32
+    # x0 from the flow velocity inverts the forward process at any sigma
+    x0, noise, t = torch.randn(3, 4, 16, 16), torch.randn(3, 4, 16, 16), torch.tensor([999.0, 500.0, 20.0])
+    assert_close(tr.teacher.to_x0(tr.teacher.add_noise(x0, noise, t), noise - x0, t), x0, rel=1e-5)
+    # SD3's shift 3: sigma' = 3 s / (1 + 2 s)
+    assert_close(tr.teacher.shift_timesteps(torch.tensor([0.0, 250.0, 500.0, 1000.0])),
+                 torch.tensor([0.0, 500.0, 750.0, 1000.0]), rel=1e-6)
+    tr.enter_phase(0)
+    seen = []
+    predict = Critic.predict
+    monkeypatch.setattr(Critic, "predict", lambda self, x, t, c: seen.append(t.clone()) or predict(self, x, t, c))
+    g = torch.Generator().manual_seed(5)
+    tr.generator_step(torch.randn(2, 4, 16, 16), torch.full((2,), 1000.0), encode(tr.teacher, ["a", "b"]), g)
+    u = torch.Generator().manual_seed(5)
+    want = tr.teacher.shift_timesteps(tr.teacher.sample_timesteps(2, 20, 981, u))
+    assert_close(seen[0], want, rel=1e-6)  # the DMD timestep s: uniform in [20, 981), then shifted
+    assert not torch.equal(seen[0], seen[0].round())  # continuous, not DDPM integers
+
+
+def test_flow_and_ddpm_student_steps_are_checked_at_load(teachers):
+    r = recipe(teachers, "sd3", [phase("e", scale=4)])
+    del r["student_sigmas"]
+    with pytest.raises(ValueError, match="student_sigmas"):
+        load_recipe(r, DistillRecipe)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        load_recipe({**r, "student_sigmas": [1.5, 0.5]}, DistillRecipe)
+    with pytest.raises(ValueError, match="strictly decrease"):
+        load_recipe({**r, "student_sigmas": [0.5, 0.9]}, DistillRecipe)
+    with pytest.raises(ValueError, match="DDPM"):
+        load_recipe({**recipe(teachers, "sdxl", [phase("e", scale=4)]), "student_sigmas": [1.0]}, DistillRecipe)
+    with pytest.raises(ValueError, match="supports"):
+        load_recipe({**r, "student_sigmas": [1.0], "model": {"path": "x", "kind": "pixart"}}, DistillRecipe)
+
+
+def test_recipes_for_sdxl_and_sd3_load(tmp_path):
+    repo = Path(__file__).resolve().parents[1] / "recipes"
+    lora = load_recipe(repo / "sdxl_dmd2_lora.yaml", DistillRecipe)
+    tsm = load_recipe(repo / "sdxl_dmd2_tsm.yaml", DistillRecipe)
+    sd3 = load_recipe(repo / "sd3_dmd2_tsm.yaml", DistillRecipe)
+    assert lora.model.kind == tsm.model.kind == "sdxl" and sd3.model.kind == "sd3"
+    assert tsm.timesteps() == [999, 749, 499, 249] and tsm.experts.scales == [1, 4]
+    assert sd3.flow and sd3.timesteps(1000) == [1000.0, 900.0, 750.0, 500.0]
+    # one foster phase per student step, then the router; every scale-4 expert is trained
+    fostered = {e for ph in tsm.phases if ph.type == "foster" for e in ph.experts}
+    assert fostered == {0, 1, 2, 3} and tsm.phases[-1].type == "assemble"
