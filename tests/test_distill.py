@@ -312,6 +312,9 @@ def test_plan_needs_no_weight_files_and_matches_a_measured_cpu_step(env, tmp_pat
         (plan,) = plan_recipe(planned)
         tr = DMD2Trainer(recipe(env, phases), tmp_path / f"run{gan}")
         tr.enter_phase(0)
+        for opt in (tr.gen_opt, tr.critic_opt):  # AdamW as on a GPU (foreach), which the plan models
+            for group in opt.param_groups:
+                group["foreach"] = True
         cond = tr.teacher.encode_prompts(["a cat", "a dog"] * 4)
         x_in, t = torch.randn(8, 3, 16, 16), torch.full((8,), 999)
         logs = tr.generator_step(x_in, t, cond)  # a first iteration creates the AdamW moments

@@ -142,6 +142,9 @@ def test_sdxl_conditions_every_network_on_text_embeds_and_time_ids(teachers, tmp
     cond = encode(tr.teacher, ["a cat", "a dog"])
     logs = tr.generator_step(torch.randn(2, 4, 8, 8), torch.full((2,), 999), cond)
     tr.critic_step(logs["x0"], cond, torch.Generator().manual_seed(0))
+    # CFG's unconditional input: zero text states and pooled embedding, the same time ids (DMD2's SDXL)
+    assert not tr.uncond["encoder_hidden_states"].any() and not tr.uncond["text_embeds"].any()
+    assert tr.uncond["time_ids"][0].tolist() == [16, 16, 0, 0, 16, 16]
     # generator, fake score (DMD), real score (CFG), D (G's GAN loss); then fake-score loss, D on fakes and reals
     assert [fake for fake, _, _ in seen] == [False, True, False, True, True, True, True]
     assert all(keys == ["text_embeds", "time_ids"] and ids == [16, 16, 0, 0, 16, 16] for _, keys, ids in seen)
@@ -190,7 +193,80 @@ def test_recipes_for_sdxl_and_sd3_load(tmp_path):
     sd3 = load_recipe(repo / "sd3_dmd2_tsm.yaml", DistillRecipe)
     assert lora.model.kind == tsm.model.kind == "sdxl" and sd3.model.kind == "sd3"
     assert tsm.timesteps() == [999, 749, 499, 249] and tsm.experts.scales == [1, 4]
-    assert sd3.flow and sd3.timesteps(1000) == [1000.0, 900.0, 750.0, 500.0]
+    assert sd3.flow and sd3.timesteps(1000) == pytest.approx([1000.0, 749.0, 499.0, 249.0])
+    from tsm_core.intervals import TimestepIntervals
+    from tsm_distill.trainer import phase_student_steps
+
+    # one scale-4 expert per student step, as on SD1.5
+    for recipe_ in (tsm, sd3):
+        steps = {ph.name: phase_student_steps(ph, recipe_.timesteps(1000), TimestepIntervals(1000, (1, 4)))
+                 for ph in recipe_.phases if ph.type == "foster" and ph.scale == 4}
+        assert sorted(k for ks in steps.values() for k in ks) == [0, 0, 1, 1, 2, 2, 3, 3], steps
     # one foster phase per student step, then the router; every scale-4 expert is trained
     fostered = {e for ph in tsm.phases if ph.type == "foster" for e in ph.experts}
     assert fostered == {0, 1, 2, 3} and tsm.phases[-1].type == "assemble"
+
+
+def test_gan_head_has_dmd2s_sd15_and_sdxl_shapes_and_fits_any_bottleneck():
+    from torch import nn
+
+    from tsm_distill.critic import GANHead
+
+    def convs(head):
+        return [(m.kernel_size[0], m.stride[0]) for m in head.net if isinstance(m, nn.Conv2d)]
+
+    assert convs(GANHead(64, 8)) == [(4, 2), (4, 4), (1, 1)]  # SD1.5: 8x8 mid block
+    assert convs(GANHead(64, 32)) == [(4, 2)] * 3 + [(4, 4), (1, 1)]  # SDXL: 32x32 mid block
+    for side in (2, 4, 8, 12, 16, 32, 64):
+        assert GANHead(16, side)(torch.randn(2, 16, side, side)).shape == (2,)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_plan_from_config_files_matches_a_measured_cpu_step(teachers, kind, tmp_path):
+    import shutil
+
+    from tsm_distill.plan import LiveBytes, plan_recipe
+
+    config_only = tmp_path / "configs"  # the pipeline folder without a single weight file
+    shutil.copytree(teachers[1][kind], config_only, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    phases = [phase("e3", scale=4, experts=[3], gan=True, batch_size=4)]
+    planned = load_recipe(recipe(teachers, kind, phases), DistillRecipe)
+    planned.model.path = str(config_only)
+    (plan,) = plan_recipe(planned)
+    tr = DMD2Trainer(load_recipe(recipe(teachers, kind, phases), DistillRecipe), tmp_path / "run")
+    tr.enter_phase(0)
+    for opt in (tr.gen_opt, tr.critic_opt):  # AdamW as on a GPU (foreach), which the plan models
+        for group in opt.param_groups:
+            group["foreach"] = True
+    cond = encode(tr.teacher, ["a cat", "a dog"] * 2)
+    x_in = torch.randn(4, 4, SIZE[kind], SIZE[kind])
+    t = torch.full((4,), tr.timesteps[0], dtype=tr.teacher.timestep_dtype)
+    logs = tr.generator_step(x_in, t, cond)  # a first iteration creates the AdamW moments
+    tr.critic_step(logs["x0"], cond, torch.Generator().manual_seed(0))
+    with LiveBytes() as gen_step:
+        logs = tr.generator_step(x_in, t, cond)
+    with LiveBytes() as critic_step:
+        tr.critic_step(logs["x0"], cond, torch.Generator().manual_seed(0))
+    modules = (tr.teacher.denoiser, tr.critic, *tr.teacher.text_encoders, tr.teacher.vae)
+    assert plan.weights == sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    for name, want, got in (("generator", gen_step.peak, plan.generator_step),
+                            ("critic", critic_step.peak, plan.critic_step)):
+        assert abs(got - want) <= 0.25 * want, (name, got, want)
+
+
+def test_shipped_config_folders_are_the_published_models():
+    from tsm_distill.plan import _meta_teacher
+
+    root = Path(__file__).resolve().parents[1] / "tsm_distill" / "assets" / "configs"
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    sdxl = _meta_teacher(root / "sdxl", "sdxl")
+    sd3 = _meta_teacher(root / "sd3", "sd3")
+    # Published parameter counts: SDXL base 1.0's UNet and text encoders; SD3 medium's MM-DiT, CLIPs and T5-XXL.
+    assert count(sdxl.denoiser) == 2_567_463_684
+    assert [count(m) for m in sdxl.text_encoders] == [123_060_480, 694_659_840]
+    assert count(sd3.denoiser) == 2_028_328_000
+    assert [count(m) for m in sd3.text_encoders] == [123_650_304, 694_659_840, 4_762_310_656]
+    assert sdxl.latent_size * sdxl.vae_scale == 1024 and sd3.latent_channels == 16

@@ -27,25 +27,29 @@ class _StopAfterMidBlock(Exception):
 
 
 class GANHead(nn.Module):
-    """DMD2's discriminator head (SD1.5: 8x8x1280 bottleneck -> 1 logit).
+    """DMD2's discriminator head, sized from the bottleneck it reads (channels x resolution^2 -> 1 logit).
 
-    Conv k4 s2 -> GroupNorm -> SiLU -> Conv k4 s4 -> GroupNorm -> SiLU -> Conv 1x1 -> 1 logit. The second
-    kernel shrinks for bottlenecks smaller than 8x8 (tiny test models); logits are averaged over any
-    remaining positions, giving one logit per sample.
+    ``[Conv k4 s2 -> GroupNorm -> SiLU] x d -> Conv k4 s4 -> GroupNorm -> SiLU -> Conv 1x1``, with d the
+    stride-2 stages that bring the bottleneck down to 4x4: d = 1 for SD1.5's 8x8 mid block and d = 3 for
+    SDXL's 32x32 one, DMD2's two heads (``main/sd_guidance.py``); other sizes follow the same rule
+    (SD3 at 1024 px: 64x64 tokens, d = 4). The k4 s4 kernel shrinks for bottlenecks already below 4x4
+    (tiny test models); logits are averaged over any remaining positions, giving one logit per sample.
     """
 
     def __init__(self, channels: int, resolution: int = 8):
         super().__init__()
         groups = math.gcd(32, channels)
-        if channels // groups < 2:  # a 1x1 map after the second conv needs >= 2 channels per norm group
+        if channels // groups < 2:  # a 1x1 map after the last conv needs >= 2 channels per norm group
             groups = math.gcd(groups, channels // 2) or 1
-        after = max(1, (resolution + 2 - 4) // 2 + 1)
-        k2 = min(4, after)
-        self.net = nn.Sequential(
-            nn.Conv2d(channels, channels, 4, stride=2, padding=1), nn.GroupNorm(groups, channels), nn.SiLU(),
-            nn.Conv2d(channels, channels, k2, stride=k2), nn.GroupNorm(groups, channels), nn.SiLU(),
-            nn.Conv2d(channels, 1, 1),
-        )
+        downs = max(1, math.ceil(math.log2(resolution / 4))) if resolution > 4 else 1
+        layers, side = [], resolution
+        for _ in range(downs):
+            layers += [nn.Conv2d(channels, channels, 4, stride=2, padding=1), nn.GroupNorm(groups, channels), nn.SiLU()]
+            side = max(1, (side + 2 - 4) // 2 + 1)
+        k = min(4, side)
+        layers += [nn.Conv2d(channels, channels, k, stride=k), nn.GroupNorm(groups, channels), nn.SiLU(),
+                   nn.Conv2d(channels, 1, 1)]
+        self.net = nn.Sequential(*layers)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.net(features).mean(dim=(1, 2, 3))  # (B,)

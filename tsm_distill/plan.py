@@ -2,14 +2,16 @@
 
 The recipe's models are built from their config files alone, on the meta device (no weights are read or
 allocated), so a pipeline folder that holds only ``model_index.json`` and the ``config.json`` files is
-enough (``tsm_distill/assets/configs/sd15`` is SD1.5's). Per phase it reports, for one process:
+enough (``tsm_distill/assets/configs/`` ships SD1.5's, SDXL base 1.0's and SD3 medium's). Per phase it
+reports, for one process:
 
-* **weights**: teacher UNet (real score and generator base), text encoder, VAE, the fake score's copy
-  of the UNet, the TSM experts and router, the GAN head; at the training dtype (fp32 master weights:
+* **weights**: the teacher's denoiser (real score and generator base), text encoders (fp32: they are
+  not cast), VAE, the fake score's copy of the denoiser, the TSM experts and router, the GAN head; at the training dtype (fp32 master weights:
   mixed precision autocasts the compute, not the weights);
 * **optimizer**: AdamW's two fp32 moments of every trainable tensor (generator and critic);
 * **step peak**: the most bytes the generator update or the critic update allocates on top (activations
-  kept for backward, transient outputs, the gradients), measured by running both updates' passes on
+  kept for backward, transient outputs, the gradients, then AdamW's foreach temporaries while the
+  gradients are held), measured by running both updates' passes on
   meta tensors under `LiveBytes` at the phase's per-process batch and the teacher's sample size;
 * **total** = weights + optimizer + step peak.
 
@@ -83,26 +85,63 @@ class PhasePlan:
         return self.weights + self.optimizer + max(self.generator_step, self.critic_step)
 
 
-def _meta_teacher(path: Path):
-    """The teacher's parts built from config files on the meta device (no weight file is opened)."""
+_TEXT_ENCODERS = {"unet": ("CLIPTextModel",), "sdxl": ("CLIPTextModel", "CLIPTextModelWithProjection"),
+                  "sd3": ("CLIPTextModelWithProjection", "CLIPTextModelWithProjection", "T5EncoderModel")}
+
+
+def _meta_teacher(path: Path, kind: str = "unet", max_sequence_length: int | None = None):
+    """The teacher's backbone built from config files on the meta device (no weight file is opened)."""
+    import transformers
     from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import (AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           UNet2DConditionModel)
 
-    from tsm_core.train.backbones import UNetBackbone
+    from tsm_core.train.backbones import SD3Backbone, SDXLBackbone, UNetBackbone
 
-    if not (path / "unet" / "config.json").is_file():
-        raise FileNotFoundError(f"{path / 'unet' / 'config.json'} does not exist: --plan needs a local pipeline "
+    sub = "transformer" if kind == "sd3" else "unet"
+    shipped = {"unet": "sd15"}.get(kind, kind)
+    if not (path / sub / "config.json").is_file():
+        raise FileNotFoundError(f"{path / sub / 'config.json'} does not exist: --plan needs a local pipeline "
                                 "folder with at least model_index.json and the config.json files (no weights); "
-                                "e.g. tsm_distill/assets/configs/sd15, or `huggingface-cli download REPO "
-                                "--include '*.json' '*.txt'`")
+                                f"e.g. tsm_distill/assets/configs/{shipped}, or "
+                                "`huggingface-cli download REPO --include '*.json' '*.txt'`")
+    denoiser_cls = SD3Transformer2DModel if kind == "sd3" else UNet2DConditionModel
+    with init_empty_weights(include_buffers=True):  # SD3's positional table is a buffer the passes read
+        denoiser = denoiser_cls.from_config(denoiser_cls.load_config(path / sub))
     with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(path / "unet"))
-        text = CLIPTextModel(CLIPTextConfig.from_pretrained(path / "text_encoder"))
+        texts = []
+        for i, name in enumerate(_TEXT_ENCODERS[kind]):
+            folder = path / ("text_encoder" if i == 0 else f"text_encoder_{i + 1}")
+            if (folder / "config.json").is_file():  # SD3 may come without its T5
+                texts.append(getattr(transformers, name)(transformers.AutoConfig.from_pretrained(folder)))
         vae = (AutoencoderKL.from_config(AutoencoderKL.load_config(path / "vae"))
                if (path / "vae" / "config.json").is_file() else None)
-    schedule = DDPMScheduler.from_config(DDPMScheduler.load_config(path / "scheduler"))
-    return UNetBackbone(unet, [text], [None], vae, schedule, path=str(path))
+    for encoder in texts:
+        encoder.tie_weights()  # T5's input embedding is its shared one: count it once (not inside the meta context)
+    sched_cls = FlowMatchEulerDiscreteScheduler if kind == "sd3" else DDPMScheduler
+    scheduler = sched_cls.from_config(sched_cls.load_config(path / "scheduler"))
+    if kind == "sd3":
+        return SD3Backbone(denoiser, texts, [None] * len(texts), vae, scheduler, path=str(path),
+                           max_sequence_length=max_sequence_length or 256)
+    cls = SDXLBackbone if kind == "sdxl" else UNetBackbone
+    return cls(denoiser, texts, [None] * len(texts), vae, scheduler, path=str(path))
+
+
+def _meta_cond(teacher, batch: int, dtype: torch.dtype) -> dict:
+    """Meta tensors shaped like ``teacher.encode_prompts`` of ``batch`` prompts (no tokenizer needed)."""
+    def empty(*shape):
+        return torch.empty(*shape, device="meta", dtype=dtype)
+
+    encoders = teacher.text_encoders
+    tokens = encoders[0].config.max_position_embeddings
+    if teacher.kind == "sd3":  # CLIP tokens then T5 tokens, at the joint width; both CLIPs' pooled outputs
+        return {"encoder_hidden_states": empty(batch, tokens + teacher.max_sequence_length,
+                                               teacher.denoiser.config.joint_attention_dim),
+                "pooled_projections": empty(batch, sum(e.config.projection_dim for e in encoders[:2]))}
+    cond = {"encoder_hidden_states": empty(batch, tokens, sum(e.config.hidden_size for e in encoders))}
+    if teacher.kind == "sdxl":
+        cond.update(text_embeds=empty(batch, encoders[-1].config.projection_dim), time_ids=empty(batch, 6))
+    return cond
 
 
 def _bytes(params) -> int:
@@ -161,46 +200,45 @@ def plan_recipe(recipe, num_processes: int = 1) -> list[PhasePlan]:
     from .critic import Critic
     from .trainer import per_process_batch, phase_student_steps, set_phase_mode
 
-    teacher = _meta_teacher(Path(recipe.model.path))
-    unet, text, vae = teacher.denoiser, teacher.text_encoders[0], teacher.vae
+    teacher = _meta_teacher(Path(recipe.model.path), recipe.model.kind, recipe.model.max_sequence_length)
+    denoiser = teacher.denoiser
     dtype = DTYPES[recipe.train.mixed_precision]
     uses_gan = any(ph.gan for ph in recipe.phases)
     ec, cc = recipe.experts, recipe.critic
     T = teacher.num_timesteps
+    timesteps = recipe.timesteps(T)
     with init_empty_weights():
         critic = Critic(teacher, cc.lora_rank, tuple(cc.lora_targets), uses_gan)
-        tsm = attach(unet, ec.tsm_config(ec.scales, T))
+        tsm = attach(denoiser, ec.tsm_config(ec.scales, T))
     if recipe.train.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
         critic.fake.enable_gradient_checkpointing()
-    size, channels = unet.config.sample_size, unet.config.in_channels
-    seq, width = text.config.max_position_embeddings, text.config.hidden_size
-    frozen = [*text.parameters(), *(vae.parameters() if vae is not None else [])]
+    frozen = [p for m in (*teacher.text_encoders, teacher.vae) if m is not None for p in m.parameters()]
     plans = []
     for i, ph in enumerate(recipe.phases):
         B = per_process_batch(ph.batch_size, num_processes, f"phases[{i}] ({ph.name!r}).batch_size")
         with init_empty_weights():  # the router's parameters appear with the first mixture phase
             set_phase_mode(tsm, ph)
         # A timestep the phase trains (its expert's), so the generator pass has the phase's gradients.
-        t = recipe.student_timesteps[phase_student_steps(ph, list(recipe.student_timesteps), tsm.intervals)[0]]
-        passes = _Passes(unet, tsm, critic, B, channels, size, seq, width, dtype, ph.gan, t)
+        t = timesteps[phase_student_steps(ph, timesteps, tsm.intervals)[0]]
+        passes = _Passes(teacher, tsm, critic, B, dtype, ph.gan, t)
         gen = sum(p.numel() for p in tsm.trainable_parameters())
         crit = sum(p.numel() for p in passes.critic_trainable)
-        weights = _bytes([*unet.parameters(), *critic.parameters(), *frozen])  # unet holds the experts too
+        weights = _bytes([*denoiser.parameters(), *critic.parameters(), *frozen])  # the denoiser holds the experts
         optimizer = 2 * 4 * (gen + crit)  # AdamW: two fp32 moments per element
         # The GAN head stays fp32 in the critic update (DMD2 runs it outside autocast).
         plans.append(PhasePlan(ph.name, B, ph.gan, gen, crit, weights, optimizer,
-                               _step_peak(passes, passes.generator_update, unet),
+                               _step_peak(passes, passes.generator_update, denoiser),
                                _step_peak(passes, passes.critic_update, critic.fake)))
     return plans
 
 
 @contextlib.contextmanager
-def _routed_on_meta(tsm, batch: int, t: int):
+def _routed_on_meta(tsm, batch: int, t: float, dtype: torch.dtype = torch.long):
     """``tsm.timesteps`` for meta activations: routing is decided on the CPU (it reads the timestep values,
     which meta tensors do not have), then its tensors move to meta. DMD2 shares one student step per
     iteration, so every layer takes the shared-expert path, as in training."""
-    state = tsm.context.push(torch.full((batch,), t, dtype=torch.long))
+    state = tsm.context.push(torch.full((batch,), t, dtype=dtype))
     meta = torch.device("meta")
     state.t, state.router_rows = state.t.to(meta), state.router_rows.to(meta)
     state.index = {n: i.to(meta) for n, i in state.index.items()}
@@ -216,23 +254,25 @@ class _Passes:
     D on the generator's output in GAN phases, backward; then the fake score's denoising forward with
     grad and D on fakes and reals, backward."""
 
-    def __init__(self, unet, tsm, critic, batch, channels, size, seq, width, dtype, gan, t):
-        self.unet, self.tsm, self.critic, self.gan = unet, tsm, critic, gan
+    def __init__(self, teacher, tsm, critic, batch, dtype, gan, t):
+        self.teacher, self.tsm, self.critic, self.gan = teacher, tsm, critic, gan
         self.critic_trainable = [p for p in critic.parameters() if p.requires_grad]
         self.dtype = dtype
         meta = torch.device("meta")
-        self.x = torch.empty(batch, channels, size, size, device=meta, dtype=dtype)
-        self.t = torch.full((batch,), t, device=meta, dtype=torch.long)
+        self.x = torch.empty(teacher.noise_shape(batch, teacher.latent_size), device=meta, dtype=dtype)
+        self.t = torch.full((batch,), t, device=meta, dtype=teacher.timestep_dtype)
         self.t_value = t
-        self.cond = torch.empty(batch, seq, width, device=meta, dtype=dtype)
-        self.cond_dict = {"encoder_hidden_states": self.cond}  # the critic takes the backbone's conditioning
+        self.cond = _meta_cond(teacher, batch, dtype)
 
-    def _critic_cond(self, dtype=None) -> dict:
-        return {k: v if dtype is None else v.to(dtype) for k, v in self.cond_dict.items()}
+    def _cond(self, dtype=None) -> dict:
+        return {k: v if dtype is None else v.to(dtype) for k, v in self.cond.items()}
 
     @contextlib.contextmanager
     def cast(self, *modules):
         """Run with these modules' weights in the compute dtype (the planner's stand-in for autocast)."""
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()  # its "keep these modules in float32" note is about loading
         if self.dtype is not torch.float32:
             for m in modules:
                 m.to(self.dtype)
@@ -254,31 +294,44 @@ class _Passes:
     def _generator_update(self) -> None:
         # The generator and the real score run under autocast (the caller cast the UNet); the fake score's
         # DMD pass runs in fp32 (DMD2), and so does D here (under autocast in training: an overestimate).
-        with _routed_on_meta(self.tsm, self.t.shape[0], self.t_value):
-            x0 = self.unet(self.x, self.t, encoder_hidden_states=self.cond).sample
+        from tsm_core.train.backbones import cat_cond
+
+        with _routed_on_meta(self.tsm, self.t.shape[0], self.t_value, self.teacher.timestep_dtype):
+            x0 = self.teacher.predict(self.x, self.t, self.cond)
             with torch.no_grad(), self.tsm.bypass():  # the real score is the plain teacher
-                fake = self.critic.predict(x0.float(), self.t, self._critic_cond(torch.float32))  # fp32, like DMD2
-                real = self.unet(torch.cat([x0, x0]), torch.cat([self.t, self.t]),
-                                 encoder_hidden_states=torch.cat([self.cond, self.cond])).sample
+                fake = self.critic.predict(x0.float(), self.t, self._cond(torch.float32))  # fp32, like DMD2
+                real = self.teacher.predict(torch.cat([x0, x0]), torch.cat([self.t, self.t]),
+                                            cat_cond([self.cond, self.cond]))
                 target = (x0 - (fake - real.chunk(2)[0])).detach()
             loss = (x0.float() - target.float()).pow(2).mean()
             if self.gan:
                 loss = loss + self.critic.discriminate(x0.float(), torch.zeros_like(self.t),
-                                                         self._critic_cond(torch.float32)).mean()
+                                                       self._cond(torch.float32)).mean()
             loss.backward()
+            _optimizer_temporaries(self.tsm.trainable_parameters())
             for p in self.tsm.trainable_parameters():
                 p.grad = None
 
     def critic_update(self) -> None:
         x0 = self.x.detach()
-        cond = self._critic_cond()
+        cond = self._cond()
         loss = (self.critic.predict(x0, self.t, cond) - x0).pow(2).mean()
         if self.gan:  # D on the fakes and on as many reals
             zero = torch.zeros_like(self.t)
             loss = loss + self.critic.discriminate(x0, zero, cond).mean() + self.critic.discriminate(x0, zero, cond).mean()
         loss.backward()
+        _optimizer_temporaries(self.critic_trainable)
         for p in self.critic_trainable:
             p.grad = None
+
+
+def _optimizer_temporaries(params) -> None:
+    """What the update's AdamW step allocates while the gradients are still held: on a GPU (foreach AdamW,
+    torch's default there) one fp32 list the size of the parameters. Measured: a second
+    ``AdamW(foreach=True)`` step on meta tensors under `LiveBytes` allocates exactly 1x their bytes; for a
+    full-copy fake score (2.6B parameters on SDXL) that is 10 GB, so it is part of the step peak."""
+    temporaries = [torch.empty(p.shape, device="meta", dtype=torch.float32) for p in params]
+    del temporaries
 
 
 def format_plan(plans: list[PhasePlan], recipe_path: str, model_path: str, num_processes: int) -> str:

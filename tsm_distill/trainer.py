@@ -89,8 +89,9 @@ class DMD2Trainer(PhasedTrainer):
         self.timesteps = recipe.timesteps(T)
         if self.teacher.timestep_dtype == torch.long and max(self.timesteps) >= T:
             raise ValueError(f"student timestep {max(self.timesteps)} >= the teacher's {T} training timesteps")
-        # The real score's unconditional input is the teacher's own encoding of "" (DMD2).
-        self.uncond = encode(self.teacher, [""])
+        # The real score's unconditional input: the encoding of "" (SD1.5, SD3), zeros for SDXL (DMD2).
+        with torch.no_grad():
+            self.uncond = self.teacher.unconditional()
         self.prompts = PromptSource(recipe.data.prompts)
         if uses_gan and not recipe.data.real_images:
             raise ValueError("a GAN phase needs data.real_images (latent cache, image folder, shards or builtin:fmnist)")

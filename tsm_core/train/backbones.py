@@ -206,6 +206,11 @@ class Backbone:
         """The `bottleneck` module's output as a feature map (B, C, h, w)."""
         return output
 
+    def unconditional(self) -> Cond:
+        """One row of the conditioning classifier-free guidance pairs with the prompts: the encoding of ""
+        (SD1.5 and SD3, as DMD2 and diffusers' pipelines do)."""
+        return self.encode_prompts([""])
+
     @property
     def latent_size(self) -> int:
         """The denoiser's native sample size per side, in model space (latents, or pixels without a VAE)."""
@@ -384,6 +389,12 @@ class SDXLBackbone(UNetBackbone):
         time_ids = torch.tensor([size, size, 0.0, 0.0, size, size], device=self.device).expand(len(prompts), 6)
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled,
                 "time_ids": time_ids.to(pooled.dtype)}
+
+    def unconditional(self) -> Cond:
+        """Zeros for the text states and the pooled embedding, the same ``time_ids``: SDXL's unconditional
+        input in DMD2's SDXL runs and in diffusers' pipeline (``force_zeros_for_empty_prompt``)."""
+        cond = self.encode_prompts([""])
+        return {k: v if k == "time_ids" else torch.zeros_like(v) for k, v in cond.items()}
 
     def predict(self, x_t, t, cond, denoiser=None):
         return (denoiser or self.denoiser)(
