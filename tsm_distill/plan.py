@@ -93,8 +93,13 @@ def _meta_teacher(path: Path, kind: str = "unet", max_sequence_length: int | Non
     """The teacher's backbone built from config files on the meta device (no weight file is opened)."""
     import transformers
     from accelerate import init_empty_weights
-    from diffusers import (AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+    )
 
     from tsm_core.train.backbones import SD3Backbone, SDXLBackbone, UNetBackbone
 
