@@ -270,3 +270,30 @@ def test_shipped_config_folders_are_the_published_models():
     assert count(sd3.denoiser) == 2_028_328_000
     assert [count(m) for m in sd3.text_encoders] == [123_650_304, 694_659_840, 4_762_310_656]
     assert sdxl.latent_size * sdxl.vae_scale == 1024 and sd3.latent_channels == 16
+
+
+def test_stock_sdxl_pipeline_with_the_student_matches_our_sampler(teachers):
+    from diffusers import StableDiffusionXLPipeline
+
+    from tsm_distill.rollout import sample
+    from tsm_distill.sampler import use_student_in_pipeline
+
+    path = teachers[1]["sdxl"]
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(path))
+    tsm = attach(pipe.unet, TSMConfig(scales=(1, 4), target_modules=TARGETS["sdxl"]))
+    perturb(tsm)
+    tsm.set_mode("expert", scale=4)
+    kwargs = use_student_in_pipeline(pipe, tsm)
+    latents = pipe(["a cat"], height=16, width=16, output_type="latent", generator=torch.Generator().manual_seed(0),
+                   **kwargs).images
+    # Our sampler on the same UNet, with the pipeline's noise stream (one generator, drawn in order).
+    teacher = load_teacher(path, "sdxl")
+    teacher.denoiser = pipe.unet
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn((1, 4, 8, 8), generator=g)
+    ours = sample(Student(teacher, tsm).predict_x0(encode(teacher, ["a cat"])), noise, [999, 749, 499, 249], teacher, g)
+    assert_close(latents, ours, rel=1e-4)
+    tsm.set_mode("off")
+    base = sample(Student(teacher, tsm).predict_x0(encode(teacher, ["a cat"])), noise, [999, 749, 499, 249], teacher,
+                  torch.Generator().manual_seed(0))
+    assert not close(base, ours, rel=1e-3)

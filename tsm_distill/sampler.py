@@ -2,7 +2,8 @@
 
 * :func:`generate` runs the student exactly as it was trained (``rollout.sample``): predict x0 at each
   student timestep through that step's expert (or the mixture), re-noise to the next one.
-* :func:`use_student_in_pipeline` plugs the same student into a stock ``StableDiffusionPipeline``:
+* :func:`use_student_in_pipeline` plugs the same student into a stock ``StableDiffusionPipeline`` or
+  ``StableDiffusionXLPipeline`` (both tested against :func:`generate`'s rollout):
   it swaps in an ``LCMScheduler`` (predict x0, re-noise to the next timestep: the student's
   sampler) and routes every UNet call by the timestep the pipeline passes to it.
 """
@@ -42,7 +43,7 @@ def generate(teacher, tsm, prompts: Sequence[str], seeds: Sequence[int], timeste
 
 
 def use_student_in_pipeline(pipe, tsm, timesteps: Sequence[int] = (999, 749, 499, 249)) -> dict:
-    """Make a stock ``StableDiffusionPipeline`` sample with the student.
+    """Make a stock ``StableDiffusionPipeline`` (or ``StableDiffusionXLPipeline``) sample with the student.
 
     Returns the keyword arguments to call the pipeline with (``timesteps`` and ``guidance_scale=1``:
     the student was distilled with the teacher's guidance built in)::
