@@ -297,3 +297,17 @@ def test_stock_sdxl_pipeline_with_the_student_matches_our_sampler(teachers):
     base = sample(Student(teacher, tsm).predict_x0(encode(teacher, ["a cat"])), noise, [999, 749, 499, 249], teacher,
                   torch.Generator().manual_seed(0))
     assert not close(base, ours, rel=1e-3)
+
+
+def test_plan_cli_prints_the_shipped_sdxl_recipe_from_the_shipped_configs(capsys):
+    from tsm_distill.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    assert main([str(repo / "recipes" / "sdxl_dmd2_lora.yaml"), "--plan", "--processes", "8",
+                 "--set", f"model.path={repo / 'tsm_distill' / 'assets' / 'configs' / 'sdxl'}"]) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| lora_gan |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "16" and cells[2] == "yes"  # global batch 128 over 8 processes; the GAN phase
+    weights, optimizer, total = float(cells[5]), float(cells[6]), float(cells[9].strip("*"))
+    # fp32 weights of the 2.57B UNet twice (generator base, fake score) plus both CLIPs and the VAE
+    assert 2 * 2_567_463_684 * 4 / 2**30 < weights < 25 and total > weights + optimizer
