@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from tsm_core.train.accel import make_accelerator
+from tsm_core.train.fsdp import full
 from tsm_core.train.recipe import load_recipe
 from tsm_distill import DistillRecipe, DMD2Trainer, rollout
 from tsm_distill import trainer as trainer_module
@@ -50,10 +51,23 @@ if __name__ == "__main__":
     Critic.discriminate = lambda self, x, t, c: draws["discriminate_t"].append(t.clone()) or discriminate(self, x, t, c)
     trainer = DMD2Trainer(recipe, run_dir, accelerator=acc)
     trainer.train()
+    if len(sys.argv) > 3 and sys.argv[3] == "resume-last":
+        # Forget the last step: its checkpoint and the final adapter; a new trainer resumes from the one
+        # before and must redo that step exactly (module, optimizer and RNG states restored).
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            import shutil
+
+            shutil.rmtree(trainer.ckpt.latest())
+            shutil.rmtree(run_dir / "adapter")
+        acc.wait_for_everyone()
+        trainer = DMD2Trainer(recipe, run_dir, accelerator=acc)
+        trainer.train(resume=True)
     out = run_dir.parent
     rank = acc.process_index
     save_file({k: v.contiguous() for k, v in trainer.tsm.state_dict().items()}, out / f"rank{rank}.safetensors")
-    save_file({k: v.detach().contiguous() for k, v in trainer.critic.trainable_state().items()},
+    # full(): a sharded (FSDP) critic's tensors whole; every process calls it, in the same order
+    save_file({k: full(v.detach()).contiguous() for k, v in trainer.critic.trainable_state().items()},
               out / f"critic{rank}.safetensors")
     (out / f"prompts{rank}.json").write_text(json.dumps(seen))
     torch.save(draws, out / f"draws{rank}.pt")

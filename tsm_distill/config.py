@@ -120,6 +120,10 @@ class TrainConfig:
     sample_prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a red car on a road"])
     sample_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     threads: int | None = None
+    fsdp: bool = False
+    """Shard the critic (fake score + GAN head: DMD2's full trainable copy of the teacher) over the
+    processes with FSDP2, so its weights, gradients and AdamW moments take 1/N of the memory each; needs
+    ``accelerate launch`` with N processes. The generator (frozen base + experts) stays replicated."""
 
     def __post_init__(self):
         # Checked here, not when first used: checkpoint_every = 0 used to divide by zero after step 1,

@@ -100,6 +100,15 @@ class Critic(nn.Module):
         if self._stop_early:
             raise _StopAfterMidBlock
 
+    def shard_units(self) -> list[nn.Module]:
+        """The FSDP units when the critic is sharded (``train.fsdp``), innermost first: every block of the
+        fake denoiser, then the fake denoiser (the rest of it) and the head, the two modules called."""
+        fake = self.fake
+        mid = [fake.mid_block] if getattr(fake, "mid_block", None) is not None else []
+        blocks = [*getattr(fake, "down_blocks", []), *mid, *getattr(fake, "up_blocks", []),
+                  *getattr(fake, "transformer_blocks", [])]
+        return [*blocks, fake, *([self.head] if self.head is not None else [])]
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint needs: trainable fake-score weights and the head."""
         return {n: p for n, p in self.named_parameters() if p.requires_grad or n.startswith("head.")}

@@ -98,7 +98,11 @@ class DMD2Trainer(PhasedTrainer):
         self.real = (RealSource(recipe.data.real_images, recipe.data.resolution, self.teacher.vae_encode)
                      if uses_gan else None)
         if uses_gan:
-            self._check_gan_fits()
+            self._check_gan_fits()  # may rebuild the head: before sharding
+        if tc.fsdp:
+            from tsm_core.train.fsdp import shard
+
+            shard(self.critic.shard_units())
         self.ema = EMA(self.tsm.state_dict(), tc.ema_decay) if tc.ema_decay else None
         self.per_process_batch = [per_process_batch(ph.batch_size, self.acc.num_processes, f"phases[{i}] "
                                                     f"({ph.name!r}).batch_size") for i, ph in enumerate(recipe.phases)]
@@ -182,7 +186,12 @@ class DMD2Trainer(PhasedTrainer):
                                                            weight_decay=ph.weight_decay)
         self.critic_opt, self.critic_sched = self.make_optimizer(self.critic_params, ph.lr_critic, ph.warmup_steps,
                                                                  weight_decay=ph.weight_decay)
-        self.optimizers = {"generator": self.gen_opt, "critic": self.critic_opt}
+        critic_opt = self.critic_opt
+        if self.recipe.train.fsdp:
+            from tsm_core.train.fsdp import ShardedOptimizer
+
+            critic_opt = ShardedOptimizer(self.critic, self.critic_opt)  # its moments are shards: checkpointed whole
+        self.optimizers = {"generator": self.gen_opt, "critic": critic_opt}
         self.schedulers = {"generator": self.gen_sched, "critic": self.critic_sched}
 
     # ------------------------------------------------------------------ one iteration
@@ -344,8 +353,13 @@ class DMD2Trainer(PhasedTrainer):
         self.check_finite(bad, f"the {name}'s x0 is not finite, so the generator's DMD")
 
     def checkpoint_modules(self) -> dict:
-        modules = {"generator": self.tsm.state_dict(),
-                   "critic": {k: v.detach() for k, v in self.critic.trainable_state().items()}}
+        if self.recipe.train.fsdp:
+            from tsm_core.train.fsdp import ShardedState
+
+            critic = ShardedState(self.critic, self.critic.trainable_state())
+        else:
+            critic = {k: v.detach() for k, v in self.critic.trainable_state().items()}
+        modules = {"generator": self.tsm.state_dict(), "critic": critic}
         if self.ema is not None:
             modules["ema"] = self.ema.state_dict()
         return modules

@@ -15,8 +15,10 @@ temporary folder, which `CheckpointManager.latest` ignores and the next save del
 
 Scope: under DDP every process holds the same weights and optimizer state, so the main process
 writes them; each process adds its own ``rng_state_{rank}.pt``, so multi-node runs need a run
-folder on a shared file system (as ``accelerator.save_state`` does). Sharded training (FSDP /
-DeepSpeed ZeRO) holds shards per process; use ``accelerator.save_state`` there instead.
+folder on a shared file system (as ``accelerator.save_state`` does). Sharded entries (FSDP2,
+`tsm_core.train.fsdp.ShardedState` / ``ShardedOptimizer``: objects with ``gather()`` and
+``scatter(saved)``) are gathered to full tensors on every process before the main one writes, and
+scattered back after every process read the files: the files are the same as an unsharded run's.
 """
 
 from __future__ import annotations
@@ -225,6 +227,9 @@ class CheckpointManager:
         except (TypeError, ValueError) as e:
             raise ValueError(f"trainer state must be JSON-able (no tensors, NaN or objects): {e}") from e
 
+        # Sharded entries are gathered by every process (collectives), before only the main one writes.
+        modules = {k: m.gather() if hasattr(m, "gather") else m for k, m in modules.items()}
+        optimizer_states = {k: o.gather() if hasattr(o, "gather") else None for k, o in optimizers.items()}
         final = self.dir / f"step_{step:08d}"
         tmp = self.dir / f"{TMP_PREFIX}step_{step:08d}"
         if self._is_main:
@@ -240,7 +245,8 @@ class CheckpointManager:
                 sd = self._unwrap(m).state_dict() if isinstance(m, nn.Module) else m
                 save_file(_tensors_for_saving(sd), tmp / f"{name}.safetensors", metadata={"step": str(step)})
                 _fsync_file(tmp / f"{name}.safetensors")
-            _torch_save({k: o.state_dict() for k, o in optimizers.items()}, tmp / OPTIM_FILE)
+            _torch_save({k: o.state_dict() if optimizer_states[k] is None else optimizer_states[k]
+                         for k, o in optimizers.items()}, tmp / OPTIM_FILE)
             _torch_save({k: s.state_dict() for k, s in schedulers.items()}, tmp / SCHED_FILE)
             # The state file is the completion marker inside the folder: written last.
             (tmp / STATE_FILE).write_text(state_text)
@@ -307,7 +313,10 @@ class CheckpointManager:
                     saved = sorted(p.stem for p in path.glob("*.safetensors"))
                     raise ValueError(f"checkpoint {path} has no module {name!r}; it has: {saved}")
                 continue
-            self._load_tensors(name, target, load_file(file, device="cpu"), strict)
+            if hasattr(target, "scatter"):  # a sharded module: every process loads its shards
+                target.scatter(load_file(file, device="cpu"))
+            else:
+                self._load_tensors(name, target, load_file(file, device="cpu"), strict)
 
         for file, wanted in ((OPTIM_FILE, optimizers), (SCHED_FILE, schedulers)):
             if not wanted:
@@ -319,7 +328,10 @@ class CheckpointManager:
                         raise ValueError(f"checkpoint {path} has no {file[:-3].rstrip('s')} {name!r}; "
                                          f"it has: {sorted(saved)}")
                     continue
-                obj.load_state_dict(saved[name])
+                if hasattr(obj, "scatter"):
+                    obj.scatter(saved[name])
+                else:
+                    obj.load_state_dict(saved[name])
 
         rng_file = path / f"rng_state_{self._rank}.pt"
         if not rng_file.is_file():

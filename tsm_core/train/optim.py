@@ -45,7 +45,11 @@ def sync_gradients(params: Sequence[torch.nn.Parameter], accelerator) -> None:
     """
     if accelerator.num_processes == 1:
         return
+    from .fsdp import is_sharded
+
     for p in params:
+        if is_sharded(p):  # FSDP2 already reduce-scattered its gradient to the mean (tsm_core.train.fsdp)
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))

@@ -47,6 +47,7 @@ import yaml
 from ..serialization import atomic_write_text
 from .accel import make_accelerator
 from .checkpoint import TMP_PREFIX, CheckpointManager
+from .fsdp import full
 from .logging import RunLogger, progress
 from .optim import check_finite, clip_gradients, sync_gradients, warmup_schedule
 from .recipe import recipe_to_dict, save_recipe
@@ -341,7 +342,7 @@ class PhasedTrainer:
         """Average the gradients over processes, clip them, step and zero; returns the norm before clipping."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
         sync_gradients(params, self.acc)
-        norm = clip_gradients(params, self.acc, self.max_grad_norm)
+        norm = full(clip_gradients(params, self.acc, self.max_grad_norm))  # sharded params give a DTensor norm
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return norm

@@ -1,0 +1,104 @@
+"""Fully sharded training of a trainer's large trainable module with FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+DMD2's fake score is a full trainable copy of the teacher: on SDXL 2.6B parameters, whose fp32 weights,
+gradients and AdamW moments (16 bytes per parameter, 43 GB) dominate a GPU's memory. `shard` splits
+them over the processes: each holds 1/N of every tensor (a DTensor), all-gathers a block's weights just
+before the block runs and frees them after, and reduce-scatters the gradients (their mean over the
+processes, which is what `tsm_core.train.optim.sync_gradients` computes for unsharded tensors, so
+sharded and unsharded parameters follow one rule).
+
+Checkpoints stay one set of full tensors, whatever the number of processes: `ShardedState` and
+`ShardedOptimizer` are checkpoint entries that `CheckpointManager` gathers on every process before the
+main one writes (``gather``) and scatters back after every process read the files (``scatter``).
+DMD2 itself saves no optimizer state under FSDP and cannot resume such a run; here it resumes exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is an FSDP2 shard (a DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor's full value (collective: every process must call it); others as they are."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def shard(units: Iterable[nn.Module]) -> None:
+    """Shard every module of ``units`` over all processes, innermost first: each is one FSDP2 unit (its
+    weights not in an earlier unit are gathered only while it runs). The outermost units must be the
+    modules the trainer calls (FSDP2 gathers on a unit's own forward), e.g. a critic's fake denoiser and
+    its GAN head, not the critic object around them.
+
+    Raises:
+        ValueError: no process group (FSDP needs ``accelerate launch`` / ``torchrun`` with N processes).
+    """
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("train.fsdp shards over processes, but this run has no process group: launch it with "
+                         "`accelerate launch --num_processes N -m tsm_distill.cli ...` (or torchrun), or set "
+                         "train.fsdp: false")
+    for unit in units:
+        fully_shard(unit)
+
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+class ShardedState:
+    """Checkpoint entry for the tensors ``keys`` of a sharded module, written as full tensors.
+
+    ``gather()`` (every process) returns them whole on the main process (empty elsewhere: moved to
+    the CPU there only); ``scatter(saved)`` (every process, each with the saved dict) loads them back
+    into the shards.
+    """
+
+    def __init__(self, module: nn.Module, keys: Iterable[str]):
+        self.module, self.keys = module, set(keys)
+
+    def gather(self) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = get_model_state_dict(self.module, options=_options(cpu_offload=True))
+        return {k: v for k, v in state.items() if k in self.keys}
+
+    def scatter(self, saved: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        unknown = sorted(set(saved) - self.keys)
+        if unknown:
+            raise ValueError(f"the checkpoint holds {len(unknown)} tensor(s) this sharded module does not train, "
+                             f"e.g. {unknown[:3]}; was it written by the same recipe?")
+        set_model_state_dict(self.module, saved, options=_options(strict=False))
+
+
+class ShardedOptimizer:
+    """Checkpoint entry for the optimizer of a sharded module (its moments are shards too)."""
+
+    def __init__(self, module: nn.Module, optimizer):
+        self.module = module
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch one
+
+    def gather(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.module, self.optimizer, options=_options(cpu_offload=True))
+
+    def scatter(self, saved: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.module, self.optimizer, saved, options=_options())
