@@ -236,7 +236,7 @@ def test_fsdp_critic_trains_like_the_replicated_one_and_resumes_exactly(env, tmp
              "experts": {"rank": 2, "alpha": 2, "scales": [4], "target_modules": ["to_q", "to_v"]},
              "data": {"prompts": str(d / "prompts.txt"), "real_images": str(d / "real.pt")},
              "train": {"sample_every": 0, "checkpoint_every": 1, "fsdp": fsdp},
-             "phases": [phase("e", steps=3, scale=4, experts=[3], gan=True, batch_size=4)]}
+             "phases": [phase("e", steps=2, scale=4, experts=[3], gan=True, batch_size=4)]}
         where.mkdir()
         gen = run_two_processes(r, where, *mode)
         return gen, tuple(load_file(where / f"critic{rank}.safetensors") for rank in (0, 1))
@@ -244,11 +244,12 @@ def test_fsdp_critic_trains_like_the_replicated_one_and_resumes_exactly(env, tmp
     (g_fsdp, c_fsdp), (g_ddp, c_ddp) = run(True, tmp_path / "fsdp"), run(False, tmp_path / "ddp")
     assert all(torch.equal(c_fsdp[0][k], c_fsdp[1][k]) for k in c_fsdp[0])  # one critic, gathered on both
     assert c_fsdp[0].keys() == c_ddp[0].keys() and any(k.startswith("head.") for k in c_fsdp[0])
-    # Norm-relative 2e-3: AdamW divides by sqrt(v), so a parameter whose gradients are near zero (a norm's
-    # bias) moves by ~lr whatever their size, and the reduce-scatter's summation order shows there at ~1e-3
-    # of that step (seen: 3e-6 on updates of 1e-3), not in the tensors' values.
+    # Absolute, in units of the learning rate (1e-3): the reduce-scatter sums the ranks' gradients in
+    # another order, a few ulps; AdamW's lr * m / (sqrt(v) + eps) amplifies that where gradients are near
+    # zero or change sign between steps (seen: 7e-7 after one step, 9e-5 after three). A real difference
+    # (a lost, doubled or unsynced gradient) moves elements by whole multiples of lr.
     for k in c_ddp[0]:
-        assert_close(c_fsdp[0][k], c_ddp[0][k], rel=2e-3, msg=k)
+        assert (c_fsdp[0][k] - c_ddp[0][k]).abs().max() <= 0.02 * 1e-3 * 2, k
     for k in g_ddp[0]:
         assert_close(g_fsdp[0][k], g_ddp[0][k], rel=1e-4, msg=k)
     assert any(".s4_e3" in k and "lora_B" in k and g_fsdp[0][k].abs().sum() > 0 for k in g_fsdp[0])  # it trained

@@ -249,6 +249,13 @@ def test_plan_from_config_files_matches_a_measured_cpu_step(teachers, kind, tmp_
         tr.critic_step(logs["x0"], cond, torch.Generator().manual_seed(0))
     modules = (tr.teacher.denoiser, tr.critic, *tr.teacher.text_encoders, tr.teacher.vae)
     assert plan.weights == sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    # train.fsdp over 2 processes: the critic's weights and moments count half per process
+    planned.train.fsdp = True
+    (sharded,) = plan_recipe(planned, num_processes=2)
+    critic_bytes = sum(p.numel() * p.element_size() for p in tr.critic.parameters())
+    assert abs(sharded.weights - (plan.weights - critic_bytes / 2)) <= 1
+    assert abs(sharded.optimizer - 8 * (plan.trainable_generator + plan.trainable_critic / 2)) <= 8
+    assert sharded.critic_step < plan.critic_step and sharded.total < plan.total
     for name, want, got in (("generator", gen_step.peak, plan.generator_step),
                             ("critic", critic_step.peak, plan.critic_step)):
         assert abs(got - want) <= 0.25 * want, (name, got, want)

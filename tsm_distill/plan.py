@@ -15,6 +15,9 @@ reports, for one process:
   meta tensors under `LiveBytes` at the phase's per-process batch and the teacher's sample size;
 * **total** = weights + optimizer + step peak.
 
+With ``train.fsdp`` the critic's weights, moments, gradients and AdamW temporaries count 1/N per process,
+plus two of its FSDP units gathered at a time in every pass (`_sharded`).
+
 What it leaves out: the CUDA context and allocator fragmentation (add 1-2 GB on a GPU), the EMA copy
 (``train.ema_decay``: one more fp32 copy of the adapter), data loading. Under bf16/fp16 autocast the
 passes run with weights cast to that dtype, which counts the ops autocast keeps in fp32 (norms, softmax)
@@ -232,10 +235,32 @@ def plan_recipe(recipe, num_processes: int = 1) -> list[PhasePlan]:
         weights = _bytes([*denoiser.parameters(), *critic.parameters(), *frozen])  # the denoiser holds the experts
         optimizer = 2 * 4 * (gen + crit)  # AdamW: two fp32 moments per element
         # The GAN head stays fp32 in the critic update (DMD2 runs it outside autocast).
-        plans.append(PhasePlan(ph.name, B, ph.gan, gen, crit, weights, optimizer,
-                               _step_peak(passes, passes.generator_update, denoiser),
-                               _step_peak(passes, passes.critic_update, critic.fake)))
+        gen_step = _step_peak(passes, passes.generator_update, denoiser)
+        critic_step = _step_peak(passes, passes.critic_update, critic.fake)
+        if recipe.train.fsdp and num_processes > 1:
+            weights, optimizer, gen_step, critic_step = _sharded(critic, crit, num_processes, dtype, weights,
+                                                                 optimizer, gen_step, critic_step)
+        plans.append(PhasePlan(ph.name, B, ph.gan, gen, crit, weights, optimizer, gen_step, critic_step))
     return plans
+
+
+def _sharded(critic, trainable: int, n: int, dtype, weights: int, optimizer: int, gen_step: int, critic_step: int):
+    """The same figures with the critic sharded N ways (``train.fsdp``): its weights, AdamW moments, gradients
+    and AdamW temporaries take 1/N each; every pass through it all-gathers one unit at a time, counted as
+    two of its largest units (the running one and the one prefetched) on top of both step peaks."""
+    seen: set[int] = set()
+    largest = 0
+    for unit in critic.shard_units():
+        own = [p for p in unit.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in own)
+        largest = max(largest, _bytes(own))
+    kept = (n - 1) / n
+    total = _bytes(critic.parameters())
+    gathered = 2 * largest
+    # In the critic pass the gradients were measured at the compute dtype and the temporaries in fp32.
+    grads_and_temporaries = trainable * (torch.finfo(dtype).bits // 8 + 4)
+    return (weights - int(kept * total), optimizer - int(kept * 8 * trainable), gen_step + gathered,
+            critic_step - int(kept * grads_and_temporaries) + gathered)
 
 
 @contextlib.contextmanager
