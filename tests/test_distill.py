@@ -331,10 +331,28 @@ def test_gradient_checkpointing_with_the_cfg_real_score_updates_like_without(env
 
 
 # ---------------------------------------------------------------------------- tsm-distill --plan
+def measured_step_peaks(tr, x_in, t, cond):
+    """`LiveBytes` of one generator and one critic update of a fresh trainer, after a first iteration (which
+    creates the AdamW moments), with AdamW's foreach path as on a GPU (what the planner models)."""
+    from tsm_distill.plan import LiveBytes
+
+    tr.enter_phase(0)
+    for opt in (tr.gen_opt, tr.critic_opt):
+        for group in opt.param_groups:
+            group["foreach"] = True
+    logs = tr.generator_step(x_in, t, cond)
+    tr.critic_step(logs["x0"], cond, torch.Generator().manual_seed(0))
+    with LiveBytes() as gen_step:
+        logs = tr.generator_step(x_in, t, cond)
+    with LiveBytes() as critic_step:
+        tr.critic_step(logs["x0"], cond, torch.Generator().manual_seed(0))
+    return gen_step, critic_step
+
+
 def test_plan_needs_no_weight_files_and_matches_a_measured_cpu_step(env, tmp_path):
     import shutil
 
-    from tsm_distill.plan import LiveBytes, plan_recipe
+    from tsm_distill.plan import plan_recipe
 
     config_only = tmp_path / "configs"  # the pipeline folder without a single weight file
     shutil.copytree(env[1], config_only, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
@@ -345,18 +363,8 @@ def test_plan_needs_no_weight_files_and_matches_a_measured_cpu_step(env, tmp_pat
         planned.model.path = str(config_only)
         (plan,) = plan_recipe(planned)
         tr = DMD2Trainer(recipe(env, phases), tmp_path / f"run{gan}")
-        tr.enter_phase(0)
-        for opt in (tr.gen_opt, tr.critic_opt):  # AdamW as on a GPU (foreach), which the plan models
-            for group in opt.param_groups:
-                group["foreach"] = True
-        cond = tr.teacher.encode_prompts(["a cat", "a dog"] * 4)
-        x_in, t = torch.randn(8, 3, 16, 16), torch.full((8,), 999)
-        logs = tr.generator_step(x_in, t, cond)  # a first iteration creates the AdamW moments
-        tr.critic_step(logs["x0"], cond, torch.Generator().manual_seed(0))
-        with LiveBytes() as gen_step:
-            logs = tr.generator_step(x_in, t, cond)
-        with LiveBytes() as critic_step:
-            tr.critic_step(logs["x0"], cond, torch.Generator().manual_seed(0))
+        gen_step, critic_step = measured_step_peaks(tr, torch.randn(8, 3, 16, 16), torch.full((8,), 999),
+                                                    tr.teacher.encode_prompts(["a cat", "a dog"] * 4))
         # Weights and optimizer moments are counted exactly; the step peaks within 25% of the measured ones.
         modules = (tr.teacher.denoiser, tr.critic, tr.teacher.text_encoders[0])
         assert plan.weights == sum(p.numel() * p.element_size() for m in modules for p in m.parameters())

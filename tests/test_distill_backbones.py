@@ -9,6 +9,7 @@ import yaml
 
 from tests.numerics import assert_close, close
 from tests.test_core import perturb
+from tests.test_distill import changed, measured_step_peaks, params, phase
 from tsm_core import TSMConfig, attach
 from tsm_core.testing import tiny, tiny_dit
 from tsm_core.train.recipe import load_recipe
@@ -44,19 +45,6 @@ def recipe(teachers, kind, phases, **train):
                    "log_every": 1, **train},
          "phases": phases}
     return r
-
-
-def phase(name, steps=1, **kw):
-    return {"name": name, "steps": steps, "batch_size": 2, "warmup_steps": 0,
-            "fake_updates_per_generator_update": 1, "lr": 1e-3, "lr_critic": 1e-3, **kw}
-
-
-def params(module):
-    return {n: p.detach().clone() for n, p in module.named_parameters()}
-
-
-def changed(before, module):
-    return {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -225,7 +213,7 @@ def test_gan_head_has_dmd2s_sd15_and_sdxl_shapes_and_fits_any_bottleneck():
 def test_plan_from_config_files_matches_a_measured_cpu_step(teachers, kind, tmp_path):
     import shutil
 
-    from tsm_distill.plan import LiveBytes, plan_recipe
+    from tsm_distill.plan import plan_recipe
 
     config_only = tmp_path / "configs"  # the pipeline folder without a single weight file
     shutil.copytree(teachers[1][kind], config_only, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
@@ -234,19 +222,9 @@ def test_plan_from_config_files_matches_a_measured_cpu_step(teachers, kind, tmp_
     planned.model.path = str(config_only)
     (plan,) = plan_recipe(planned)
     tr = DMD2Trainer(load_recipe(recipe(teachers, kind, phases), DistillRecipe), tmp_path / "run")
-    tr.enter_phase(0)
-    for opt in (tr.gen_opt, tr.critic_opt):  # AdamW as on a GPU (foreach), which the plan models
-        for group in opt.param_groups:
-            group["foreach"] = True
-    cond = encode(tr.teacher, ["a cat", "a dog"] * 2)
-    x_in = torch.randn(4, 4, SIZE[kind], SIZE[kind])
     t = torch.full((4,), tr.timesteps[0], dtype=tr.teacher.timestep_dtype)
-    logs = tr.generator_step(x_in, t, cond)  # a first iteration creates the AdamW moments
-    tr.critic_step(logs["x0"], cond, torch.Generator().manual_seed(0))
-    with LiveBytes() as gen_step:
-        logs = tr.generator_step(x_in, t, cond)
-    with LiveBytes() as critic_step:
-        tr.critic_step(logs["x0"], cond, torch.Generator().manual_seed(0))
+    gen_step, critic_step = measured_step_peaks(tr, torch.randn(4, 4, SIZE[kind], SIZE[kind]), t,
+                                                encode(tr.teacher, ["a cat", "a dog"] * 2))
     modules = (tr.teacher.denoiser, tr.critic, *tr.teacher.text_encoders, tr.teacher.vae)
     assert plan.weights == sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
     # train.fsdp over 2 processes: the critic's weights and moments count half per process
