@@ -72,6 +72,12 @@ def pixart_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sdxl_path(tmp_path_factory):
+    """Folder of a tiny SDXL pipeline (two CLIP encoders, text_time micro-conditioning, VAE)."""
+    return tiny.build_sdxl_pipeline(tmp_path_factory.mktemp("sdxl"))
+
+
+@pytest.fixture(scope="session")
 def sd3_path(tmp_path_factory):
     """Folder of a tiny SD3 pipeline (MM-DiT, two CLIP encoders + T5, flow-matching scheduler, VAE)."""
     from tsm_core.testing import tiny_dit

@@ -67,14 +67,15 @@ TWO_STAGES = [{"type": "foster", "scale": 4, "steps": 3, "lr": 1e-2},
               {"type": "assemble", "steps": 3, "lr": 1e-2}]
 
 
-@pytest.mark.parametrize("kind", ["unet", "pixart", "sd3"])
+@pytest.mark.parametrize("kind", ["unet", "sdxl", "pixart", "sd3"])
 def test_stage1_then_stage2_change_only_their_parameters(kind, tmp_path, folder, sd_pipeline_path, pixart_path,
-                                                          sd3_path):
+                                                          sd3_path, sdxl_path):
     path, te = {"unet": (sd_pipeline_path, ["q_proj", "v_proj"]), "pixart": (pixart_path, ["q", "v"]),
-                "sd3": (sd3_path, ["q_proj", "v_proj"])}[kind]
+                "sd3": (sd3_path, ["q_proj", "v_proj"]), "sdxl": (sdxl_path, ["q_proj", "v_proj"])}[kind]
     run = tmp_path / "run"
     trainer = FinetuneTrainer(_recipe(kind, path, folder, run, TWO_STAGES, te=te))
-    assert len(trainer.text_adapters) == (2 if kind == "sd3" else 1)  # SD3: the two CLIPs, not the T5
+    # SD3 and SDXL: the two CLIPs (not SD3's T5)
+    assert len(trainer.text_adapters) == (2 if kind in ("sd3", "sdxl") else 1)
     bases = [_snapshot(m) for m in trainer.backbone.modules()]
     init = trainer.tsm.state_dict()
     init = {k: v.clone() for k, v in init.items()}

@@ -60,6 +60,8 @@ class FinetuneTrainer(PhasedTrainer):
         bb = self.backbone
         if hasattr(bb, "num_frames"):  # video backbones sample videos as long as the training clips
             bb.num_frames = recipe.data.num_frames
+        if hasattr(bb, "resolution"):  # SDXL's time_ids say the size the images are trained at
+            bb.resolution = recipe.data.resolution
         ex = recipe.experts
         self.tsm = attach(bb.denoiser, ex.tsm_config(recipe.scales, bb.num_timesteps))
         self.text_adapters = []
