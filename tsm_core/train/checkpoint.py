@@ -16,7 +16,7 @@ temporary folder, which `CheckpointManager.latest` ignores and the next save del
 Scope: under DDP every process holds the same weights and optimizer state, so the main process
 writes them; each process adds its own ``rng_state_{rank}.pt``, so multi-node runs need a run
 folder on a shared file system (as ``accelerator.save_state`` does). Sharded entries (FSDP2,
-`tsm_core.train.fsdp.ShardedState` / ``ShardedOptimizer``: objects with ``gather()`` and
+`tsm_core.train.fsdp.ShardedEntry`: ``ShardedState`` / ``ShardedOptimizer``, with ``gather()`` and
 ``scatter(saved)``) are gathered to full tensors on every process before the main one writes, and
 scattered back after every process read the files: the files are the same as an unsharded run's.
 """
@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .fsdp import ShardedEntry
 
 STEP_DIR = re.compile(r"^step_(\d{8,})$")
 TMP_PREFIX = ".tmp_"
@@ -228,8 +230,8 @@ class CheckpointManager:
             raise ValueError(f"trainer state must be JSON-able (no tensors, NaN or objects): {e}") from e
 
         # Sharded entries are gathered by every process (collectives), before only the main one writes.
-        modules = {k: m.gather() if hasattr(m, "gather") else m for k, m in modules.items()}
-        optimizer_states = {k: o.gather() if hasattr(o, "gather") else None for k, o in optimizers.items()}
+        modules = {k: m.gather() if isinstance(m, ShardedEntry) else m for k, m in modules.items()}
+        optimizer_states = {k: o.gather() if isinstance(o, ShardedEntry) else None for k, o in optimizers.items()}
         final = self.dir / f"step_{step:08d}"
         tmp = self.dir / f"{TMP_PREFIX}step_{step:08d}"
         if self._is_main:
@@ -313,7 +315,7 @@ class CheckpointManager:
                     saved = sorted(p.stem for p in path.glob("*.safetensors"))
                     raise ValueError(f"checkpoint {path} has no module {name!r}; it has: {saved}")
                 continue
-            if hasattr(target, "scatter"):  # a sharded module: every process loads its shards
+            if isinstance(target, ShardedEntry):  # a sharded module: every process loads its shards
                 target.scatter(load_file(file, device="cpu"))
             else:
                 self._load_tensors(name, target, load_file(file, device="cpu"), strict)
@@ -328,7 +330,7 @@ class CheckpointManager:
                         raise ValueError(f"checkpoint {path} has no {file[:-3].rstrip('s')} {name!r}; "
                                          f"it has: {sorted(saved)}")
                     continue
-                if hasattr(obj, "scatter"):
+                if isinstance(obj, ShardedEntry):
                     obj.scatter(saved[name])
                 else:
                     obj.load_state_dict(saved[name])

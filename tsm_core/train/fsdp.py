@@ -53,13 +53,25 @@ def shard(units: Iterable[nn.Module]) -> None:
         fully_shard(unit)
 
 
+class ShardedEntry:
+    """A checkpoint entry whose tensors are sharded over the processes: `CheckpointManager` calls
+    ``gather()`` on every process before writing and ``scatter(saved)`` on every process after reading
+    (a marker class, not duck typing: DDP modules have a ``gather`` method of their own)."""
+
+    def gather(self) -> dict:
+        raise NotImplementedError
+
+    def scatter(self, saved: dict) -> None:
+        raise NotImplementedError
+
+
 def _options(**kw):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, **kw)
 
 
-class ShardedState:
+class ShardedState(ShardedEntry):
     """Checkpoint entry for the tensors ``keys`` of a sharded module, written as full tensors.
 
     ``gather()`` (every process) returns them whole on the main process (empty elsewhere: moved to
@@ -86,7 +98,7 @@ class ShardedState:
         set_model_state_dict(self.module, saved, options=_options(strict=False))
 
 
-class ShardedOptimizer:
+class ShardedOptimizer(ShardedEntry):
     """Checkpoint entry for the optimizer of a sharded module (its moments are shards too)."""
 
     def __init__(self, module: nn.Module, optimizer):
