@@ -151,9 +151,10 @@ class DistillRecipe:
     student_timesteps: list[int] = field(default_factory=lambda: [999, 749, 499, 249])
     """DDPM teachers (unet, sdxl): the student's timesteps, noisiest first (DMD2's 4-step students)."""
     student_sigmas: list[float] | None = None
-    """Flow-matching teachers (sd3): the student's sigmas, noisiest first, e.g. [1.0, 0.9, 0.75, 0.5] (SD3's
-    shifted 4-step Euler grid); step k runs at ``t = sigma_k * T`` and is routed onto the expert intervals
-    by that t, as the fine-tuning trainer routes SD3. Required for sd3, refused for DDPM teachers."""
+    """Flow-matching teachers (sd3): the student's sigmas, noisiest first, e.g. [1.0, 0.749, 0.499, 0.249]
+    (``recipes/sd3_dmd2_tsm.yaml``: one n = 4 expert per step); step k runs at ``t = sigma_k * T`` and is
+    routed onto the expert intervals by that t, as the fine-tuning trainer routes SD3. Required for sd3,
+    refused for DDPM teachers."""
     experts: DistillExperts = field(default_factory=DistillExperts)
     critic: CriticConfig = field(default_factory=CriticConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -171,7 +172,7 @@ class DistillRecipe:
         if self.flow:
             if self.student_sigmas is None:
                 raise ValueError("model.kind sd3 is a flow-matching teacher: give the student's steps as student_sigmas "
-                                 "(e.g. [1.0, 0.9, 0.75, 0.5], SD3's shifted 4-step grid), not student_timesteps")
+                                 "(e.g. [1.0, 0.749, 0.499, 0.249], one n = 4 expert per step), not student_timesteps")
             check_student_sigmas(self.student_sigmas)
         elif self.student_sigmas is not None:
             raise ValueError(f"student_sigmas is for flow-matching teachers (model.kind sd3); a {self.model.kind} "

@@ -22,8 +22,8 @@ def _fp32(device: torch.device):
     return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device_type=device.type, enabled=False)
 
 
-class _StopAfterMidBlock(Exception):
-    """Raised by the mid-block hook to end a classification-only forward early."""
+class _StopAfterBottleneck(Exception):
+    """Raised by the bottleneck hook to end a classification-only forward early."""
 
 
 class GANHead(nn.Module):
@@ -98,7 +98,7 @@ class Critic(nn.Module):
     def _capture(self, module, args, output):
         self._features = output
         if self._stop_early:
-            raise _StopAfterMidBlock
+            raise _StopAfterBottleneck
 
     def shard_units(self) -> list[nn.Module]:
         """The FSDP units when the critic is sharded (``train.fsdp``), innermost first: the layers of every
@@ -139,7 +139,7 @@ class Critic(nn.Module):
         self._stop_early = True
         try:
             self.teacher.predict(x_t, t, cond, denoiser=self.fake)
-        except _StopAfterMidBlock:
+        except _StopAfterBottleneck:
             pass
         finally:
             self._stop_early = False

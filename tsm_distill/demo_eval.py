@@ -88,9 +88,9 @@ def teacher_generate(teacher, prompts: Sequence[str], seeds: Sequence[int], step
         raise ValueError(f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    from tsm_core.train.backbones import cat_cond
+    from tsm_core.train.backbones import cat_cond, expand_cond
 
-    from .teacher import encode, expand_cond
+    from .teacher import encode
 
     device = teacher.device
     shape = teacher.noise_shape(1, teacher.latent_size)[1:]

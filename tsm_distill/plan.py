@@ -222,6 +222,8 @@ def plan_recipe(recipe, num_processes: int = 1) -> list[PhasePlan]:
         denoiser.enable_gradient_checkpointing()
         critic.fake.enable_gradient_checkpointing()
     frozen = [p for m in (*teacher.text_encoders, teacher.vae) if m is not None for p in m.parameters()]
+    sharded = recipe.train.fsdp and num_processes > 1
+    gathered = 2 * _largest_unit(critic) if sharded else 0  # the running unit and the prefetched one
     plans = []
     for i, ph in enumerate(recipe.phases):
         B = per_process_batch(ph.batch_size, num_processes, f"phases[{i}] ({ph.name!r}).batch_size")
@@ -237,26 +239,31 @@ def plan_recipe(recipe, num_processes: int = 1) -> list[PhasePlan]:
         # The GAN head stays fp32 in the critic update (DMD2 runs it outside autocast).
         gen_step = _step_peak(passes, passes.generator_update, denoiser)
         critic_step = _step_peak(passes, passes.critic_update, critic.fake)
-        if recipe.train.fsdp and num_processes > 1:
-            weights, optimizer, gen_step, critic_step = _sharded(critic, crit, num_processes, dtype, weights,
-                                                                 optimizer, gen_step, critic_step)
+        if sharded:
+            weights, optimizer, gen_step, critic_step = _sharded(critic, crit, num_processes, dtype, gathered,
+                                                                 weights, optimizer, gen_step, critic_step)
         plans.append(PhasePlan(ph.name, B, ph.gan, gen, crit, weights, optimizer, gen_step, critic_step))
     return plans
 
 
-def _sharded(critic, trainable: int, n: int, dtype, weights: int, optimizer: int, gen_step: int, critic_step: int):
-    """The same figures with the critic sharded N ways (``train.fsdp``): its weights, AdamW moments, gradients
-    and AdamW temporaries take 1/N each; every pass through it all-gathers one unit at a time, counted as
-    two of its largest units (the running one and the one prefetched) on top of both step peaks."""
+def _largest_unit(critic) -> int:
+    """Bytes of the critic's largest FSDP unit (its parameters not in an inner unit)."""
     seen: set[int] = set()
     largest = 0
     for unit in critic.shard_units():
         own = [p for p in unit.parameters() if id(p) not in seen]
         seen.update(id(p) for p in own)
         largest = max(largest, _bytes(own))
+    return largest
+
+
+def _sharded(critic, trainable: int, n: int, dtype, gathered: int, weights: int, optimizer: int, gen_step: int,
+             critic_step: int):
+    """The same figures with the critic sharded N ways (``train.fsdp``): its weights, AdamW moments, gradients
+    and AdamW temporaries take 1/N each; every pass through it all-gathers one unit at a time, ``gathered``
+    bytes on top of both step peaks."""
     kept = (n - 1) / n
     total = _bytes(critic.parameters())
-    gathered = 2 * largest
     # In the critic pass the gradients were measured at the compute dtype and the temporaries in fp32.
     grads_and_temporaries = trainable * (torch.finfo(dtype).bits // 8 + 4)
     return (weights - int(kept * total), optimizer - int(kept * 8 * trainable), gen_step + gathered,
@@ -294,14 +301,12 @@ class _Passes:
         self.t_value = t
         self.cond = _meta_cond(teacher, batch, dtype)
 
-    def _cond(self, dtype=None) -> dict:
-        return {k: v if dtype is None else v.to(dtype) for k, v in self.cond.items()}
-
     @contextlib.contextmanager
     def cast(self, *modules):
         """Run with these modules' weights in the compute dtype (the planner's stand-in for autocast)."""
         from diffusers.utils import logging as diffusers_logging
 
+        verbosity = diffusers_logging.get_verbosity()
         diffusers_logging.set_verbosity_error()  # its "keep these modules in float32" note is about loading
         if self.dtype is not torch.float32:
             for m in modules:
@@ -312,6 +317,7 @@ class _Passes:
             if self.dtype is not torch.float32:
                 for m in modules:
                     m.to(torch.float32)
+            diffusers_logging.set_verbosity(verbosity)
 
     def generator_update(self) -> None:
         self.critic.requires_grad_(False)  # D's and the fake score's weights are constants here (DMD2)
@@ -324,19 +330,19 @@ class _Passes:
     def _generator_update(self) -> None:
         # The generator and the real score run under autocast (the caller cast the UNet); the fake score's
         # DMD pass runs in fp32 (DMD2), and so does D here (under autocast in training: an overestimate).
-        from tsm_core.train.backbones import cat_cond
+        from tsm_core.train.backbones import cat_cond, cond_map
 
         with _routed_on_meta(self.tsm, self.t.shape[0], self.t_value, self.teacher.timestep_dtype):
             x0 = self.teacher.predict(self.x, self.t, self.cond)
             with torch.no_grad(), self.tsm.bypass():  # the real score is the plain teacher
-                fake = self.critic.predict(x0.float(), self.t, self._cond(torch.float32))  # fp32, like DMD2
+                fake = self.critic.predict(x0.float(), self.t, cond_map(self.cond, torch.Tensor.float))  # fp32, like DMD2
                 real = self.teacher.predict(torch.cat([x0, x0]), torch.cat([self.t, self.t]),
                                             cat_cond([self.cond, self.cond]))
                 target = (x0 - (fake - real.chunk(2)[0])).detach()
             loss = (x0.float() - target.float()).pow(2).mean()
             if self.gan:
                 loss = loss + self.critic.discriminate(x0.float(), torch.zeros_like(self.t),
-                                                       self._cond(torch.float32)).mean()
+                                                       cond_map(self.cond, torch.Tensor.float)).mean()
             loss.backward()
             _optimizer_temporaries(self.tsm.trainable_parameters())
             for p in self.tsm.trainable_parameters():
@@ -344,7 +350,7 @@ class _Passes:
 
     def critic_update(self) -> None:
         x0 = self.x.detach()
-        cond = self._cond()
+        cond = self.cond
         loss = (self.critic.predict(x0, self.t, cond) - x0).pow(2).mean()
         if self.gan:  # D on the fakes and on as many reals
             zero = torch.zeros_like(self.t)

@@ -36,8 +36,8 @@ def check_student_sigmas(sigmas: Sequence[float]) -> list[float]:
     step at sigma s runs at timestep ``t = s * T`` (what SD3's transformer and the TSM intervals receive)."""
     ss = list(sigmas)
     if not ss:
-        raise ValueError("student_sigmas is empty; a 4-step SD3 student uses [1.0, 0.9, 0.75, 0.5] (the shifted "
-                         "4-step Euler grid of SD3's scheduler)")
+        raise ValueError("student_sigmas is empty; a 4-step SD3 student uses e.g. [1.0, 0.749, 0.499, 0.249] (one "
+                         "n = 4 expert per step, recipes/sd3_dmd2_tsm.yaml)")
     for s in ss:
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 < s <= 1.0:
             raise ValueError(f"student sigma {s!r} is out of range: each must be a number in (0, 1]")

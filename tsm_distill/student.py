@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tsm_core.train.backbones import Backbone, Cond, cat_cond
-
-from .teacher import expand_cond
+from tsm_core.train.backbones import Backbone, Cond, cat_cond, expand_cond
 
 
 class Student:

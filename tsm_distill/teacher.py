@@ -37,13 +37,3 @@ def load_teacher(path: str | Path, kind: str = "unet") -> Backbone:
 def encode(teacher: Backbone, prompts: list[str]) -> Cond:
     """The frozen teacher's conditioning of ``prompts`` (no graph: its text encoders never train here)."""
     return teacher.encode_prompts(list(prompts))
-
-
-def cond_map(cond: Cond, fn) -> Cond:
-    """Apply ``fn`` to every tensor of a conditioning (a dtype or device change)."""
-    return {k: fn(v) for k, v in cond.items()}
-
-
-def expand_cond(cond: Cond, n: int) -> Cond:
-    """A one-prompt conditioning (the "" embedding) repeated for a batch of ``n``."""
-    return {k: v.expand(n, *v.shape[1:]) for k, v in cond.items()}

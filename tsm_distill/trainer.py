@@ -28,6 +28,7 @@ import torch
 
 from tsm_core import attach, load_adapter
 from tsm_core.train.accel import step_generator
+from tsm_core.train.backbones import cond_map
 from tsm_core.train.ema import EMA
 from tsm_core.train.logging import save_image_grid
 from tsm_core.train.optim import NonFiniteLossError
@@ -39,7 +40,7 @@ from .critic import Critic
 from .data import PromptSource, RealSource
 from .rollout import backward_simulation, sample
 from .student import Student
-from .teacher import cond_map, encode, load_teacher
+from .teacher import encode, load_teacher
 
 # Streams of step_generator(seed, step, process_index, stream): one generator per purpose, so adding a
 # draw to one does not shift the others.

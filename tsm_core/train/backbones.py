@@ -56,6 +56,28 @@ def cat_cond(conds: list[Cond]) -> Cond:
     return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
 
 
+def expand_cond(cond: Cond, n: int) -> Cond:
+    """A one-prompt conditioning (e.g. CFG's unconditional row) repeated for a batch of ``n``."""
+    return {k: v.expand(n, *v.shape[1:]) for k, v in cond.items()}
+
+
+def cond_map(cond: Cond, fn) -> Cond:
+    """Apply ``fn`` to every tensor of a conditioning (a dtype or device change)."""
+    return {k: fn(v) for k, v in cond.items()}
+
+
+def _token_ids(tokenizer, prompts: list[str], device, max_length: int | None = None) -> torch.Tensor:
+    """Prompt token ids padded (and truncated) to ``max_length`` (default: the tokenizer's own)."""
+    return tokenizer(list(prompts), padding="max_length", max_length=max_length or tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids.to(device)
+
+
+def _clip_outputs(tokenizers, encoders, prompts: list[str], device) -> list:
+    """Every CLIP text encoder's output on ``prompts``, with all hidden states (SDXL and SD3 read the
+    penultimate layer of each, and the pooled projections)."""
+    return [te(_token_ids(tok, prompts, device), output_hidden_states=True) for tok, te in zip(tokenizers, encoders)]
+
+
 def _check_source(path: str | os.PathLike) -> str:
     """Local folders must exist; hub ids ("org/name") pass through to ``from_pretrained``."""
     text = os.fspath(path)
@@ -316,10 +338,8 @@ class UNetBackbone(Backbone):
         return cls(unet, [te], [tok], vae, sched, path=path)
 
     def encode_prompts(self, prompts: list[str]) -> Cond:
-        tok, te = self.tokenizers[0], self.text_encoders[0]
-        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(self.device)
-        return {"encoder_hidden_states": te(ids)[0]}
+        ids = _token_ids(self.tokenizers[0], prompts, self.device)
+        return {"encoder_hidden_states": self.text_encoders[0](ids)[0]}
 
     def predict(self, x_t, t, cond, denoiser=None):
         return (denoiser or self.denoiser)(x_t, t.to(x_t.device), encoder_hidden_states=cond["encoder_hidden_states"]).sample
@@ -377,14 +397,9 @@ class SDXLBackbone(UNetBackbone):
                    path=path)
 
     def encode_prompts(self, prompts: list[str]) -> Cond:
-        prompts = list(prompts)
-        hidden = []
-        for tok, te in zip(self.tokenizers, self.text_encoders):
-            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(self.device)
-            out = te(ids, output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])  # the penultimate layer of both, as SDXL was trained
-        pooled = out.text_embeds  # the second encoder's projected pooled output
+        outs = _clip_outputs(self.tokenizers, self.text_encoders, prompts, self.device)
+        hidden = [out.hidden_states[-2] for out in outs]  # the penultimate layer of both, as SDXL was trained
+        pooled = outs[-1].text_embeds  # the second encoder's projected pooled output
         size = float(self.resolution)
         time_ids = torch.tensor([size, size, 0.0, 0.0, size, size], device=self.device).expand(len(prompts), 6)
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled,
@@ -475,20 +490,13 @@ class SD3Backbone(Backbone):
 
     def encode_prompts(self, prompts: list[str]) -> Cond:
         prompts = list(prompts)
-        hidden, pooled = [], []
-        for tok, te in zip(self.tokenizers[:2], self.text_encoders[:2]):
-            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(self.device)
-            out = te(ids, output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])  # the penultimate layer, as SD3 was trained
-            pooled.append(out.text_embeds)
-        clip = torch.cat(hidden, dim=-1)
+        outs = _clip_outputs(self.tokenizers[:2], self.text_encoders[:2], prompts, self.device)
+        clip = torch.cat([out.hidden_states[-2] for out in outs], dim=-1)  # the penultimate layer, as SD3 was trained
+        pooled = [out.text_embeds for out in outs]
         joint = self.denoiser.config.joint_attention_dim
         clip = nn.functional.pad(clip, (0, joint - clip.shape[-1]))
         if len(self.text_encoders) == 3:
-            ids = self.tokenizers[2](prompts, padding="max_length", max_length=self.max_sequence_length,
-                                     truncation=True, return_tensors="pt").input_ids.to(self.device)
-            t5 = self.text_encoders[2](ids)[0]
+            t5 = self.text_encoders[2](_token_ids(self.tokenizers[2], prompts, self.device, self.max_sequence_length))[0]
         else:  # no T5: zeros, as diffusers' SD3 pipeline does
             t5 = torch.zeros(len(prompts), self.max_sequence_length, joint, device=self.device, dtype=clip.dtype)
         return {"encoder_hidden_states": torch.cat([clip, t5], dim=-2), "pooled_projections": torch.cat(pooled, -1)}

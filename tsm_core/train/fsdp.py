@@ -20,11 +20,14 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support has no shards
+    DTensor = ()
+
 
 def is_sharded(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is an FSDP2 shard (a DTensor)."""
-    from torch.distributed.tensor import DTensor
-
+    """Whether ``tensor`` is an FSDP2 shard (a DTensor). Called per parameter per step: no import here."""
     return isinstance(tensor, DTensor)
 
 
