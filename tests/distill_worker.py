@@ -50,6 +50,11 @@ if __name__ == "__main__":
     Critic.predict = lambda self, x, t, c: draws["predict_t"].append(t.clone()) or predict(self, x, t, c)
     Critic.discriminate = lambda self, x, t, c: draws["discriminate_t"].append(t.clone()) or discriminate(self, x, t, c)
     trainer = DMD2Trainer(recipe, run_dir, accelerator=acc)
+    out = run_dir.parent
+    rank = acc.process_index
+    # The critic before training, so a test can compare what training changed (collective under FSDP).
+    save_file({k: full(v.detach()).contiguous() for k, v in trainer.critic.trainable_state().items()},
+              out / f"critic_init{rank}.safetensors")
     trainer.train()
     if len(sys.argv) > 3 and sys.argv[3] == "resume-last":
         # Forget the last step: its checkpoint and the final adapter; a new trainer resumes from the one
@@ -63,8 +68,6 @@ if __name__ == "__main__":
         acc.wait_for_everyone()
         trainer = DMD2Trainer(recipe, run_dir, accelerator=acc)
         trainer.train(resume=True)
-    out = run_dir.parent
-    rank = acc.process_index
     save_file({k: v.contiguous() for k, v in trainer.tsm.state_dict().items()}, out / f"rank{rank}.safetensors")
     # full(): a sharded (FSDP) critic's tensors whole; every process calls it, in the same order
     save_file({k: full(v.detach()).contiguous() for k, v in trainer.critic.trainable_state().items()},

@@ -244,12 +244,16 @@ def test_fsdp_critic_trains_like_the_replicated_one_and_resumes_exactly(env, tmp
     (g_fsdp, c_fsdp), (g_ddp, c_ddp) = run(True, tmp_path / "fsdp"), run(False, tmp_path / "ddp")
     assert all(torch.equal(c_fsdp[0][k], c_fsdp[1][k]) for k in c_fsdp[0])  # one critic, gathered on both
     assert c_fsdp[0].keys() == c_ddp[0].keys() and any(k.startswith("head.") for k in c_fsdp[0])
-    # Absolute, in units of the learning rate (1e-3): the reduce-scatter sums the ranks' gradients in
-    # another order, a few ulps; AdamW's lr * m / (sqrt(v) + eps) amplifies that where gradients are near
-    # zero or change sign between steps (seen: 7e-7 after one step, 9e-5 after three). A real difference
-    # (a lost, doubled or unsynced gradient) moves elements by whole multiples of lr.
+    # Relative to what training changed, per tensor: the reduce-scatter sums the ranks' gradients in another
+    # order (a few ulps), which AdamW's m / (sqrt(v) + eps) amplifies where gradients are near zero or change
+    # sign (seen after three steps: 0.04% of the update over the whole critic, 0.19% in the worst tensor).
+    # A real difference (a lost, doubled or unsynced gradient) is of the update's own size.
+    init = load_file(tmp_path / "ddp" / "critic_init0.safetensors")
+    assert init.keys() == load_file(tmp_path / "fsdp" / "critic_init0.safetensors").keys()
     for k in c_ddp[0]:
-        assert (c_fsdp[0][k] - c_ddp[0][k]).abs().max() <= 0.02 * 1e-3 * 2, k
+        update = c_ddp[0][k] - init[k]
+        assert update.norm() > 0, k  # every trainable critic tensor moved
+        assert (c_fsdp[0][k] - c_ddp[0][k]).norm() <= 1e-2 * update.norm(), k
     for k in g_ddp[0]:
         assert_close(g_fsdp[0][k], g_ddp[0][k], rel=1e-4, msg=k)
     assert any(".s4_e3" in k and "lora_B" in k and g_fsdp[0][k].abs().sum() > 0 for k in g_fsdp[0])  # it trained
