@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from tsm_core.train.accel import make_accelerator
-from tsm_core.train.fsdp import full
+from tsm_core.train.fsdp import full, is_sharded
 from tsm_core.train.recipe import load_recipe
 from tsm_distill import DistillRecipe, DMD2Trainer, rollout
 from tsm_distill import trainer as trainer_module
@@ -52,6 +52,13 @@ if __name__ == "__main__":
     trainer = DMD2Trainer(recipe, run_dir, accelerator=acc)
     out = run_dir.parent
     rank = acc.process_index
+    # Which modules FSDP sharded: their weights are DTensors (the experts on the base never are).
+    sharded = {"critic": all(is_sharded(p) for p in trainer.critic.fake.parameters()),
+               "generator_base": all(is_sharded(p) for n, p in trainer.teacher.denoiser.named_parameters()
+                                     if "lora_" not in n and "router_" not in n),
+               "experts": any(is_sharded(p) for p in trainer.tsm.adapter_parameters()),
+               "text_encoders": all(is_sharded(p) for te in trainer.teacher.text_encoders for p in te.parameters())}
+    (out / f"sharded{rank}.json").write_text(json.dumps(sharded))
     # The critic before training, so a test can compare what training changed (collective under FSDP).
     save_file({k: full(v.detach()).contiguous() for k, v in trainer.critic.trainable_state().items()},
               out / f"critic_init{rank}.safetensors")

@@ -102,6 +102,9 @@ class PhaseConfig:
     }
 
 
+FSDP_MODULES = ("critic", "generator", "text_encoders")
+
+
 @dataclass
 class TrainConfig:
     seed: int = 0
@@ -121,9 +124,14 @@ class TrainConfig:
     sample_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     threads: int | None = None
     fsdp: bool = False
-    """Shard the critic (fake score + GAN head: DMD2's full trainable copy of the teacher) over the
-    processes with FSDP2, so its weights, gradients and AdamW moments take 1/N of the memory each; needs
-    ``accelerate launch`` with N processes. The generator (frozen base + experts) stays replicated."""
+    """Shard the modules of ``fsdp_modules`` over the processes with FSDP2 (``tsm_core.train.fsdp``), so each
+    holds 1/N of their weights (and of the critic's gradients and AdamW moments); needs ``accelerate launch``
+    with N processes. Checkpoints stay full tensors and resume on any number of processes."""
+    fsdp_modules: list[str] = field(default_factory=lambda: list(FSDP_MODULES))
+    """What ``fsdp`` shards: ``critic`` (the fake score + GAN head: DMD2's full trainable copy of the
+    teacher), ``generator`` (the frozen base the experts sit on, which is also the real score; the experts
+    and router stay whole on every process), ``text_encoders`` (frozen, fp32). Every sharded module costs
+    an all-gather of its weights per call: drop the frozen ones when they fit and the interconnect is slow."""
 
     def __post_init__(self):
         # Checked here, not when first used: checkpoint_every = 0 used to divide by zero after step 1,
@@ -134,6 +142,9 @@ class TrainConfig:
                                  "use a large value to make it rare")
         if self.sample_every < 0:
             raise ValueError(f"train.sample_every must be >= 0 (0: no sample grids), got {self.sample_every}")
+        unknown = sorted(set(self.fsdp_modules) - set(FSDP_MODULES))
+        if unknown:
+            raise ValueError(f"train.fsdp_modules: unknown module(s) {unknown}; choose from {list(FSDP_MODULES)}")
         lo, hi = self.min_step_percent, self.max_step_percent
         if not (0.0 <= lo <= 1.0 and 0.0 <= hi <= 1.0 and lo <= hi):
             raise ValueError(f"train.min_step_percent {lo} and max_step_percent {hi} must satisfy "

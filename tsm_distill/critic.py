@@ -16,6 +16,8 @@ import math
 import torch
 from torch import nn
 
+from tsm_core.train.fsdp import denoiser_units
+
 
 def _fp32(device: torch.device):
     """Autocast off (DMD2 runs its head in fp32); meta tensors (tsm-distill --plan) have no autocast."""
@@ -101,20 +103,10 @@ class Critic(nn.Module):
             raise _StopAfterBottleneck
 
     def shard_units(self) -> list[nn.Module]:
-        """The FSDP units when the critic is sharded (``train.fsdp``), innermost first: the layers of every
-        block of the fake denoiser (a UNet block's resnets and attention stacks; an MM-DiT's joint blocks),
-        each block, then the fake denoiser (the rest of it) and the head, the two modules the trainer calls.
-        Units of a few hundred million parameters keep the weights gathered at any time small (SDXL's
-        largest block alone is 1.1B)."""
-        fake = self.fake
-        mid = [fake.mid_block] if getattr(fake, "mid_block", None) is not None else []
-        blocks = [*getattr(fake, "down_blocks", []), *mid, *getattr(fake, "up_blocks", []),
-                  *getattr(fake, "transformer_blocks", [])]
-        units = []
-        for block in blocks:
-            units += [layer for child in block.children() if isinstance(child, nn.ModuleList) for layer in child]
-            units.append(block)
-        return [*units, fake, *([self.head] if self.head is not None else [])]
+        """The FSDP units when the critic is sharded (``train.fsdp``), innermost first: the fake denoiser's
+        (`tsm_core.train.fsdp.denoiser_units`, the fake denoiser last), then the head: the two modules the
+        trainer calls."""
+        return [*denoiser_units(self.fake), *([self.head] if self.head is not None else [])]
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint needs: trainable fake-score weights and the head."""

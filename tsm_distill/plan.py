@@ -15,8 +15,10 @@ reports, for one process:
   meta tensors under `LiveBytes` at the phase's per-process batch and the teacher's sample size;
 * **total** = weights + optimizer + step peak.
 
-With ``train.fsdp`` the critic's weights, moments, gradients and AdamW temporaries count 1/N per process,
-plus two of its FSDP units gathered at a time in every pass (`_sharded`).
+With ``train.fsdp`` each module of ``train.fsdp_modules`` counts 1/N per process (`_sharded`): the critic's
+weights, moments, gradients and AdamW temporaries, plus two of its FSDP units gathered at a time in both
+updates; the generator's frozen base (not its experts), plus two of its units gathered in the generator
+update; the text encoders' weights (their units are gathered while prompts are encoded, before either update).
 
 What it leaves out: the CUDA context and allocator fragmentation (add 1-2 GB on a GPU), the EMA copy
 (``train.ema_decay``: one more fp32 copy of the adapter), data loading. Under bf16/fp16 autocast the
@@ -222,8 +224,7 @@ def plan_recipe(recipe, num_processes: int = 1) -> list[PhasePlan]:
         denoiser.enable_gradient_checkpointing()
         critic.fake.enable_gradient_checkpointing()
     frozen = [p for m in (*teacher.text_encoders, teacher.vae) if m is not None for p in m.parameters()]
-    sharded = recipe.train.fsdp and num_processes > 1
-    gathered = 2 * _largest_unit(critic) if sharded else 0  # the running unit and the prefetched one
+    sharded = set(recipe.train.fsdp_modules) if recipe.train.fsdp and num_processes > 1 else set()
     plans = []
     for i, ph in enumerate(recipe.phases):
         B = per_process_batch(ph.batch_size, num_processes, f"phases[{i}] ({ph.name!r}).batch_size")
@@ -240,34 +241,49 @@ def plan_recipe(recipe, num_processes: int = 1) -> list[PhasePlan]:
         gen_step = _step_peak(passes, passes.generator_update, denoiser)
         critic_step = _step_peak(passes, passes.critic_update, critic.fake)
         if sharded:
-            weights, optimizer, gen_step, critic_step = _sharded(critic, crit, num_processes, dtype, gathered,
-                                                                 weights, optimizer, gen_step, critic_step)
+            weights, optimizer, gen_step, critic_step = _sharded(
+                sharded, teacher, tsm, critic, crit, num_processes, dtype, weights, optimizer, gen_step, critic_step)
         plans.append(PhasePlan(ph.name, B, ph.gan, gen, crit, weights, optimizer, gen_step, critic_step))
     return plans
 
 
-def _largest_unit(critic) -> int:
-    """Bytes of the critic's largest FSDP unit (its parameters not in an inner unit)."""
-    seen: set[int] = set()
+def _largest_unit(units, skip=()) -> int:
+    """Bytes of the largest of these FSDP units (innermost first; each its parameters not in an inner unit,
+    nor in ``skip``)."""
+    seen = {id(p) for p in skip}
     largest = 0
-    for unit in critic.shard_units():
+    for unit in units:
         own = [p for p in unit.parameters() if id(p) not in seen]
         seen.update(id(p) for p in own)
         largest = max(largest, _bytes(own))
     return largest
 
 
-def _sharded(critic, trainable: int, n: int, dtype, gathered: int, weights: int, optimizer: int, gen_step: int,
-             critic_step: int):
-    """The same figures with the critic sharded N ways (``train.fsdp``): its weights, AdamW moments, gradients
-    and AdamW temporaries take 1/N each; every pass through it all-gathers one unit at a time, ``gathered``
-    bytes on top of both step peaks."""
+def _sharded(modules: set[str], teacher, tsm, critic, trainable: int, n: int, dtype, weights: int, optimizer: int,
+             gen_step: int, critic_step: int):
+    """The same figures with ``modules`` sharded N ways (``train.fsdp``). Each keeps 1/N of its weights; the
+    critic also 1/N of its AdamW moments, gradients and AdamW temporaries. Every pass through a sharded
+    module all-gathers one unit at a time while prefetching the next: two of its largest units on top of
+    the step peaks of the updates that run it."""
+    from tsm_core.train.fsdp import denoiser_units
+
     kept = (n - 1) / n
-    total = _bytes(critic.parameters())
-    # In the critic pass the gradients were measured at the compute dtype and the temporaries in fp32.
-    grads_and_temporaries = trainable * (torch.finfo(dtype).bits // 8 + 4)
-    return (weights - int(kept * total), optimizer - int(kept * 8 * trainable), gen_step + gathered,
-            critic_step - int(kept * grads_and_temporaries) + gathered)
+    if "critic" in modules:
+        gathered = 2 * _largest_unit(critic.shard_units())
+        # In the critic pass the gradients were measured at the compute dtype and the temporaries in fp32.
+        grads_and_temporaries = trainable * (torch.finfo(dtype).bits // 8 + 4)
+        weights -= int(kept * _bytes(critic.parameters()))
+        optimizer -= int(kept * 8 * trainable)
+        gen_step += gathered  # the fake score and D run in the generator update too
+        critic_step += gathered - int(kept * grads_and_temporaries)
+    if "generator" in modules:  # the experts stay whole on every process
+        experts = list(tsm.adapter_parameters())
+        skip = {id(p) for p in experts}
+        weights -= int(kept * _bytes([p for p in teacher.denoiser.parameters() if id(p) not in skip]))
+        gen_step += 2 * _largest_unit(denoiser_units(teacher.denoiser), experts)
+    if "text_encoders" in modules:
+        weights -= int(kept * _bytes([p for te in teacher.text_encoders for p in te.parameters()]))
+    return weights, optimizer, gen_step, critic_step
 
 
 @contextlib.contextmanager

@@ -101,9 +101,7 @@ class DMD2Trainer(PhasedTrainer):
         if uses_gan:
             self._check_gan_fits()  # may rebuild the head: before sharding
         if tc.fsdp:
-            from tsm_core.train.fsdp import shard
-
-            shard(self.critic.shard_units())
+            self._shard(tc.fsdp_modules)
         self.ema = EMA(self.tsm.state_dict(), tc.ema_decay) if tc.ema_decay else None
         self.per_process_batch = [per_process_batch(ph.batch_size, self.acc.num_processes, f"phases[{i}] "
                                                     f"({ph.name!r}).batch_size") for i, ph in enumerate(recipe.phases)]
@@ -113,6 +111,20 @@ class DMD2Trainer(PhasedTrainer):
                       f"{self.acc.num_processes} process(es); warm-up {ph.warmup_steps} iterations", flush=True)
 
     # ------------------------------------------------------------------ set-up
+    def _shard(self, modules: list[str]) -> None:
+        """FSDP2 over the processes (``train.fsdp``): the critic, the generator's frozen base without its
+        experts (they stay whole and are synced like unsharded gradients), the text encoders. After every
+        check that runs a module on one process only: a sharded module runs on all processes or none."""
+        from tsm_core.train.fsdp import denoiser_units, encoder_units, shard
+
+        if "critic" in modules:
+            shard(self.critic.shard_units())
+        if "generator" in modules:
+            shard(denoiser_units(self.teacher.denoiser), ignored=self.tsm.adapter_parameters())
+        if "text_encoders" in modules:
+            for encoder in self.teacher.text_encoders:
+                shard(encoder_units(encoder), reshard_root=True)  # run only under no_grad: no backward frees it
+
     def _pixels(self, size: int) -> int:
         """The image size in pixels of a model-space size (VAE factor 2^(levels - 1); 1 without a VAE)."""
         return size * self.teacher.vae_scale
@@ -398,7 +410,7 @@ class DMD2Trainer(PhasedTrainer):
         out = self.run_dir / "adapter"
         if self.acc.is_main_process:
             self._save_final(out)
-            self.sample("final")
+        self.sample("final")  # on every process (it writes on the main one): a sharded generator is collective
         return out
 
     def _save_final(self, out: Path) -> None:

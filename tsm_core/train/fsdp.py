@@ -1,4 +1,5 @@
-"""Fully sharded training of a trainer's large trainable module with FSDP2 (``torch.distributed.fsdp.fully_shard``).
+"""Fully sharded training with FSDP2 (``torch.distributed.fsdp.fully_shard``): a trainer's large modules split
+over the processes.
 
 DMD2's fake score is a full trainable copy of the teacher: on SDXL 2.6B parameters, whose fp32 weights,
 gradients and AdamW moments (16 bytes per parameter, 43 GB) dominate a GPU's memory. `shard` splits
@@ -6,6 +7,11 @@ them over the processes: each holds 1/N of every tensor (a DTensor), all-gathers
 before the block runs and frees them after, and reduce-scatters the gradients (their mean over the
 processes, which is what `tsm_core.train.optim.sync_gradients` computes for unsharded tensors, so
 sharded and unsharded parameters follow one rule).
+
+Frozen modules shard the same way, weights only: the generator's base (the teacher's denoiser, which is
+also the real score) with the timestep experts on it left out of the shards (``ignored``: they stay
+whole on every process and are synced by ``sync_gradients``, which handles the experts that some
+processes did not use this step), and the text encoders (fp32; SD3's T5-XXL alone is 17.7 GB).
 
 Checkpoints stay one set of full tensors, whatever the number of processes: `ShardedState` and
 `ShardedOptimizer` are checkpoint entries that `CheckpointManager` gathers on every process before the
@@ -36,11 +42,43 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
-def shard(units: Iterable[nn.Module]) -> None:
+def denoiser_units(denoiser: nn.Module) -> list[nn.Module]:
+    """FSDP units of a UNet or MM-DiT, innermost first: the layers of every block (a UNet block's resnets
+    and attention stacks; an MM-DiT's joint blocks), each block, then the denoiser itself (the rest of it:
+    embeddings, conv in/out). Units of a few hundred million parameters keep the weights gathered at any
+    time small (SDXL's largest block alone is 1.1B)."""
+    mid = [denoiser.mid_block] if getattr(denoiser, "mid_block", None) is not None else []
+    blocks = [*getattr(denoiser, "down_blocks", []), *mid, *getattr(denoiser, "up_blocks", []),
+              *getattr(denoiser, "transformer_blocks", [])]
+    units = []
+    for block in blocks:
+        units += [layer for child in block.children() if isinstance(child, nn.ModuleList) for layer in child]
+        units.append(block)
+    return [*units, denoiser]
+
+
+def encoder_units(encoder: nn.Module) -> list[nn.Module]:
+    """FSDP units of a text encoder, innermost first: every layer of its outermost layer stacks (CLIP's
+    ``text_model.encoder.layers``, T5's ``encoder.block``), then the encoder (embeddings, final norm),
+    the module a backbone calls."""
+    stacks, inside = [], set()
+    for module in encoder.modules():  # parents before children: a stack inside a stack's layer is skipped
+        if id(module) in inside:
+            continue
+        if isinstance(module, nn.ModuleList):
+            stacks.append(module)
+            inside.update(id(m) for m in module.modules())
+    return [layer for stack in stacks for layer in stack if any(True for _ in layer.parameters())] + [encoder]
+
+
+def shard(units: Iterable[nn.Module], ignored: Iterable[nn.Parameter] = (), reshard_root: bool = False) -> None:
     """Shard every module of ``units`` over all processes, innermost first: each is one FSDP2 unit (its
     weights not in an earlier unit are gathered only while it runs). The outermost units must be the
     modules the trainer calls (FSDP2 gathers on a unit's own forward), e.g. a critic's fake denoiser and
-    its GAN head, not the critic object around them.
+    its GAN head, not the critic object around them. Parameters in ``ignored`` stay whole, unsharded and
+    outside FSDP's gradient reduction (a frozen base's trainable experts). ``reshard_root``: free the
+    outermost unit's gathered weights after its forward too (FSDP2 keeps a root's weights gathered until its
+    backward, which a module run only under ``no_grad``, a text encoder, never has).
 
     Raises:
         ValueError: no process group (FSDP needs ``accelerate launch`` / ``torchrun`` with N processes).
@@ -52,8 +90,9 @@ def shard(units: Iterable[nn.Module]) -> None:
         raise ValueError("train.fsdp shards over processes, but this run has no process group: launch it with "
                          "`accelerate launch --num_processes N -m tsm_distill.cli ...` (or torchrun), or set "
                          "train.fsdp: false")
+    ignored = set(ignored)
     for unit in units:
-        fully_shard(unit)
+        fully_shard(unit, ignored_params=ignored or None, reshard_after_forward=True if reshard_root else None)
 
 
 class ShardedEntry:
