@@ -90,8 +90,15 @@ class PhasePlan:
         return self.weights + self.optimizer + max(self.generator_step, self.critic_step)
 
 
-_TEXT_ENCODERS = {"unet": ("CLIPTextModel",), "sdxl": ("CLIPTextModel", "CLIPTextModelWithProjection"),
-                  "sd3": ("CLIPTextModelWithProjection", "CLIPTextModelWithProjection", "T5EncoderModel")}
+def _text_encoder_classes(path: Path) -> list[tuple[str, str]]:
+    """(folder, transformers class name) of every text encoder ``model_index.json`` lists, in pipeline order
+    (``text_encoder``, ``text_encoder_2``, ...); a null entry (SD3 without its T5) is skipped."""
+    import json
+
+    index = json.loads((path / "model_index.json").read_text())
+    names = sorted((k for k in index if k == "text_encoder" or k.startswith("text_encoder_")),
+                   key=lambda k: int(k.rsplit("_", 1)[1]) if k != "text_encoder" else 1)
+    return [(k, index[k][1]) for k in names if isinstance(index[k], list) and index[k][1] is not None]
 
 
 def _meta_teacher(path: Path, kind: str = "unet", max_sequence_length: int | None = None):
@@ -110,8 +117,9 @@ def _meta_teacher(path: Path, kind: str = "unet", max_sequence_length: int | Non
 
     sub = "transformer" if kind == "sd3" else "unet"
     shipped = {"unet": "sd15"}.get(kind, kind)
-    if not (path / sub / "config.json").is_file():
-        raise FileNotFoundError(f"{path / sub / 'config.json'} does not exist: --plan needs a local pipeline "
+    missing = [f for f in (path / "model_index.json", path / sub / "config.json") if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]} does not exist: --plan needs a local pipeline "
                                 "folder with at least model_index.json and the config.json files (no weights); "
                                 f"e.g. tsm_distill/assets/configs/{shipped}, or "
                                 "`huggingface-cli download REPO --include '*.json' '*.txt'`")
@@ -120,10 +128,11 @@ def _meta_teacher(path: Path, kind: str = "unet", max_sequence_length: int | Non
         denoiser = denoiser_cls.from_config(denoiser_cls.load_config(path / sub))
     with init_empty_weights():
         texts = []
-        for i, name in enumerate(_TEXT_ENCODERS[kind]):
-            folder = path / ("text_encoder" if i == 0 else f"text_encoder_{i + 1}")
-            if (folder / "config.json").is_file():  # SD3 may come without its T5
-                texts.append(getattr(transformers, name)(transformers.AutoConfig.from_pretrained(folder)))
+        for folder, name in _text_encoder_classes(path):  # the classes the pipeline itself would load
+            if not (path / folder / "config.json").is_file():
+                raise FileNotFoundError(f"model_index.json lists {folder} ({name}) but {path / folder / 'config.json'} "
+                                        "does not exist; download the config files of every component")
+            texts.append(getattr(transformers, name)(transformers.AutoConfig.from_pretrained(path / folder)))
         vae = (AutoencoderKL.from_config(AutoencoderKL.load_config(path / "vae"))
                if (path / "vae" / "config.json").is_file() else None)
     for encoder in texts:
