@@ -17,6 +17,14 @@ Checkpoints stay one set of full tensors, whatever the number of processes: `Sha
 `ShardedOptimizer` are checkpoint entries that `CheckpointManager` gathers on every process before the
 main one writes (``gather``) and scatters back after every process read the files (``scatter``).
 DMD2 itself saves no optimizer state under FSDP and cannot resume such a run; here it resumes exactly.
+
+Deviations kept:
+- The trainer calls ``fully_shard`` itself, under the process group ``accelerate launch`` set up, instead of
+  accelerate's FSDP plugin: the plugin shards the one model given to ``prepare`` with an auto-wrap policy,
+  and a DMD2 run needs three separately called modules sharded, the experts left out of the base's shards,
+  and frozen text encoders that are never prepared.
+- A sharded N-process run is checked against the replicated N-process run, not against one process:
+  with DMD2's per-process draws (seed + process index) no N-process run equals a 1-process run.
 """
 
 from __future__ import annotations
