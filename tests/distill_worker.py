@@ -53,9 +53,9 @@ if __name__ == "__main__":
     out = run_dir.parent
     rank = acc.process_index
     # Which modules FSDP sharded: their weights are DTensors (the experts on the base never are).
+    experts = {id(p) for p in trainer.tsm.adapter_parameters()}
     sharded = {"critic": all(is_sharded(p) for p in trainer.critic.fake.parameters()),
-               "generator_base": all(is_sharded(p) for n, p in trainer.teacher.denoiser.named_parameters()
-                                     if "lora_" not in n and "router_" not in n),
+               "generator_base": all(is_sharded(p) for p in trainer.teacher.denoiser.parameters() if id(p) not in experts),
                "experts": any(is_sharded(p) for p in trainer.tsm.adapter_parameters()),
                "text_encoders": all(is_sharded(p) for te in trainer.teacher.text_encoders for p in te.parameters())}
     (out / f"sharded{rank}.json").write_text(json.dumps(sharded))
