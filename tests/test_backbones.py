@@ -101,3 +101,29 @@ def test_sampler_switches_experts_and_stock_pipeline_hook(sd_pipeline_path):
     assert not tsm.context.active
     # two steps from the top and the middle: experts 3 then 1 (timesteps 999 / 500 region)
     assert calls[0][0] > calls[-1][0]
+
+
+def test_sampler_takes_given_starting_noise_and_scheduler(sd_pipeline_path):
+    """``noise`` replaces the generator's draw (the demo seeds each image on its own) and ``scheduler``
+    replaces `sampling_scheduler` (the teacher rows keep their DDIM config); the teacher rows' per-image
+    seeding makes an image independent of the batch it is sampled in."""
+    from diffusers import DDIMScheduler
+
+    from tsm_distill.demo_eval import teacher_generate
+
+    bb = load_backbone("unet", sd_pipeline_path)
+    prompts = ["a cat", "a dog"]
+    noise = torch.randn(bb.noise_shape(2, bb.latent_size), generator=torch.Generator().manual_seed(3))
+    drawn = bb.sample(prompts, steps=2, guidance_scale=2.0, generator=torch.Generator().manual_seed(3))
+    given = bb.sample(prompts, steps=2, guidance_scale=2.0, noise=noise)
+    assert close(given, drawn, rel=1e-5)
+    other = DDIMScheduler.from_config(bb.scheduler.config, timestep_spacing="leading")
+    assert not close(bb.sample(prompts, steps=2, guidance_scale=2.0, noise=noise, scheduler=other), given, rel=1e-3)
+    with pytest.raises(ValueError, match="one starting latent per prompt"):
+        bb.sample(prompts, steps=2, noise=noise[:1])
+
+    together = teacher_generate(bb, prompts + ["a bird"], [5, 6, 7], steps=2, batch_size=3, progress_desc="")
+    apart = teacher_generate(bb, prompts + ["a bird"], [5, 6, 7], steps=2, batch_size=1, progress_desc="")
+    assert close(together, apart, rel=1e-4)
+    with pytest.raises(ValueError, match="guidance must be > 1"):
+        teacher_generate(bb, prompts, [1, 2], steps=2, guidance=1.0)

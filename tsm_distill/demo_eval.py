@@ -88,28 +88,20 @@ def teacher_generate(teacher, prompts: Sequence[str], seeds: Sequence[int], step
         raise ValueError(f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    from tsm_core.train.backbones import cat_cond, expand_cond
-
-    from .teacher import encode
-
-    device = teacher.device
+    if guidance <= 1.0:
+        raise ValueError(f"the teacher rows use classifier-free guidance; guidance must be > 1, got {guidance}")
     shape = teacher.noise_shape(1, teacher.latent_size)[1:]
-    uncond = encode(teacher, [""])
     out = []
     batches = range(0, len(prompts), batch_size)
-    bar = tqdm(total=len(batches) * steps, desc=progress_desc or f"teacher {steps} steps", disable=progress_desc == "")
+    bar = tqdm(total=len(batches), desc=progress_desc or f"teacher {steps} steps", disable=progress_desc == "")
     for i in batches:
         ps, ss = list(prompts[i:i + batch_size]), list(seeds[i:i + batch_size])
+        x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in ss])
+        # The teacher's own DDIM config (set_alpha_to_one as its scheduler says), not `sampling_scheduler`'s
+        # SD-pipeline default: the committed teacher reference rows were measured with it.
         sched = DDIMScheduler.from_config(teacher.scheduler.config, timestep_spacing="trailing")
-        sched.set_timesteps(steps)
-        x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in ss]).to(device)
-        both = cat_cond([encode(teacher, ps), expand_cond(uncond, len(ps))])
-        for t in sched.timesteps:
-            tt = torch.full((2 * len(ps),), int(t), device=device, dtype=torch.long)
-            eps_c, eps_u = teacher.predict(torch.cat([x, x]), tt, both).chunk(2)
-            x = sched.step(eps_u + guidance * (eps_c - eps_u), t, x).prev_sample
-            bar.update(1)
-        out.append(teacher.vae_decode(x).float().cpu())
+        out.append(teacher.sample(ps, steps=steps, guidance_scale=guidance, noise=x, scheduler=sched).float().cpu())
+        bar.update(1)
     bar.close()
     return torch.cat(out)
 

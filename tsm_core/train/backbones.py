@@ -262,22 +262,29 @@ class Backbone:
     @torch.no_grad()
     def sample(self, prompts: list[str], tsm=None, steps: int = 20, guidance_scale: float = 1.0,
                generator: torch.Generator | None = None, size: int | None = None,
-               reencode_prompts: bool = False) -> torch.Tensor:
+               reencode_prompts: bool = False, noise: torch.Tensor | None = None,
+               scheduler=None) -> torch.Tensor:
         """Generate images (B, 3, H, W) in [-1, 1] with the TSM experts switched per step.
 
         Every denoiser call runs inside ``tsm.timesteps(t)`` with the step's timestep, so stage-1
         experts switch per step and the stage-2 router sees t. ``reencode_prompts`` re-encodes the
         prompts under each step's timestep, needed when the text encoders carry experts too.
         ``guidance_scale > 1`` uses classifier-free guidance with the "" prompt.
+
+        ``noise`` (one starting latent per prompt) replaces the draw from ``generator``, for callers
+        that seed each image on its own; ``scheduler`` (not yet set) replaces `sampling_scheduler`.
         """
         device = self.device
         n = len(prompts)
         size = size or self.denoiser.config.sample_size * self.vae_scale
         if size % self.vae_scale:
             raise ValueError(f"image size {size} must be a multiple of the VAE factor {self.vae_scale}")
-        scheduler = self.sampling_scheduler()
+        scheduler = scheduler or self.sampling_scheduler()
         scheduler.set_timesteps(steps, device=device)
-        x = torch.randn(self.noise_shape(n, size // self.vae_scale), generator=generator).to(device)
+        if noise is not None and len(noise) != n:
+            raise ValueError(f"need one starting latent per prompt, got {len(noise)} for {n} prompts")
+        x = (noise if noise is not None
+             else torch.randn(self.noise_shape(n, size // self.vae_scale), generator=generator)).to(device)
         x = x * getattr(scheduler, "init_noise_sigma", 1.0)
         cfg = guidance_scale > 1.0
         texts = ([""] * n + list(prompts)) if cfg else list(prompts)
