@@ -175,6 +175,11 @@ def test_bad_inputs_get_clear_errors(env, tmp_path):
     base = {"model": {"path": str(pipe)}, "phases": [phase("p", scale=1)], "experts": {"scales": [1]}}
     with pytest.raises(ValueError, match="out of range"):
         load_recipe({**base, "student_timesteps": [1000, 500]}, DistillRecipe)
+    with pytest.raises(ValueError, match="unknown module.*'vae'"):
+        load_recipe({**base, "train": {"fsdp": True, "fsdp_modules": ["critic", "vae"]}}, DistillRecipe)
+    with pytest.raises(ValueError, match="fsdp_modules is empty, so nothing would be sharded"):
+        load_recipe({**base, "train": {"fsdp": True, "fsdp_modules": []}}, DistillRecipe)
+    assert load_recipe({**base, "train": {"fsdp": False, "fsdp_modules": []}}, DistillRecipe).train.fsdp_modules == []
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(ValueError, match="no prompts"):
         DMD2Trainer(load_recipe({**base, "data": {"prompts": str(tmp_path / "empty.txt")}}, DistillRecipe), tmp_path / "r")

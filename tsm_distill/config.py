@@ -145,6 +145,10 @@ class TrainConfig:
         unknown = sorted(set(self.fsdp_modules) - set(FSDP_MODULES))
         if unknown:
             raise ValueError(f"train.fsdp_modules: unknown module(s) {unknown}; choose from {list(FSDP_MODULES)}")
+        if self.fsdp and not self.fsdp_modules:
+            # It used to be accepted and shard nothing: a run planned as sharded would run out of memory.
+            raise ValueError("train.fsdp is true but train.fsdp_modules is empty, so nothing would be sharded; "
+                             f"list the modules to shard (from {list(FSDP_MODULES)}) or set train.fsdp: false")
         lo, hi = self.min_step_percent, self.max_step_percent
         if not (0.0 <= lo <= 1.0 and 0.0 <= hi <= 1.0 and lo <= hi):
             raise ValueError(f"train.min_step_percent {lo} and max_step_percent {hi} must satisfy "
