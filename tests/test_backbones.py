@@ -127,3 +127,24 @@ def test_sampler_takes_given_starting_noise_and_scheduler(sd_pipeline_path):
     assert close(together, apart, rel=1e-4)
     with pytest.raises(ValueError, match="guidance must be > 1"):
         teacher_generate(bb, prompts, [1, 2], steps=2, guidance=1.0)
+
+
+@pytest.mark.parametrize("kind", ["unet", "sdxl"])
+def test_sampler_guidance_pairs_prompts_with_the_familys_unconditional_input(kind, tmp_path, sd_pipeline_path):
+    """Under CFG the "" rows are the family's unconditional input, as the real score's in training: the
+    encoding of "" for SD1.5, zeros (same time ids) for SDXL, as diffusers' SDXL pipeline by default."""
+    from tsm_core.testing.tiny import build_sdxl_pipeline
+
+    bb = load_backbone(kind, sd_pipeline_path if kind == "unet" else build_sdxl_pipeline(tmp_path))
+    seen = []
+    predict = bb.predict
+    bb.predict = lambda x, t, cond, denoiser=None: seen.append(cond) or predict(x, t, cond, denoiser)
+    bb.sample(["a cat", "a dog"], steps=1, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+    uncond = bb.unconditional()
+    prompts = bb.encode_prompts(["a cat", "a dog"])
+    for k, v in seen[0].items():
+        # Encoded in another batch than here: equal up to the kernels' rounding.
+        assert close(v[:2], uncond[k].expand_as(v[:2]), rel=1e-5) and close(v[2:], prompts[k], rel=1e-5), k
+    if kind == "sdxl":
+        assert seen[0]["encoder_hidden_states"][:2].abs().sum() == 0 and seen[0]["text_embeds"][:2].abs().sum() == 0
+        assert torch.equal(seen[0]["time_ids"][:2], prompts["time_ids"])

@@ -229,9 +229,14 @@ class Backbone:
         return output
 
     def unconditional(self) -> Cond:
-        """One row of the conditioning classifier-free guidance pairs with the prompts: the encoding of ""
-        (SD1.5 and SD3, as DMD2 and diffusers' pipelines do)."""
-        return self.encode_prompts([""])
+        """One row of the conditioning classifier-free guidance pairs with the prompts (`as_unconditional`
+        of the encoding of "")."""
+        return self.as_unconditional(self.encode_prompts([""]))
+
+    def as_unconditional(self, cond: Cond) -> Cond:
+        """The encoding of "" rows turned into CFG's unconditional input: unchanged for SD1.5 and SD3, as
+        DMD2 and diffusers' pipelines use it."""
+        return cond
 
     @property
     def latent_size(self) -> int:
@@ -291,7 +296,12 @@ class Backbone:
 
         def encode(t_batch):
             with (tsm.timesteps(t_batch) if (tsm is not None and reencode_prompts) else nullcontext()):
-                return self.encode_prompts(texts)
+                cond = self.encode_prompts(texts)
+            if not cfg:
+                return cond
+            # The "" rows as the family's unconditional input (SDXL: zeros), as training's real score uses it.
+            return cat_cond([self.as_unconditional({k: v[:n] for k, v in cond.items()}),
+                             {k: v[n:] for k, v in cond.items()}])
 
         cond = None if reencode_prompts else encode(None)
         for t in scheduler.timesteps:
@@ -412,10 +422,9 @@ class SDXLBackbone(UNetBackbone):
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled,
                 "time_ids": time_ids.to(pooled.dtype)}
 
-    def unconditional(self) -> Cond:
+    def as_unconditional(self, cond: Cond) -> Cond:
         """Zeros for the text states and the pooled embedding, the same ``time_ids``: SDXL's unconditional
         input in DMD2's SDXL runs and in diffusers' pipeline (``force_zeros_for_empty_prompt``)."""
-        cond = self.encode_prompts([""])
         return {k: v if k == "time_ids" else torch.zeros_like(v) for k, v in cond.items()}
 
     def predict(self, x_t, t, cond, denoiser=None):
