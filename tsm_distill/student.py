@@ -43,8 +43,3 @@ class Student:
                                         cat_cond([cond, expand_cond(uncond, n)]))
         out_c, out_u = both.chunk(2)
         return out_u + guidance_scale * (out_c - out_u)
-
-    def real_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond,
-                guidance_scale: float) -> torch.Tensor:
-        """The teacher's x0 with classifier-free guidance (DMD2's real score)."""
-        return self.teacher.to_x0(x_t, self.real_output(x_t, t, cond, uncond, guidance_scale), t)

@@ -82,7 +82,6 @@ class FinetuneTrainer(PhasedTrainer):
         if tr.gradient_checkpointing:
             bb.enable_gradient_checkpointing(text_encoders=bool(self.text_adapters))
         self.phases = plan_phases(recipe, bb.num_timesteps)
-        self.total_steps = self.phases[-1].end
         self.last_loss = torch.tensor(float("nan"))
         self.dataset = build_dataset(recipe.data)
         self._latent_cache: dict[int, torch.Tensor] = {}
