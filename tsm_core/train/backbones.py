@@ -274,7 +274,8 @@ class Backbone:
         Every denoiser call runs inside ``tsm.timesteps(t)`` with the step's timestep, so stage-1
         experts switch per step and the stage-2 router sees t. ``reencode_prompts`` re-encodes the
         prompts under each step's timestep, needed when the text encoders carry experts too.
-        ``guidance_scale > 1`` uses classifier-free guidance with the "" prompt.
+        ``guidance_scale > 1`` uses classifier-free guidance with the family's unconditional input
+        (`as_unconditional` of the "" prompt, as training's real score).
 
         ``noise`` (one starting latent per prompt) replaces the draw from ``generator``, for callers
         that seed each image on its own; ``scheduler`` (not yet set) replaces `sampling_scheduler`.
@@ -300,8 +301,7 @@ class Backbone:
             if not cfg:
                 return cond
             # The "" rows as the family's unconditional input (SDXL: zeros), as training's real score uses it.
-            return cat_cond([self.as_unconditional({k: v[:n] for k, v in cond.items()}),
-                             {k: v[n:] for k, v in cond.items()}])
+            return cat_cond([self.as_unconditional(cond_map(cond, lambda v: v[:n])), cond_map(cond, lambda v: v[n:])])
 
         cond = None if reencode_prompts else encode(None)
         for t in scheduler.timesteps:
