@@ -46,7 +46,8 @@ def test_aggregate_matches_hand_computed_means_stds_differences_and_wins():
     assert agg["seeds"][0] == {"seed": 0, "n": 1000, "floor": 28.0, "floor_kid": 1e-4, "teacher_full": 54.0,
                                "teacher_full_kid": 0.014, "teacher_few": 62.0, "teacher_few_kid": 0.020,
                                "lora": 50.0, "lora_kid": 0.010, "tsm_stage1": 46.0, "tsm_stage1_kid": 0.008,
-                               "tsm_stage2": 44.0, "tsm_stage2_kid": 0.007, "lora_batch_multiplier": 1, "source": "b"}
+                               "tsm_stage2": 44.0, "tsm_stage2_kid": 0.007, "lora_batch_multiplier": 1, "protocol": "recipe",
+                               "source": "b"}
     # LoRA 50, 46, 48: mean 48, deviations 2, -2, 0 -> sample variance 8 / 2 = 4.
     assert agg["rows"]["lora"]["fid_mean"] == pytest.approx(48.0)
     assert agg["rows"]["lora"]["fid_std"] == pytest.approx(2.0)
@@ -66,7 +67,7 @@ def test_aggregate_matches_hand_computed_means_stds_differences_and_wins():
     assert p1["mean"] == pytest.approx(-3.0) and p1["tsm_wins"] == 3
     assert agg["ratio"]["tsm_stage2_over_lora"] == pytest.approx((133 / 3) / 48)
     assert agg["ratio"]["tsm_stage1_over_lora"] == pytest.approx(45 / 48)
-    assert agg["protocol"] == {"lora_batch_multiplier": 1, "label": "equal compute"}
+    assert agg["protocol"] == {"name": "recipe", "lora_batch_multiplier": 1, "label": "equal compute"}
     for p in (p1, p2):  # the percentile bootstrap stays inside the observed differences and holds the mean
         lo, hi = p["ci95_bootstrap"]
         diffs = [d["fid_diff"] for d in p["per_seed"]]
@@ -197,7 +198,7 @@ def test_lora_batch_multiplier_scales_only_the_lora_phases(tmp_path):
     assert budget4 == budget1  # generator steps do not depend on the batch
     lora_b, tsm_b, _ = batches(["--batch-size", "8", "--lora-batch-multiplier", "4"])
     assert set(lora_b) == {32} and set(tsm_b) == {8}
-    assert ds.protocol(4)["label"] == "paper A.3 protocol (LoRA at 4x batch)"
+    assert ds.protocol(4)["label"] == "LoRA at 4x batch, equal generator steps (A.3's batch ratio only)"
     assert ds.protocol(1)["label"] == "equal compute"
 
 
@@ -221,7 +222,7 @@ def test_aggregate_command_reads_single_seed_folders_and_labels_the_protocol(tmp
 def test_results_md_names_the_seed_and_protocol(tmp_path):
     meta = {"mode": "full", "seed": 3, "protocol": ds.protocol(4)}
     _, md = rep.write_results(tmp_path, results(3)["rows"], meta)
-    assert "Seed 3; protocol: paper A.3 protocol (LoRA at 4x batch)" in md.read_text()
+    assert "Seed 3; protocol: LoRA at 4x batch, equal generator steps" in md.read_text()
 
 
 def test_lr_scale_scales_both_students_generator_rates_and_keeps_seeds_apart(tmp_path):

@@ -47,12 +47,21 @@ import torch
 from . import demo_eval as ev
 from . import demo_report as rep
 from . import demo_seeds as ds
+from .demo_protocol import (
+    A3_LORA_BATCH_MULTIPLIER,
+    PROTOCOLS,
+    a3p_phases,
+    adapter_parameters,
+    phase_value,
+    student_accounting,
+)
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 FULL = {"n": 1000, "n_ref": 1000, "budget": None, "router_steps": None, "fake_updates": None, "batch_size": None,
         "teacher_steps": 50, "budget_points": 3}
 QUICK = {"n": 50, "n_ref": 1000, "budget": 16, "router_steps": 2, "fake_updates": 2, "batch_size": 8,
          "teacher_steps": 50, "budget_points": 3}
+A3P_CHECKPOINTS = 3  # --protocol a3p: checkpoints per LoRA-run length, for resuming only
 GRID_COLUMNS = 10  # one image per class in the sample grid
 BUDGET_DEFINITION = __doc__.split("Equal generator-step budget: ")[1].split("\n\n")[0].strip().replace("\n", " ")
 
@@ -104,12 +113,7 @@ def scale_phase_key(phases: list[dict], key: str, factor: float) -> list[dict]:
     """Phases with ``key`` times ``factor`` in every one (a phase that does not name it has PhaseConfig's
     default). The LR-fairness check scales ``lr`` (the fake score's ``lr_critic`` stays); A.3's protocol
     gives the LoRA student 4x TSM's ``batch_size``."""
-    from dataclasses import fields
-
-    from .config import PhaseConfig
-
-    default = next(f.default for f in fields(PhaseConfig) if f.name == key)
-    return [dict(p, **{key: p.get(key, default) * factor}) for p in phases]
+    return [dict(p, **{key: phase_value(p, key) * factor}) for p in phases]
 
 
 def build_recipes(args, run_dir: Path, teacher: Path):
@@ -124,26 +128,36 @@ def build_recipes(args, run_dir: Path, teacher: Path):
     routers = [p for p in tsm["phases"] if p.get("type", "foster") != "foster"]
     if not routers or tsm["phases"][-len(routers):] != routers:
         raise ValueError(f"{args.tsm_recipe}: the TSM recipe must end with its router (assemble) phase(s)")
-    lora["phases"] = scale_phase_key(rescale_phases(lora["phases"], args.budget, args.fake_updates, args.batch_size),
-                                     "batch_size", args.lora_batch_multiplier)
+    lora_phases = rescale_phases(lora["phases"], args.budget, args.fake_updates, args.batch_size)
     experts = rescale_phases(experts, args.budget, args.fake_updates, args.batch_size)
     routers = rescale_phases(routers, args.router_steps, args.fake_updates, args.batch_size)
-    lora["phases"], experts, routers = (scale_phase_key(p, "lr", args.lr_scale) for p in (lora["phases"], experts, routers))
+    if args.protocol == "a3p":
+        non_gan = [p for p in experts if not p.get("gan", False)] or experts
+        base_batch = args.batch_size or phase_value(non_gan[0], "batch_size")
+        lora_phases, experts, routers, _ = a3p_phases(lora_phases, experts, routers,
+                                                      list(lora.get("student_timesteps", [999, 749, 499, 249])),
+                                                      base_batch)
+    else:
+        lora_phases = scale_phase_key(lora_phases, "batch_size", args.lora_batch_multiplier)
+    lora["phases"], experts, routers = (scale_phase_key(p, "lr", args.lr_scale) for p in (lora_phases, experts, routers))
     tsm["phases"] = experts + routers
     budget = {"lora": sum(generator_steps(p) for p in lora["phases"]),
               "tsm_stage1": sum(generator_steps(p) for p in experts),
               "tsm_stage2_router": sum(generator_steps(p) for p in routers),
               "phases": {f"lora/{p['name']}": generator_steps(p) for p in lora["phases"]}
               | {f"tsm/{p['name']}": generator_steps(p) for p in tsm["phases"]}}
-    if budget["lora"] != budget["tsm_stage1"]:
+    if args.protocol == "recipe" and budget["lora"] != budget["tsm_stage1"]:
         raise ValueError(f"unequal budgets: LoRA makes {budget['lora']} generator steps, the TSM expert phases "
                          f"{budget['tsm_stage1']}; fix the recipes or pass --budget")
     # The budget curve (demo_budget) scores both students at every 1/K of the expert budget from these
     # checkpoints. Both runs count the same iterations with the same F up to there, so a checkpoint at global
     # step s is an equal-generator-step pair. All are kept; saving one draws no random numbers, so the
     # students are bit-identical to a run without them.
+    # Under --protocol a3p the students differ in iterations, so there is no budget curve; the LoRA run's
+    # thirds still get checkpoints, so a stopped seed loses at most a third of a phase.
     iterations = sum(p["steps"] for p in lora["phases"])
-    every = math.ceil(iterations / args.budget_points) if args.budget_points else 10**9
+    points = args.budget_points or (A3P_CHECKPOINTS if args.protocol == "a3p" else 0)
+    every = math.ceil(iterations / points) if points else 10**9
     for r in (lora, tsm):
         r["model"] = {"path": str(teacher)}
         r.setdefault("train", {})
@@ -152,6 +166,17 @@ def build_recipes(args, run_dir: Path, teacher: Path):
             r["train"]["threads"] = args.threads
     tsm["experts"]["init_from"] = str(run_dir / "lora" / "adapter")
     return load_recipe(lora, DistillRecipe), load_recipe(tsm, DistillRecipe), budget
+
+
+def students_accounting(lora, tsm) -> dict:
+    """Iterations, generator updates and samples of each student (``demo_protocol.student_accounting``) from
+    the two loaded recipes: LoRA, TSM's expert phases (stage 1) and its router phases (stage 2)."""
+    from dataclasses import asdict
+
+    experts = [asdict(p) for p in tsm.phases if p.type == "foster"]
+    routers = [asdict(p) for p in tsm.phases if p.type != "foster"]
+    return {"lora": student_accounting([asdict(p) for p in lora.phases]), "tsm_stage1": student_accounting(experts),
+            "tsm_stage2_router": student_accounting(routers)}
 
 
 # ---------------------------------------------------------------------------- stages
@@ -308,7 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "the learning-rate fairness check runs 1 and 1/3")
     p.add_argument("--lora-batch-multiplier", type=int, default=1,
                    help="the LoRA student's batch in every phase is K times the recipe's (default 1: equal compute; "
-                        "4: the paper's A.3 protocol)")
+                        "4: A.3's batch ratio at equal iterations)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="recipe",
+                   help="recipe: the recipes' phase lengths (equal generator steps); a3p: the paper's A.3 lengths "
+                        "and batch ratios scaled so LoRA keeps its recipe length (TSM 2.67x LoRA's iterations, LoRA "
+                        "4x TSM's batch, GAN phases at half batch; see tsm_distill/demo_protocol.py)")
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=0, help="training seed of both students")
     seeds.add_argument("--seeds", type=int, nargs="+", default=None,
@@ -327,6 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv):
     """Parse tsm-demo's command line, fill in the full or quick presets and check the values."""
     args = build_parser().parse_args(argv)
+    if args.protocol == "a3p":
+        if args.router_steps is not None or args.budget_points:
+            raise ValueError("--protocol a3p sets the router's length from A.3 and has no budget curve (the students "
+                             "differ in iterations): drop --router-steps and --budget-points")
+        if args.lora_batch_multiplier not in (1, A3_LORA_BATCH_MULTIPLIER):
+            raise ValueError(f"--protocol a3p trains LoRA at A.3's {A3_LORA_BATCH_MULTIPLIER}x batch; drop "
+                             f"--lora-batch-multiplier {args.lora_batch_multiplier}")
+        args.lora_batch_multiplier, args.budget_points = A3_LORA_BATCH_MULTIPLIER, 0
     preset = QUICK if args.quick else FULL
     for key, value in preset.items():
         if getattr(args, key) is None:
@@ -386,6 +423,14 @@ def _run(args, argv: list[str]) -> int:
     n_experts = len(tsm_recipe.phases) - sum(p.type != "foster" for p in tsm_recipe.phases)
     stage1 = run_dir / "tsm" / "phases" / f"{n_experts - 1:02d}_{tsm_recipe.phases[n_experts - 1].name}"
 
+    router = tsm_recipe.phases[-1]
+    students_info = students_accounting(lora_recipe, tsm_recipe)
+    students_info["lora"]["trainable_parameters"] = adapter_parameters(lora_adapter, [1])
+    students_info["tsm_stage1"]["trainable_parameters"] = adapter_parameters(stage1, [router.core_scale])
+    students_info["tsm_stage2_router"] |= {
+        "trainable_parameters": adapter_parameters(tsm_adapter, [], router=True),
+        "parameters_in_use": adapter_parameters(tsm_adapter, [router.core_scale, *router.context_scales], router=True)}
+
     prompts, seeds = ev.eval_prompts(args.n)
     ts = list(lora_recipe.student_timesteps)
     students = [(ds.ROW_NAMES["lora"], lora_adapter, budget["lora"]),
@@ -430,15 +475,22 @@ def _run(args, argv: list[str]) -> int:
                  f"{ev.GUIDANCE}, the distillation's real-score guidance")
     if args.lr_scale != 1:
         notes.append(f"generator learning rates x{args.lr_scale:g} of the recipes' in every phase of both students")
-    if args.lora_batch_multiplier != 1:  # the budget definition's "same batch size" then holds for TSM only
-        notes.append(f"protocol {ds.protocol(args.lora_batch_multiplier)['label']}: the LoRA student's batch is "
+    proto = ds.protocol(args.lora_batch_multiplier, args.protocol)
+    if args.protocol == "a3p":
+        lora_s, tsm_s = students_info["lora"], students_info["tsm_stage1"]
+        notes.append(f"protocol {proto['label']}: phase lengths are A.3's times one factor (LoRA keeps the recipe's "
+                     f"{lora_s['iterations']} iterations), not equal generator steps: TSM stage 1 "
+                     f"{tsm_s['iterations']} iterations / {tsm_s['samples']} samples, LoRA {lora_s['iterations']} / "
+                     f"{lora_s['samples']} (results.json 'students')")
+    elif args.lora_batch_multiplier != 1:  # the budget definition's "same batch size" then holds for TSM only
+        notes.append(f"protocol {proto['label']}: the LoRA student's batch is "
                      f"{args.lora_batch_multiplier}x TSM's in every phase, so it sees that many more samples per "
                      "generator step (equal generator steps, unequal compute)")
     if args.n >= 1000:
         notes.append("KID std is over clean-fid's 100 subsets of min(N, 1000) images; at N >= 1000 each subset "
                      "is the whole set, so the std reads 0 and says nothing about noise: compare runs (seeds)")
     meta = {"mode": "quick" if args.quick else "full", "seed": args.seed,
-            "protocol": ds.protocol(args.lora_batch_multiplier), "lr_scale": args.lr_scale, "n": args.n,
+            "protocol": proto, "students": students_info, "lr_scale": args.lr_scale, "n": args.n,
             "device": device_name(args.device),
             "n_reference": args.n_ref,
             "reference_features": ref_source, "teacher_unet_sha256": ev.unet_hash(teacher),

@@ -48,7 +48,8 @@ STUDENTS = ("lora", "tsm_stage1", "tsm_stage2")
 ROW_ORDER = ("floor", "teacher_full", "teacher_few", *STUDENTS)
 PAIRS = (("tsm_stage2", "lora"), ("tsm_stage1", "lora"))  # seeds.json's paired["<tsm>_minus_<lora>"]
 PAIR_LABELS = {"tsm_stage2": "TSM stage 2 - LoRA", "tsm_stage1": "TSM stage 1 - LoRA"}
-PROTOCOL_LABELS = {1: "equal compute", 4: "paper A.3 protocol (LoRA at 4x batch)"}
+PROTOCOL_LABELS = {1: "equal compute", 4: "LoRA at 4x batch, equal generator steps (A.3's batch ratio only)"}
+A3P_LABEL = "A.3-proportional (A.3's phase lengths and batch ratios, scaled; LoRA at 4x batch)"
 SEED_FOLDER = re.compile(r"seed(\d+)")
 # Options of tsm-demo that the sweep sets per seed itself instead of passing them through.
 SWEEP_ONLY = ("seeds", "jobs", "seed", "run_dir")
@@ -58,12 +59,28 @@ LEVEL = 0.95
 
 
 # ---------------------------------------------------------------------------- one seed's results
-def protocol(lora_batch_multiplier: int) -> dict:
-    """The comparison's protocol as results.json and seeds.json record it (multiplier and its label)."""
+def protocol(lora_batch_multiplier: int, name: str = "recipe") -> dict:
+    """The comparison's protocol as results.json and seeds.json record it: ``name`` (``recipe``: the recipes'
+    phase lengths, ``a3p``: A.3-proportional, see ``demo_protocol``), LoRA's batch multiplier, a label.
+
+    Until December 2026 multiplier 4 under the recipes' lengths was labelled "paper A.3 protocol"; it gives
+    both students the same iterations, which A.3 does not, so it is now named for what it is.
+    """
     if not isinstance(lora_batch_multiplier, int) or lora_batch_multiplier < 1:
         raise ValueError(f"the LoRA batch multiplier must be an integer >= 1, got {lora_batch_multiplier!r}")
-    label = PROTOCOL_LABELS.get(lora_batch_multiplier, f"LoRA at {lora_batch_multiplier}x batch")
-    return {"lora_batch_multiplier": lora_batch_multiplier, "label": label}
+    if name == "a3p":
+        label = A3P_LABEL
+    elif name == "recipe":
+        label = PROTOCOL_LABELS.get(lora_batch_multiplier, f"LoRA at {lora_batch_multiplier}x batch")
+    else:
+        raise ValueError(f"unknown protocol {name!r}: recipe or a3p")
+    return {"name": name, "lora_batch_multiplier": lora_batch_multiplier, "label": label}
+
+
+def protocol_of(results: dict) -> dict:
+    """The protocol a results.json ran (results from before the field existed ran equal compute)."""
+    recorded = results.get("protocol", {})
+    return protocol(int(recorded.get("lora_batch_multiplier", 1)), recorded.get("name", "recipe"))
 
 
 def row_key(name: str) -> str | None:
@@ -131,8 +148,10 @@ def seed_record(results: dict) -> dict:
         if key in rows:
             record[key] = float(rows[key]["fid"])
             record[f"{key}_kid"] = float(rows[key]["kid_mean"])
-    # Results from before the option existed ran the equal-compute comparison.
-    record["lora_batch_multiplier"] = int(results.get("protocol", {}).get("lora_batch_multiplier", 1))
+    proto = protocol_of(results)
+    record["lora_batch_multiplier"], record["protocol"] = proto["lora_batch_multiplier"], proto["name"]
+    if "students" in results:  # iterations, generator updates, samples, parameters per student
+        record["students"] = results["students"]
     return record
 
 
@@ -141,7 +160,8 @@ def settings(results: dict) -> dict:
     budget = results.get("budget", {})
     out = {"n": results.get("n"), "n_reference": results.get("n_reference"),
            "teacher_unet_sha256": results.get("teacher_unet_sha256"),
-           "lora_batch_multiplier": results.get("protocol", {}).get("lora_batch_multiplier", 1),
+           "lora_batch_multiplier": protocol_of(results)["lora_batch_multiplier"],
+           "protocol": protocol_of(results)["name"],
            "lr_scale": results.get("lr_scale", 1.0)}  # runs before --lr-scale existed used the recipes' rates
     out |= {f"budget.{k}": budget.get(k) for k in ("lora", "tsm_stage1", "tsm_stage2_router")}
     return {k: v for k, v in out.items() if v is not None}
@@ -225,7 +245,7 @@ def aggregate(results_list: Sequence[dict], sources: Sequence[str] | None = None
     # A reference row (floor, teacher) missing from one seed's results is left out of the means.
     present = [k for k in ROW_ORDER if all(k in r for r in records)]
     rows = {k: dict(row_summary(records, k), name=names[k]) for k in present}
-    return {"protocol": protocol(records[0]["lora_batch_multiplier"]), "lr_scale": settings(results_list[0])["lr_scale"],
+    return {"protocol": protocol(records[0]["lora_batch_multiplier"], records[0]["protocol"]), "lr_scale": settings(results_list[0])["lr_scale"],
             "n": records[0]["n"],
             "n_seeds": len(records), "seeds": records, "rows": rows,
             "paired": {f"{tsm}_minus_{lora}": paired(records, tsm, lora, resamples, boot_seed) for tsm, lora in PAIRS},
