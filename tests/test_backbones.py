@@ -6,8 +6,8 @@ import torch
 from tests.numerics import close
 from tests.test_core import perturb
 from tsm_core import TimestepContextError, TSMConfig, attach
+from tsm_core.models import cat_cond, load_backbone, route_by_timestep
 from tsm_core.testing import tiny_dit
-from tsm_core.train.backbones import cat_cond, load_backbone, route_by_timestep
 
 
 def _roundtrip(bb):
@@ -109,7 +109,7 @@ def test_sampler_takes_given_starting_noise_and_scheduler(sd_pipeline_path):
     seeding makes an image independent of the batch it is sampled in."""
     from diffusers import DDIMScheduler
 
-    from tsm_distill.demo_eval import teacher_generate
+    from tsm_distill.demo.eval import teacher_generate
 
     bb = load_backbone("unet", sd_pipeline_path)
     prompts = ["a cat", "a dog"]

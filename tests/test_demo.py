@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tsm_core.eval import fid_from_features
-from tsm_distill import demo
-from tsm_distill import demo_eval as ev
+from tsm_distill.demo import eval as ev
+from tsm_distill.demo import run as demo
 
 TEACHER = ev.DEFAULT_TEACHER
 
@@ -109,7 +109,7 @@ def _accuracy(net, images: np.ndarray, labels) -> float:
 
 
 def test_shipped_teacher_loads_by_path_and_draws_the_prompted_class(one_thread):
-    from tsm_core.train.fmnist import load_fashion_mnist
+    from tsm_core.data.fmnist import load_fashion_mnist
     from tsm_distill.teacher import load_teacher
 
     images, labels = load_fashion_mnist("train")
@@ -178,7 +178,7 @@ def test_quick_demo_runs_end_to_end(tmp_path):
         assert all(math.isfinite(p[k]["fid"]) for k in ("lora", "tsm_stage1")), p
     # A checkpoint holds the student of its step: the last one (step 8, the end of phase 01_lora_gan) loads
     # into the first phase adapter's structure and equals the 01 adapter, not the 00 one it was built from.
-    from tsm_distill.demo_budget import load_snapshot
+    from tsm_distill.demo.budget import load_snapshot
     lora_run = run / "lora"
     _, from_ckpt = load_snapshot(run / "teacher", lora_run, lora_run / "checkpoints" / "step_00000008")
     _, last_phase = load_snapshot(run / "teacher", lora_run, lora_run / "phases" / "01_lora_gan")

@@ -8,8 +8,8 @@ import yaml
 from safetensors.torch import save_file
 
 from tests.test_demo_seeds import results
-from tsm_distill import demo_budget as db
-from tsm_distill import demo_seeds as ds
+from tsm_distill.demo import budget as db
+from tsm_distill.demo import seeds as ds
 
 
 def phases(*spec):

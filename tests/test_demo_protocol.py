@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from tsm_distill import demo
-from tsm_distill import demo_eval as ev
-from tsm_distill import demo_protocol as dp
-from tsm_distill import demo_seeds as ds
+from tsm_distill.demo import eval as ev
+from tsm_distill.demo import protocol as dp
+from tsm_distill.demo import run as demo
+from tsm_distill.demo import seeds as ds
 
 
 def recipes(tmp_path, *extra):

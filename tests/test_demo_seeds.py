@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from tsm_distill import demo
-from tsm_distill import demo_eval as ev
-from tsm_distill import demo_report as rep
-from tsm_distill import demo_seeds as ds
+from tsm_distill.demo import eval as ev
+from tsm_distill.demo import report as rep
+from tsm_distill.demo import run as demo
+from tsm_distill.demo import seeds as ds
 
 T_975_DF2 = 4.302652729911275  # Student's t, 97.5% quantile, 2 degrees of freedom (tables)
 
@@ -243,7 +243,7 @@ def test_lr_scale_scales_both_students_generator_rates_and_keeps_seeds_apart(tmp
 
 
 def test_lr_fairness_picks_each_students_better_rate_on_the_mean_and_pairs_there(tmp_path):
-    from tsm_distill import demo_lr
+    from tsm_distill.demo import lr as demo_lr
 
     def at(rate, *a, **kw):
         return dict(results(*a, **kw), lr_scale=rate)

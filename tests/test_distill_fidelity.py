@@ -142,7 +142,7 @@ def test_real_sources_return_captions(env, tmp_path):
 
 
 def test_fmnist_real_images_carry_their_class_prompt():
-    from tsm_core.train.fmnist import FashionMNIST
+    from tsm_core.data.fmnist import FashionMNIST
 
     source = RealSource("builtin:fmnist", 32)
     images, captions = source.sample(6, torch.Generator().manual_seed(3), "cpu")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tsm_core.train import fmnist
+from tsm_core.data import fmnist
 
 REPO = Path(__file__).resolve().parents[1]
 

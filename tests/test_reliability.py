@@ -395,7 +395,7 @@ def _write_shard(path, first: int, n: int = 6):
 
 
 def test_truncated_shards_are_reported_by_name_not_as_one_skipped_sample(tmp_path):
-    from tsm_core.train.data import webdataset_image_text
+    from tsm_core.data.images import webdataset_image_text
 
     for name, first in (("a", 0), ("b", 100), ("c", 200)):
         _write_shard(tmp_path / f"{name}.tar", first)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from tsm_core.train.data import (
+from tsm_core.data.images import (
     ImageTextFolder,
     SkipCounter,
     collate_image_text,

@@ -202,8 +202,8 @@ def test_a_video_model_needs_video_data_and_back():
 def test_a_video_model_trains_from_clip_shards(tmp_path, video_data):
     from safetensors.torch import load_file
 
+    from tsm_core.data.video import write_clip_shards
     from tsm_core.finetune.cli import main
-    from tsm_core.train.video_data import write_clip_shards
 
     write_clip_shards(video_data, tmp_path / "shards" / "clips", maxcount=2)
     pipe = build_video_pipeline(tmp_path / "video")
@@ -226,7 +226,7 @@ def video_run_args(recipe, pipe, data, run, *extra):
 
 @pytest.fixture(scope="module")
 def video_data(tmp_path_factory):
-    from tsm_core.train.video_data import moving_fmnist_clips
+    from tsm_core.data.video import moving_fmnist_clips
 
     return moving_fmnist_clips(tmp_path_factory.mktemp("clips"), n=4, num_frames=4, size=16)
 

@@ -11,9 +11,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms.functional import to_tensor
 
-from tsm_core.train.data import image_transform
-from tsm_core.train.fmnist import PROMPT_NAMES, prompt_for
-from tsm_core.train.video_data import (
+from tsm_core.data.fmnist import PROMPT_NAMES, prompt_for
+from tsm_core.data.images import image_transform
+from tsm_core.data.video import (
     MOTIONS,
     VideoTextFolder,
     collate_video_text,
@@ -292,9 +292,9 @@ def test_per_frame_fid_reads_every_frame_of_every_clip_and_skips_bad_clips(tmp_p
     import json as _json
 
     from tools import fid as fid_cli
+    from tsm_core.data.video import read_clip, write_clip
     from tsm_core.eval import FeatureExtractor
     from tsm_core.eval.evaluate import features_from_source
-    from tsm_core.train.video_data import read_clip, write_clip
 
     rng = np.random.default_rng(0)
     clips = tmp_path / "clips"
@@ -328,7 +328,7 @@ def test_per_frame_fid_reads_every_frame_of_every_clip_and_skips_bad_clips(tmp_p
 def test_clip_shards_give_the_folders_items_and_skip_bad_samples(tmp_path):
     import webdataset as wds
 
-    from tsm_core.train.video_data import webdataset_video_text, write_clip_shards
+    from tsm_core.data.video import webdataset_video_text, write_clip_shards
 
     folder = moving_fmnist_clips(tmp_path / "clips", n=5, num_frames=4, size=16)
     shards = write_clip_shards(folder, tmp_path / "shards" / "clips", maxcount=3)

@@ -109,10 +109,10 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    from tsm_core.data.video import moving_fmnist_clips, read_clip, save_gif
     from tsm_core.eval import FeatureExtractor
-    from tsm_core.train.backbones import video_strip
+    from tsm_core.models import video_strip
     from tsm_core.train.logging import save_image_grid
-    from tsm_core.train.video_data import moving_fmnist_clips, read_clip, save_gif
 
     if not (args.teacher / "model_index.json").is_file():
         raise FileNotFoundError(f"teacher pipeline not found at {args.teacher}; train it with tools/train_teacher.py")

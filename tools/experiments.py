@@ -32,7 +32,7 @@ def trained_model(kind: str, model: Path, recipe: dict | None):
     """``(backbone, tsm)``: the untrained start when ``recipe`` is None, else the model after training the
     recipe (a re-run of the experiment replaces its earlier run)."""
     from tsm_core.finetune import FinetuneRecipe, FinetuneTrainer, load_finetuned
-    from tsm_core.train.backbones import load_backbone
+    from tsm_core.models import load_backbone
     from tsm_core.train.recipe import load_recipe
 
     if recipe is None:
@@ -48,7 +48,7 @@ def record_run(results: dict, name: str, features, reference, start: float, trai
     """Score one run (clean-fid's FID, exact, without the 2048^2 sqrtm; KID) into ``results`` and rewrite
     ``out/results.json``, so a stopped experiment keeps the runs it finished."""
     from tsm_core.eval import kid_from_features
-    from tsm_distill.demo_eval import fid_low_rank
+    from tsm_distill.demo.eval import fid_low_rank
 
     kid, kid_std = kid_from_features(features, reference)
     results["runs"][name] = {"fid": fid_low_rank(features, reference), "kid": kid, "kid_std": kid_std,

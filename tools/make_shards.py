@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tsm_core.train import fmnist
+from tsm_core.data import fmnist
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--clips", default=None, help="a clip folder with metadata.jsonl to pack instead of Fashion-MNIST")
     args = p.parse_args(argv)
     if args.clips is not None:
-        from tsm_core.train.video_data import write_clip_shards
+        from tsm_core.data.video import write_clip_shards
 
         files = write_clip_shards(args.clips, args.out, args.maxcount)
     else:

@@ -32,7 +32,9 @@ if [ ! -f "$fmnist" ] && command -v apt-get >/dev/null 2>&1; then
 fi
 
 case "$what" in
-  test) exec "$PY" -m pytest tests "$@" ;;
+  # The import layers first (pyproject.toml [tool.importlinter]; docs/architecture.md): seconds, and a
+  # broken layer is a design error worth seeing before the tests.
+  test) "$VENV/bin/lint-imports" --no-cache && exec "$PY" -m pytest tests "$@" ;;
   demo) exec "$VENV/bin/tsm-demo" "$@" ;;
   *) echo "usage: bash tools/quickstart.sh {test|demo} [extra args]" >&2; exit 2 ;;
 esac

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tsm_distill import demo_eval as ev  # noqa: E402
+from tsm_distill.demo import eval as ev  # noqa: E402
 
 
 def compute(teacher_dir: Path, ns: list[int], steps: int, n_ref: int, features_cache: Path) -> dict:
@@ -61,7 +61,7 @@ def compute(teacher_dir: Path, ns: list[int], steps: int, n_ref: int, features_c
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
     return {"unet_sha256": teacher_hash, "teacher_step": info.get("step"), "n_reference": n_ref,
             "reference_features_sha256": ev.features_hash(ref), "guidance": ev.GUIDANCE,
-            "protocol": "tsm_distill.demo_eval: eval_prompts(N), DDIM trailing + CFG for the teacher, 28x28 grey "
+            "protocol": "tsm_distill.demo.eval: eval_prompts(N), DDIM trailing + CFG for the teacher, 28x28 grey "
                         "crops, clean-mode Inception, FID/KID vs the first n_reference Fashion-MNIST test images",
             "rows": rows, "seconds": seconds}
 

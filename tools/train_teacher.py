@@ -37,10 +37,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tsm_core.train import fmnist
+from tsm_core.data import fmnist
+from tsm_core.models.schedule import NoiseSchedule
 from tsm_core.train.accel import step_generator
 from tsm_core.train.recipe import load_recipe
-from tsm_core.train.schedule import NoiseSchedule
 from tsm_core.train.skeleton import PhasedTrainer, TrainingInterrupted
 
 

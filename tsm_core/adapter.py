@@ -289,7 +289,22 @@ def _enter_model(context: TimestepContext, module: nn.Module, args: tuple, kwarg
 
 
 def load_adapter(model: nn.Module, directory: str | Path, context: TimestepContext | None = None) -> TSMAdapter:
-    """Attach and load an adapter written by :meth:`TSMAdapter.save`, restoring its mode."""
-    from .serialization import load_adapter as _load
+    """Attach and load an adapter written by :meth:`TSMAdapter.save`: its config (the metadata), the router
+    shapes, the weights and its mode, so the outputs equal the saved adapter's."""
+    import json
 
-    return _load(model, directory, context=context)
+    from .serialization import read_adapter_file
+
+    tensors, meta = read_adapter_file(directory)
+    tsm = attach(model, TSMConfig.from_json(meta["tsm_config"]), context=context)
+    router_scales = tuple(json.loads(meta.get("router_scales", "[]")))
+    if router_scales:
+        for layer in tsm.layers.values():
+            layer.init_router(router_scales)
+    tsm.load_state_dict(tensors)
+    mode, args = meta.get("mode", "off"), json.loads(meta.get("mode_args", "{}"))
+    if mode == "expert":
+        tsm.set_mode("expert", scale=args["scale"], experts=args.get("experts"))
+    elif mode in ("mixture", "symmetric"):
+        tsm.set_mode(mode, core_scale=args["core_scale"], context_scales=args["context_scales"])
+    return tsm

@@ -10,8 +10,6 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import TSMConfig
-
 ADAPTER_FILE = "tsm_adapter.safetensors"
 FORMAT_VERSION = "1"
 
@@ -75,23 +73,3 @@ def read_adapter_file(directory: str | Path) -> tuple[dict, dict]:
             raise ValueError(f"{path} is not a TSM adapter file (metadata format={meta.get('format')!r})")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     return tensors, meta
-
-
-def load_adapter(model, directory: str | Path, context=None):
-    """Attach the saved config to ``model``, restore the router shapes and mode, and load the weights."""
-    from .adapter import attach
-
-    tensors, meta = read_adapter_file(directory)
-    config = TSMConfig.from_json(meta["tsm_config"])
-    tsm = attach(model, config, context=context)
-    router_scales = tuple(json.loads(meta.get("router_scales", "[]")))
-    if router_scales:
-        for layer in tsm.layers.values():
-            layer.init_router(router_scales)
-    tsm.load_state_dict(tensors)
-    mode, args = meta.get("mode", "off"), json.loads(meta.get("mode_args", "{}"))
-    if mode == "expert":
-        tsm.set_mode("expert", scale=args["scale"], experts=args.get("experts"))
-    elif mode in ("mixture", "symmetric"):
-        tsm.set_mode(mode, core_scale=args["core_scale"], context_scales=args["context_scales"])
-    return tsm

@@ -179,18 +179,16 @@ class DistillRecipe:
 
     def __post_init__(self):
         from .rollout import check_student_sigmas, check_student_timesteps
-        from .teacher import KINDS
+        from .teacher import check_teacher_kind
 
-        if self.model.kind not in KINDS:
-            raise ValueError(f"model.kind {self.model.kind!r}: distillation supports {list(KINDS)} teachers "
-                             "(SD1.5/SD2 UNets, SDXL, flow-matching SD3)")
+        check_teacher_kind(self.model.kind)
         if self.flow:
             if self.student_sigmas is None:
-                raise ValueError("model.kind sd3 is a flow-matching teacher: give the student's steps as student_sigmas "
+                raise ValueError(f"model.kind {self.model.kind} is a flow-matching teacher: give the student's steps as student_sigmas "
                                  "(e.g. [1.0, 0.749, 0.499, 0.249], one n = 4 expert per step), not student_timesteps")
             check_student_sigmas(self.student_sigmas)
         elif self.student_sigmas is not None:
-            raise ValueError(f"student_sigmas is for flow-matching teachers (model.kind sd3); a {self.model.kind} "
+            raise ValueError(f"student_sigmas is for flow-matching teachers (e.g. model.kind sd3); a {self.model.kind} "
                              "teacher is DDPM: give student_timesteps (e.g. [999, 749, 499, 249])")
         else:
             check_student_timesteps(self.student_timesteps)
@@ -223,7 +221,9 @@ class DistillRecipe:
     @property
     def flow(self) -> bool:
         """Whether the teacher is a flow-matching model (its student steps are sigmas)."""
-        return self.model.kind == "sd3"
+        from tsm_core.models import backbone_class
+
+        return backbone_class(self.model.kind).flow
 
     def timesteps(self, num_timesteps: int = 1000) -> list[float]:
         """The student's timesteps as its denoiser receives them: ``student_timesteps`` (DDPM), or

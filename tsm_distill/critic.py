@@ -70,7 +70,7 @@ class Critic(nn.Module):
     """Fake score (full copy of the teacher's denoiser, or the denoiser with a peft LoRA) plus GAN head.
 
     Args:
-        teacher: the teacher's backbone (`tsm_core.train.backbones.Backbone`); its denoiser is
+        teacher: the teacher's backbone (`tsm_core.models.Backbone`); its denoiser is
             deep-copied, never modified, and called through the backbone's ``predict`` (so SDXL's added
             conditioning and SD3's pooled projections reach the fake score and D alike).
         lora_rank: ``None`` trains the full copy (DMD2's default); an int trains a peft LoRA of that

@@ -22,13 +22,13 @@ class PromptSource:
         if not spec:
             raise ValueError("data.prompts is empty: give a prompt file (.txt or .jsonl) or 'builtin:fmnist'")
         if spec == BUILTIN_FMNIST:
-            from tsm_core.train.fmnist import CLASS_NAMES, TEMPLATES, prompt_for
+            from tsm_core.data.fmnist import CLASS_NAMES, TEMPLATES, prompt_for
 
             self.prompts = [prompt_for(c, k) for c in range(len(CLASS_NAMES)) for k in range(len(TEMPLATES))]
         elif ".tar" in spec:
             self.prompts = _shard_captions(spec)
         else:
-            from tsm_core.train.data import read_prompts
+            from tsm_core.data.images import read_prompts
 
             self.prompts = read_prompts(spec)
 
@@ -42,7 +42,7 @@ def _shard_captions(spec: str) -> list[str]:
     not decoded; samples without one are left out."""
     import webdataset as wds
 
-    from tsm_core.train.data import expand_shards, shard_caption
+    from tsm_core.data.images import expand_shards, shard_caption
 
     captions = []
     for sample in wds.WebDataset(expand_shards(spec), shardshuffle=False):
@@ -76,7 +76,7 @@ class RealSource:
         self._iter = None
         self.encode = encode
         if spec == BUILTIN_FMNIST:
-            from tsm_core.train.fmnist import load_fashion_mnist, prompt_for, to_model_space
+            from tsm_core.data.fmnist import load_fashion_mnist, prompt_for, to_model_space
 
             images, labels = load_fashion_mnist("train")
             self.cache = to_model_space(images)
@@ -101,11 +101,11 @@ class RealSource:
                 "shards instead to condition D on the real captions.", stacklevel=2)
             return
         if ".tar" in spec:
-            from tsm_core.train.data import webdataset_image_text
+            from tsm_core.data.images import webdataset_image_text
 
             self.dataset = webdataset_image_text(spec, resolution, shuffle=1000)
         else:
-            from tsm_core.train.data import ImageTextFolder
+            from tsm_core.data.images import ImageTextFolder
 
             self.dataset = ImageTextFolder(spec, resolution)
         if encode is None:
@@ -123,7 +123,7 @@ class RealSource:
             idx = torch.randint(len(self.cache), (n,), generator=generator)
             captions = [self.captions[i] for i in idx.tolist()] if self.captions is not None else [""] * n
             return self.cache[idx].to(device), captions
-        from tsm_core.train.data import collate_image_text, describe_shards, infinite
+        from tsm_core.data.images import collate_image_text, describe_shards, infinite
 
         if not isinstance(self.dataset, torch.utils.data.IterableDataset):  # an image folder: random access
             idx = torch.randint(len(self.dataset), (n,), generator=generator)

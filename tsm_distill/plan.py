@@ -90,77 +90,16 @@ class PhasePlan:
         return self.weights + self.optimizer + max(self.generator_step, self.critic_step)
 
 
-def _text_encoder_classes(path: Path) -> list[tuple[str, str]]:
-    """(folder, transformers class name) of every text encoder ``model_index.json`` lists, in pipeline order
-    (``text_encoder``, ``text_encoder_2``, ...); a null entry (SD3 without its T5) is skipped."""
-    import json
-
-    index = json.loads((path / "model_index.json").read_text())
-    names = sorted((k for k in index if k == "text_encoder" or k.startswith("text_encoder_")),
-                   key=lambda k: int(k.rsplit("_", 1)[1]) if k != "text_encoder" else 1)
-    return [(k, index[k][1]) for k in names if isinstance(index[k], list) and index[k][1] is not None]
-
-
 def _meta_teacher(path: Path, kind: str = "unet", max_sequence_length: int | None = None):
-    """The teacher's backbone built from config files on the meta device (no weight file is opened)."""
-    import transformers
-    from accelerate import init_empty_weights
-    from diffusers import (
-        AutoencoderKL,
-        DDPMScheduler,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        UNet2DConditionModel,
-    )
+    """The teacher's backbone built from config files on the meta device (``Backbone.meta``: no weight file
+    is opened), for a family distillation supports."""
+    from .teacher import check_teacher_kind
 
-    from tsm_core.train.backbones import SD3Backbone, SDXLBackbone, UNetBackbone
-
-    sub = "transformer" if kind == "sd3" else "unet"
-    shipped = {"unet": "sd15"}.get(kind, kind)
-    missing = [f for f in (path / "model_index.json", path / sub / "config.json") if not f.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{missing[0]} does not exist: --plan needs a local pipeline "
-                                "folder with at least model_index.json and the config.json files (no weights); "
-                                f"e.g. tsm_distill/assets/configs/{shipped}, or "
-                                "`huggingface-cli download REPO --include '*.json' '*.txt'`")
-    denoiser_cls = SD3Transformer2DModel if kind == "sd3" else UNet2DConditionModel
-    with init_empty_weights(include_buffers=True):  # SD3's positional table is a buffer the passes read
-        denoiser = denoiser_cls.from_config(denoiser_cls.load_config(path / sub))
-    with init_empty_weights():
-        texts = []
-        for folder, name in _text_encoder_classes(path):  # the classes the pipeline itself would load
-            if not (path / folder / "config.json").is_file():
-                raise FileNotFoundError(f"model_index.json lists {folder} ({name}) but {path / folder / 'config.json'} "
-                                        "does not exist; download the config files of every component")
-            texts.append(getattr(transformers, name)(transformers.AutoConfig.from_pretrained(path / folder)))
-        vae = (AutoencoderKL.from_config(AutoencoderKL.load_config(path / "vae"))
-               if (path / "vae" / "config.json").is_file() else None)
-    for encoder in texts:
-        encoder.tie_weights()  # T5's input embedding is its shared one: count it once (not inside the meta context)
-    sched_cls = FlowMatchEulerDiscreteScheduler if kind == "sd3" else DDPMScheduler
-    scheduler = sched_cls.from_config(sched_cls.load_config(path / "scheduler"))
-    if kind == "sd3":
-        return SD3Backbone(denoiser, texts, [None] * len(texts), vae, scheduler, path=str(path),
-                           max_sequence_length=max_sequence_length or 256)
-    cls = SDXLBackbone if kind == "sdxl" else UNetBackbone
-    return cls(denoiser, texts, [None] * len(texts), vae, scheduler, path=str(path))
-
-
-def _meta_cond(teacher, batch: int, dtype: torch.dtype) -> dict:
-    """Meta tensors shaped like ``teacher.encode_prompts`` of ``batch`` prompts (no tokenizer needed)."""
-    def empty(*shape):
-        return torch.empty(*shape, device="meta", dtype=dtype)
-
-    encoders = teacher.text_encoders
-    tokens = encoders[0].config.max_position_embeddings
-    if teacher.kind == "sd3":  # CLIP tokens then T5 tokens, at the joint width; both CLIPs' pooled outputs
-        return {"encoder_hidden_states": empty(batch, tokens + teacher.max_sequence_length,
-                                               teacher.denoiser.config.joint_attention_dim),
-                "pooled_projections": empty(batch, sum(e.config.projection_dim for e in encoders[:2]))}
-    cond = {"encoder_hidden_states": empty(batch, tokens, sum(e.config.hidden_size for e in encoders))}
-    if teacher.kind == "sdxl":
-        cond.update(text_embeds=empty(batch, encoders[-1].config.projection_dim), time_ids=empty(batch, 6))
-    return cond
+    try:
+        return check_teacher_kind(kind).meta(Path(path), max_sequence_length)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (--plan; tsm_distill/assets/configs/ ships the config folders of SD1.5, "
+                                "SDXL base 1.0 and SD3 medium)") from None
 
 
 def _bytes(params) -> int:
@@ -324,7 +263,7 @@ class _Passes:
         self.x = torch.empty(teacher.noise_shape(batch, teacher.latent_size), device=meta, dtype=dtype)
         self.t = torch.full((batch,), t, device=meta, dtype=teacher.timestep_dtype)
         self.t_value = t
-        self.cond = _meta_cond(teacher, batch, dtype)
+        self.cond = teacher.meta_cond(batch, dtype)
 
     @contextlib.contextmanager
     def cast(self, *modules):
@@ -355,7 +294,7 @@ class _Passes:
     def _generator_update(self) -> None:
         # The generator and the real score run under autocast (the caller cast the UNet); the fake score's
         # DMD pass runs in fp32 (DMD2), and so does D here (under autocast in training: an overestimate).
-        from tsm_core.train.backbones import cat_cond, cond_map
+        from tsm_core.models import cat_cond, cond_map
 
         with _routed_on_meta(self.tsm, self.t.shape[0], self.t_value, self.teacher.timestep_dtype):
             x0 = self.teacher.predict(self.x, self.t, self.cond)

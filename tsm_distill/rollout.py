@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from tsm_core.train.backbones import Backbone
+from tsm_core.models import Backbone
 
 PredictX0 = Callable[[torch.Tensor, int], torch.Tensor]
 

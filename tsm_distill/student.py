@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tsm_core.train.backbones import Backbone, Cond, cat_cond, expand_cond
+from tsm_core.models import Backbone, Cond, cat_cond, expand_cond
 
 
 class Student:

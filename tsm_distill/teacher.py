@@ -3,7 +3,7 @@
 The teacher gives the three DMD2 models their weights: the frozen *real* score, the trainable *fake*
 score (a copy of its denoiser) and the *generator* (the denoiser plus TSM experts). Everything
 distillation needs of it (prompt encoding, VAE, noise arithmetic, x0 from the denoiser's output, the
-denoiser call) is the shared `tsm_core.train.backbones.Backbone`, so SD1.5, SDXL and SD3 teachers
+denoiser call) is the shared `tsm_core.models.Backbone`, so SD1.5, SDXL and SD3 teachers
 differ only in their backbone class. Pixel-space pipelines without a VAE (the embedded Fashion-MNIST
 teacher) work too: encode/decode are then the identity.
 """
@@ -14,10 +14,16 @@ from pathlib import Path
 
 import torch
 
-from tsm_core.train.backbones import Backbone, Cond, load_backbone
+from tsm_core.models import Backbone, Cond, backbone_class, kinds, load_backbone
 
-KINDS = ("unet", "sdxl", "sd3")
-"""Teacher families distillation supports: SD1.5/SD2 UNets, SDXL, and flow-matching SD3."""
+
+def check_teacher_kind(kind: str) -> type:
+    """The backbone class of a teacher family; a ValueError naming the distillable families otherwise."""
+    supported = kinds(distillable=True)
+    if kind not in supported:
+        raise ValueError(f"model.kind {kind!r}: distillation supports the teacher families {list(supported)} "
+                         "(a family's Backbone class sets distillable = True; see tsm_core.models.registry)")
+    return backbone_class(kind)
 
 
 def load_teacher(path: str | Path, kind: str = "unet") -> Backbone:
@@ -27,9 +33,7 @@ def load_teacher(path: str | Path, kind: str = "unet") -> Backbone:
         ValueError: a family distillation does not support.
         FileNotFoundError: the folder (or one of its components) is missing.
     """
-    if kind not in KINDS:
-        raise ValueError(f"model.kind {kind!r}: distillation supports {list(KINDS)} teachers (SD1.5/SD2 UNets, "
-                         "SDXL, flow-matching SD3)")
+    check_teacher_kind(kind)
     return load_backbone(kind, path)
 
 

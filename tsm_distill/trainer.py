@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from tsm_core import attach, load_adapter
+from tsm_core.models import cond_map
 from tsm_core.train.accel import step_generator
-from tsm_core.train.backbones import cond_map
 from tsm_core.train.ema import EMA
 from tsm_core.train.logging import save_image_grid
 from tsm_core.train.optim import NonFiniteLossError

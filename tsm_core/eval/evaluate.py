@@ -36,7 +36,7 @@ def builtin_images(source: str):
     name, _, split = str(source).partition(":")
     if name not in BUILTIN_DATASETS:
         return None
-    from tsm_core.train.fmnist import load_fashion_mnist
+    from tsm_core.data.fmnist import load_fashion_mnist
 
     images, _labels = load_fashion_mnist(split or "test")
     return images  # N x 28 x 28 uint8; grayscale becomes RGB like PIL's convert('RGB')

@@ -18,13 +18,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..train.data import read_prompts  # noqa: F401  (tools/fid.py generate reads prompts through here)
+from ..data.images import read_prompts  # noqa: F401  (tools/fid.py generate reads prompts through here)
 from .preprocess import images_from_batch
 
 
 def pipeline_has_vae(path: str | os.PathLike) -> bool:
     """Whether the pipeline folder declares a VAE component (``"vae": [null, null]`` means none)."""
-    from ..train.backbones import pipeline_has_component
+    from ..models import pipeline_has_component
 
     if not (Path(path) / "model_index.json").is_file():
         raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json).")

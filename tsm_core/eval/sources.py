@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ..train.data import IMAGE_KEYS, expand_shards
+from ..data.images import IMAGE_KEYS, expand_shards
 from .preprocess import images_from_batch, to_rgb_uint8
 
 # The extensions clean-fid collects from a folder (cleanfid/utils.py), so both see the same files.
@@ -91,7 +91,7 @@ def video_frame_items(folder: str | os.PathLike, errors: list[tuple[str, str]] |
     A clip that cannot be decoded is recorded in ``errors`` (name, reason) when a list is given, else
     raised as a ValueError. Clips decode one at a time, in the caller's thread.
     """
-    from ..train.video_data import read_clip
+    from ..data.video import read_clip
 
     for path in list_video_files(folder):
         try:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..train.data import (
+from ..data.images import (
     ImageTextFolder,
     SkipCounter,
     collate_image_text,
@@ -77,12 +77,12 @@ def build_dataset(cfg: DataSection):
         ValueError: ``crop: resize`` or ``cache_latents`` with webdataset shards.
     """
     if cfg.source == "video_folder":
-        from ..train.video_data import VideoTextFolder
+        from ..data.video import VideoTextFolder
 
         return VideoTextFolder(cfg.path, cfg.resolution, cfg.num_frames, cfg.frame_stride,
                                caption_column=cfg.caption_column, center_crop=cfg.crop != "random")
     if cfg.source == "video_webdataset":
-        from ..train.video_data import webdataset_video_text
+        from ..data.video import webdataset_video_text
 
         return webdataset_video_text(cfg.path, cfg.resolution, cfg.num_frames, cfg.frame_stride,
                                      center_crop=cfg.crop != "random", shuffle=cfg.shuffle_buffer,

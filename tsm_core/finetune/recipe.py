@@ -146,7 +146,9 @@ class FinetuneRecipe:
             elif len(set(fostered)) < 2:
                 raise ValueError(f"stages[{i}] assembles, but it needs experts of at least two scales fostered "
                                  f"before it (core and context); fostered so far: {fostered}")
-        video = self.model.kind in ("unet3d", "animatediff")
+        from ..models import backbone_class
+
+        video = backbone_class(self.model.kind).video
         if video != (self.data.source in ("video_folder", "video_webdataset")):
             raise ValueError(f"model.kind {self.model.kind!r} with data.source {self.data.source!r}: the video "
                              "backbones (unet3d, animatediff) train on data.source video_folder or video_webdataset, "

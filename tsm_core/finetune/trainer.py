@@ -1,6 +1,6 @@
 """The diffusion-loss trainer: vanilla LoRA, TSM fostering (stage 1) and assembling (stage 2).
 
-One trainer for every backbone family (`tsm_core.train.backbones`). Per optimizer step it draws
+One trainer for every backbone family (`tsm_core.models`). Per optimizer step it draws
 timesteps in the phase's range, noises the (latent) images, and regresses the backbone's target
 inside ``with tsm.timesteps(t):`` (forward, text encoding and backward), so each sample trains only
 its own interval's expert, and text-encoder experts see the same per-sample timestep.
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import attach, load_adapter
+from ..models import Backbone, load_backbone, video_strip
 from ..train.accel import step_generator
-from ..train.backbones import Backbone, load_backbone, video_strip
 from ..train.skeleton import PhasedTrainer
 from .data import batch_stream, build_dataset
 from .recipe import FinetuneRecipe, plan_phases
@@ -208,7 +208,7 @@ class FinetuneTrainer(PhasedTrainer):
                                       generator=torch.Generator().manual_seed(tr.seed), size=tr.sample_size,
                                       reencode_prompts=bool(self.text_adapters))
         if images.ndim == 5:  # videos: one strip of frames per prompt in the grid, and a GIF each
-            from ..train.video_data import save_gif
+            from ..data.video import save_gif
 
             if self.acc.is_main_process:
                 for i, video in enumerate(images):

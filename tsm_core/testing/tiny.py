@@ -24,7 +24,7 @@ def write_clip_tokenizer(folder: str | Path, words=WORDS, model_max_length: int 
     The package's builder (the one the embedded teacher ships with) does the work; it loads with
     ``from_pretrained(folder)`` like a real one.
     """
-    from tsm_core.train.tokenizer import write_clip_tokenizer as build
+    from tsm_core.data.tokenizer import write_clip_tokenizer as build
 
     return build(folder, words, model_max_length)
 

@@ -22,11 +22,17 @@ class ModelSection:
 
     path: str
     """Pipeline folder or hub id (loaded with from_pretrained)."""
-    kind: Literal["unet", "sdxl", "pixart", "sd3", "unet3d", "animatediff"] = "unet"
-    """Backbone family: "unet" (SD1.5 / SD2 / pixel-space SD), "sdxl", "pixart" (PixArt-alpha), "sd3", and the
-    video UNets "unet3d" (ModelScope / zeroscope UNet3DConditionModel) and "animatediff" (UNetMotionModel)."""
+    kind: str = "unet"
+    """Backbone family, one of `tsm_core.models.kinds()`: "unet" (SD1.5 / SD2 / pixel-space SD), "sdxl",
+    "pixart" (PixArt-alpha), "sd3", and the video UNets "unet3d" (ModelScope / zeroscope
+    UNet3DConditionModel) and "animatediff" (UNetMotionModel), plus any registered family."""
     max_sequence_length: int | None = None
     """T5 prompt length (PixArt default 120, SD3 default 256)."""
+
+    def __post_init__(self):
+        from ..models.registry import backbone_class
+
+        backbone_class(self.kind)  # an unknown family is a ValueError that lists the known ones
 
 
 @dataclass

@@ -11,7 +11,7 @@ student saturates while TSM's look clean), so the headline must not rest on one 
   on the mean, not per seed, so the comparison cannot pick each seed's luckier run;
 * the paired TSM - LoRA difference with each student at its own better rate, on those seeds.
 
-``python -m tsm_distill.demo_lr OUT_DIR --from SEED_DIR ...``
+``python -m tsm_distill.demo.lr OUT_DIR --from SEED_DIR ...``
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tsm_core.serialization import atomic_write_text
 
-from . import demo_seeds as ds
+from . import seeds as ds
 
 REPORT_NAME = "lr_fairness"
 TSM_ROWS = ("tsm_stage2", "tsm_stage1")
@@ -128,8 +128,8 @@ def write_report(out_dir: str | Path, report: dict) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tsm_distill.demo_lr OUT_DIR --from SEED_DIR ...``: write the learning-rate fairness report."""
-    p = argparse.ArgumentParser(prog="python -m tsm_distill.demo_lr", description=__doc__.splitlines()[0])
+    """``python -m tsm_distill.demo.lr OUT_DIR --from SEED_DIR ...``: write the learning-rate fairness report."""
+    p = argparse.ArgumentParser(prog="python -m tsm_distill.demo.lr", description=__doc__.splitlines()[0])
     p.add_argument("out_dir", help="where lr_fairness.json and lr_fairness.md go")
     p.add_argument("--from", dest="folders", nargs="+", required=True,
                    help="tsm-demo seed folders (results.json) at two or more --lr-scale values")

@@ -28,7 +28,7 @@ import torch
 # rows of a GPU run start from the same noise as a CPU run's; the numbers differ only by float rounding.
 from tsm_core.eval.features import resolve_device  # noqa: F401
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_TEACHER = ASSETS / "fmnist_teacher"
 TEST_FEATURES = ASSETS / "fmnist_test_features.npz"
 REFERENCE_NAME = "reference.json"
@@ -68,7 +68,7 @@ def unet_hash(teacher_dir: str | Path) -> str:
 
 def eval_prompts(n: int, seed_offset: int = 0) -> tuple[list[str], list[int]]:
     """The evaluation set: prompt i is class i % 10 (template (i // 10) % 3), seed i + seed_offset."""
-    from tsm_core.train.fmnist import prompt_for
+    from tsm_core.data.fmnist import prompt_for
 
     return [prompt_for(i % 10, i // 10) for i in range(n)], [i + seed_offset for i in range(n)]
 
@@ -108,7 +108,7 @@ def teacher_generate(teacher, prompts: Sequence[str], seeds: Sequence[int], step
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Model images (N, C, 32, 32) in [-1, 1] -> (N, 28, 28) uint8 grey, like the Fashion-MNIST files."""
-    from tsm_core.train.fmnist import IMAGE_SIZE
+    from tsm_core.data.fmnist import IMAGE_SIZE
 
     if images.ndim != 4:
         raise ValueError(f"expected (N, C, H, W) images, got shape {tuple(images.shape)}")
@@ -148,7 +148,7 @@ def reference_features(extractor, n_ref: int, cache: str | Path | None = TEST_FE
             feats, meta = data["features"], json.loads(str(data["meta"]))
         if meta.get("mode") == FEATURE_MODE and meta.get("split") == "test" and len(feats) >= n_ref:
             return feats[:n_ref].astype(np.float32), f"cache {cache}"
-    from tsm_core.train.fmnist import load_fashion_mnist
+    from tsm_core.data.fmnist import load_fashion_mnist
 
     images, _ = load_fashion_mnist("test")
     if n_ref > len(images):
@@ -174,7 +174,7 @@ def save_test_features(features: np.ndarray, path: str | Path = TEST_FEATURES) -
 
 def real_train_images(n: int, seed: int = 0) -> np.ndarray:
     """``n`` Fashion-MNIST train images (a fixed random subset): the floor row."""
-    from tsm_core.train.fmnist import load_fashion_mnist
+    from tsm_core.data.fmnist import load_fashion_mnist
 
     images, _ = load_fashion_mnist("train")
     idx = np.random.RandomState(seed).choice(len(images), n, replace=False)
@@ -223,3 +223,23 @@ def read_reference_rows(path: str | Path, teacher_hash: str, n: int, n_ref: int,
     if not rows:
         return None, f"{path} has no rows for N={n} (it has N in {sorted(data.get('rows', {}), key=int)})"
     return rows, f"read from {path}"
+
+
+def student_images(teacher_path: Path, adapter: Path, prompts, seeds, timesteps, desc: str,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """Images of a trained student (the adapter's saved mode) for the given prompts and seeds."""
+    from ..trainer import load_student
+
+    return student_images_of(*load_student(teacher_path, adapter, device), prompts, seeds, timesteps, desc)
+
+
+def student_images_of(teacher, tsm, prompts, seeds, timesteps, desc: str) -> torch.Tensor:
+    """Images of a loaded student (teacher parts, adapter in its mode) for the given prompts and seeds."""
+    from tqdm import tqdm
+
+    from ..sampler import generate
+
+    chunk = 100
+    out = [generate(teacher, tsm, prompts[i:i + chunk], seeds[i:i + chunk], timesteps, batch_size=50)
+           for i in tqdm(range(0, len(prompts), chunk), desc=desc)]
+    return torch.cat(out)

@@ -33,7 +33,6 @@ seed run again with the same options resumes each student from its last checkpoi
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shlex
@@ -44,23 +43,18 @@ from pathlib import Path
 
 import torch
 
-from . import demo_eval as ev
-from . import demo_report as rep
-from . import demo_seeds as ds
-from .demo_protocol import (
-    A3_LORA_BATCH_MULTIPLIER,
-    PROTOCOLS,
+from . import eval as ev
+from . import report as rep
+from . import seeds as ds
+from .eval import student_images, student_images_of  # noqa: F401  (re-exported: callers sample students here)
+from .options import FULL, QUICK, RECIPES, build_parser, parse_args  # noqa: F401  (re-exported)
+from .protocol import (
     a3p_phases,
     adapter_parameters,
     phase_value,
     student_accounting,
 )
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-FULL = {"n": 1000, "n_ref": 1000, "budget": None, "router_steps": None, "fake_updates": None, "batch_size": None,
-        "teacher_steps": 50, "budget_points": 3}
-QUICK = {"n": 50, "n_ref": 1000, "budget": 16, "router_steps": 2, "fake_updates": 2, "batch_size": 8,
-         "teacher_steps": 50, "budget_points": 3}
 A3P_CHECKPOINTS = 3  # --protocol a3p: checkpoints per LoRA-run length, for resuming only
 GRID_COLUMNS = 10  # one image per class in the sample grid
 BUDGET_DEFINITION = __doc__.split("Equal generator-step budget: ")[1].split("\n\n")[0].strip().replace("\n", " ")
@@ -120,7 +114,7 @@ def build_recipes(args, run_dir: Path, teacher: Path):
     """The LoRA and TSM recipes of this run (budgets applied), plus the budget record."""
     from tsm_core.train.recipe import load_recipe, read_recipe_dict
 
-    from .config import DistillRecipe
+    from ..config import DistillRecipe
 
     lora = read_recipe_dict(args.lora_recipe)
     tsm = read_recipe_dict(args.tsm_recipe)
@@ -207,7 +201,7 @@ def train_student(trainer, recipe, run: Path, may_resume: bool = True) -> tuple[
     from tsm_core.train.checkpoint import CheckpointManager
     from tsm_core.train.recipe import load_recipe
 
-    from .config import DistillRecipe
+    from ..config import DistillRecipe
 
     saved, latest = run / "recipe.yaml", CheckpointManager(run).latest()
     resume = may_resume and latest is not None and saved.is_file() and load_recipe(saved, DistillRecipe) == recipe
@@ -237,29 +231,9 @@ def copy_teacher(src: Path, dest: Path) -> Path:
     raise FileNotFoundError(f"could not copy the teacher from {src}: it keeps changing or does not exist")
 
 
-def student_images(teacher_path: Path, adapter: Path, prompts, seeds, timesteps, desc: str,
-                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """Images of a trained student (the adapter's saved mode) for the given prompts and seeds."""
-    from .trainer import load_student
-
-    return student_images_of(*load_student(teacher_path, adapter, device), prompts, seeds, timesteps, desc)
-
-
-def student_images_of(teacher, tsm, prompts, seeds, timesteps, desc: str) -> torch.Tensor:
-    """Images of a loaded student (teacher parts, adapter in its mode) for the given prompts and seeds."""
-    from tqdm import tqdm
-
-    from .sampler import generate
-
-    chunk = 100
-    out = [generate(teacher, tsm, prompts[i:i + chunk], seeds[i:i + chunk], timesteps, batch_size=50)
-           for i in tqdm(range(0, len(prompts), chunk), desc=desc)]
-    return torch.cat(out)
-
-
 def grid_real_images() -> torch.Tensor:
     """One real train image per class (classes 0..9), in model space: the grid's first row."""
-    from tsm_core.train.fmnist import load_fashion_mnist, to_model_space
+    from tsm_core.data.fmnist import load_fashion_mnist, to_model_space
 
     images, labels = load_fashion_mnist("train")
     first = [int((labels == c).nonzero()[0][0]) for c in range(GRID_COLUMNS)]
@@ -268,7 +242,7 @@ def grid_real_images() -> torch.Tensor:
 
 def reference_rows(args, teacher_path: Path, extractor, ref_feats, ref_hash: str, notes: list[str]) -> list[dict]:
     """Floor and teacher rows: from reference.json when it matches, else computed here."""
-    from .teacher import load_teacher
+    from ..teacher import load_teacher
 
     names = {"floor": (ds.ROW_NAMES["floor"], "-"),
              "teacher_full": (f"{ds.TEACHER_FULL_PREFIX}{args.teacher_steps}", args.teacher_steps),
@@ -305,87 +279,6 @@ def compute_reference_rows(teacher, n: int, teacher_steps: int, extractor, ref_f
 
 
 # ---------------------------------------------------------------------------- main
-def build_parser() -> argparse.ArgumentParser:
-    """tsm-demo's options (the seed sweep passes the non-default ones on to each seed's run)."""
-    p = argparse.ArgumentParser(prog="tsm-demo", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny budgets and N=50: the whole pipeline in minutes, "
-                   "not the quality claim")
-    p.add_argument("--run-dir", default=None, help="output folder (default runs/tsm_demo or runs/tsm_demo_quick)")
-    p.add_argument("--teacher", default=str(ev.DEFAULT_TEACHER), help="teacher pipeline folder")
-    p.add_argument("--reference", default=None,
-                   help="reference.json with the floor/teacher rows (default: next to the teacher); 'none' to compute")
-    p.add_argument("--lora-recipe", default=str(RECIPES / "demo_fmnist_lora.yaml"))
-    p.add_argument("--tsm-recipe", default=str(RECIPES / "demo_fmnist_tsm.yaml"))
-    p.add_argument("--n", type=int, help="images per FID row (full 1000, quick 50)")
-    p.add_argument("--n-ref", type=int, help="Fashion-MNIST test images in the FID reference (default 1000)")
-    p.add_argument("--budget", type=int, help="generator steps of the LoRA run = of the TSM expert phases "
-                   "(default: the recipes' own; quick 16)")
-    p.add_argument("--router-steps", type=int, help="generator steps of the TSM router phase (default: the recipe's)")
-    p.add_argument("--fake-updates", type=int, help="fake-score updates per generator update (default: the recipes')")
-    p.add_argument("--batch-size", type=int, help="distillation batch size (default: the recipes'); the LoRA "
-                   "student's is this times --lora-batch-multiplier")
-    p.add_argument("--teacher-steps", type=int, help="DDIM steps of the full teacher row (default 50)")
-    p.add_argument("--budget-points", type=int,
-                   help="keep checkpoints of both students at every 1/K of the expert budget, for the budget "
-                        "curve (default 3: 1/3, 2/3 and all; 0: none)")
-    p.add_argument("--lr-scale", type=float, default=1.0,
-                   help="multiply both students' generator learning rate in every phase (the fake score's stays); "
-                        "the learning-rate fairness check runs 1 and 1/3")
-    p.add_argument("--lora-batch-multiplier", type=int, default=1,
-                   help="the LoRA student's batch in every phase is K times the recipe's (default 1: equal compute; "
-                        "4: A.3's batch ratio at equal iterations)")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="recipe",
-                   help="recipe: the recipes' phase lengths (equal generator steps); a3p: the paper's A.3 lengths "
-                        "and batch ratios scaled so LoRA keeps its recipe length (TSM 2.67x LoRA's iterations, LoRA "
-                        "4x TSM's batch, GAN phases at half batch; see tsm_distill/demo_protocol.py)")
-    seeds = p.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, default=0, help="training seed of both students")
-    seeds.add_argument("--seeds", type=int, nargs="+", default=None,
-                       help="run every seed in <run-dir>/seed<N>/ (finished seeds are skipped), then write "
-                            "<run-dir>/seeds.json, seeds.md and seeds.png")
-    p.add_argument("--jobs", type=int, default=1, help="with --seeds: seeds run at once, each a subprocess")
-    p.add_argument("--device", default="auto",
-                   help="where the students are sampled and scored: auto (the GPU when torch sees one), cpu, "
-                        "cuda; training runs where accelerate puts it (also the GPU when there is one)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch/BLAS CPU threads (default 1: on a shared, oversubscribed CPU one thread per process "
-                        "ran this tiny UNet 15x faster than two; use 2+ on an idle machine); 0 = torch's default")
-    return p
-
-
-def parse_args(argv):
-    """Parse tsm-demo's command line, fill in the full or quick presets and check the values."""
-    args = build_parser().parse_args(argv)
-    if args.protocol == "a3p":
-        if args.router_steps is not None or args.budget_points:
-            raise ValueError("--protocol a3p sets the router's length from A.3 and has no budget curve (the students "
-                             "differ in iterations): drop --router-steps and --budget-points")
-        if args.lora_batch_multiplier not in (1, A3_LORA_BATCH_MULTIPLIER):
-            raise ValueError(f"--protocol a3p trains LoRA at A.3's {A3_LORA_BATCH_MULTIPLIER}x batch; drop "
-                             f"--lora-batch-multiplier {args.lora_batch_multiplier}")
-        args.lora_batch_multiplier, args.budget_points = A3_LORA_BATCH_MULTIPLIER, 0
-    preset = QUICK if args.quick else FULL
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.n < 10 or args.n_ref < 10:
-        raise ValueError(f"--n and --n-ref must be at least 10 images (got {args.n}, {args.n_ref})")
-    if not args.lr_scale > 0:
-        raise ValueError(f"--lr-scale must be positive (got {args.lr_scale})")
-    if args.budget_points < 0:
-        raise ValueError(f"--budget-points must be 0 (no budget curve) or more (got {args.budget_points})")
-    if args.lora_batch_multiplier < 1 or args.jobs < 1:
-        raise ValueError(f"--lora-batch-multiplier and --jobs must be at least 1 (got {args.lora_batch_multiplier}, "
-                         f"{args.jobs})")
-    args.device = ev.resolve_device(args.device)
-    if not Path(args.teacher).is_dir():
-        raise FileNotFoundError(f"teacher folder {args.teacher} does not exist; pass --teacher DIR")
-    if args.reference is None:
-        args.reference = str(Path(args.teacher) / ev.REFERENCE_NAME)
-    args.run_dir = Path(args.run_dir or ("runs/tsm_demo_quick" if args.quick else "runs/tsm_demo"))
-    return args
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns 0 and leaves results.{md,json}, samples.png and gates.png in the run folder."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -400,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, argv: list[str]) -> int:
-    from .trainer import DMD2Trainer, load_student
+    from ..trainer import DMD2Trainer, load_student
 
     run_dir = args.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -455,7 +348,7 @@ def _run(args, argv: list[str]) -> int:
         r.setdefault("generator_steps", None)
 
     def report():
-        from .teacher import load_teacher
+        from ..teacher import load_teacher
 
         t = load_teacher(teacher).to(args.device)
         p10, s10 = prompts[:GRID_COLUMNS], seeds[:GRID_COLUMNS]
@@ -504,7 +397,7 @@ def _run(args, argv: list[str]) -> int:
     print(f"\nresults: {run_dir / 'results.md'}, {run_dir / 'results.json'}, {run_dir / 'samples.png'}, "
           f"{run_dir / 'gates.png'}")
     if args.budget_points:  # after results.json: a failure here cannot cost the seed's table
-        from .demo_budget import budget_curve, format_curve
+        from .budget import budget_curve, format_curve
 
         print("\n" + format_curve(stages.run("budget curve", budget_curve, run_dir, extractor, device=args.device)))
     return 0

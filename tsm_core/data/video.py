@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from ..serialization import atomic_write_text
-from .data import CaptionedFolder, SkipCounter, collate_image_text, shard_field, webdataset_image_text
 from .fmnist import load_fashion_mnist, prompt_for
 from .fmnist import prompt_words as _fmnist_prompt_words
+from .images import CaptionedFolder, SkipCounter, collate_image_text, shard_field, webdataset_image_text
 
 # Directions of motion in moving Fashion-MNIST captions ("up" is towards row 0 of the frame).
 MOTIONS = ("left", "right", "up", "down")

@@ -81,10 +81,10 @@ def gate_curves(teacher, tsm, timesteps: Sequence[int], n_images: int = 8, seed:
 
     The adapter must be in mixture mode. Returns {layer: {t: [gate per context expert]}}.
     """
-    from tsm_core.train.fmnist import load_fashion_mnist, prompt_for, to_model_space
+    from tsm_core.data.fmnist import load_fashion_mnist, prompt_for, to_model_space
 
     images, labels = load_fashion_mnist("test")
-    from .teacher import encode
+    from ..teacher import encode
 
     x0 = to_model_space(images[:n_images]).to(teacher.device)
     cond = encode(teacher, [prompt_for(int(c)) for c in labels[:n_images]])

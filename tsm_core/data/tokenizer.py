@@ -1,6 +1,6 @@
 """An offline CLIP BPE tokenizer whose vocabulary holds a given word list whole.
 
-The embedded Fashion-MNIST teacher ships one (its prompt words, ``tsm_core.train.fmnist.prompt_words``)
+The embedded Fashion-MNIST teacher ships one (its prompt words, ``tsm_core.data.fmnist.prompt_words``)
 and the tiny test pipelines use one (``tsm_core.testing.tiny``): no tokenizer can be downloaded here,
 and a byte-level vocabulary alone would turn every prompt into dozens of tokens.
 """

@@ -17,7 +17,7 @@ after another (999, then 749, ...), so at 1/3 of the budget the later experts ar
 student steps are the plain teacher: the curve shows what sequential fostering costs part-way, which is
 what a user stopping early would get.
 
-``python -m tsm_distill.demo_budget SEED_DIR [...]`` scores finished seeds (``tsm-demo`` does it itself
+``python -m tsm_distill.demo.budget SEED_DIR [...]`` scores finished seeds (``tsm-demo`` does it itself
 after its table); points already in ``budget.json`` are kept, so a stopped evaluation resumes.
 """
 
@@ -36,7 +36,7 @@ import yaml
 from tsm_core.serialization import atomic_write_text
 from tsm_core.train.checkpoint import CheckpointManager, step_of
 
-from . import demo_eval as ev
+from . import eval as ev
 
 BUDGET_FILE = "budget.json"
 STUDENTS = ("lora", "tsm_stage1")
@@ -125,7 +125,7 @@ def load_snapshot(teacher_path: str | Path, run_dir: str | Path, source: str | P
     """
     from safetensors.torch import load_file
 
-    from .trainer import load_student
+    from ..trainer import load_student
 
     source = Path(source)
     if (source / "generator.safetensors").is_file():
@@ -138,7 +138,7 @@ def load_snapshot(teacher_path: str | Path, run_dir: str | Path, source: str | P
 
 # ---------------------------------------------------------------------------- scoring
 def _final_scores(results: dict) -> dict[str, dict]:
-    from .demo_seeds import keyed_rows
+    from .results import keyed_rows
 
     rows = keyed_rows(results)
     return {k: {"fid": rows[k]["fid"], "kid": rows[k]["kid_mean"]} for k in STUDENTS}
@@ -168,8 +168,8 @@ def budget_curve(seed_dir: str | Path, extractor=None, progress: bool = True, at
     ``at``: only the pairs at these generator-step counts (and the whole budget); None: every pair.
     ``device``: where the students are sampled (and, when ``extractor`` is None, scored).
     """
-    from .demo import student_images_of
-    from .demo_seeds import is_complete, read_results, seed_of
+    from .eval import student_images_of
+    from .results import is_complete, read_results, seed_of
 
     seed_dir = Path(seed_dir)
     results = read_results(seed_dir)
@@ -242,7 +242,7 @@ def read_curves(folders) -> list[dict]:
 def aggregate_curves(curves: list[dict]) -> list[dict]:
     """One entry per generator-step count that any seed scored: the seeds there, each student's mean +- std
     FID, and the paired TSM - LoRA difference (mean, intervals, wins) as demo_seeds computes it."""
-    from .demo_seeds import bootstrap_ci, mean_std, t_interval
+    from .stats import bootstrap_ci, mean_std, t_interval
 
     by_steps: dict[int, list[dict]] = {}
     for c in curves:
@@ -268,10 +268,10 @@ def aggregate_curves(curves: list[dict]) -> list[dict]:
 
 def format_curves(entries: list[dict]) -> str:
     """The budget-curve section of seeds.md."""
-    from .demo_seeds import _pm, format_interval
+    from .stats import format_interval, format_pm
 
     lines = ["## Budget curve: equal-budget pairs (LoRA vs TSM stage 1, FID)", "",
-             "Intermediate students from each run's checkpoints and phase adapters (tsm_distill/demo_budget.py). "
+             "Intermediate students from each run's checkpoints and phase adapters (tsm_distill/demo/budget.py). "
              "TSM fosters its experts one after another, so part-way through the budget its later experts are "
              "still zero (those student steps are the plain teacher).", "",
              "| generator steps | fraction | seeds | LoRA | TSM stage 1 | TSM - LoRA | 95% CI bootstrap | 95% CI t "
@@ -279,8 +279,8 @@ def format_curves(entries: list[dict]) -> str:
     for e in entries:
         d = e["tsm_stage1_minus_lora"]
         lines.append(f"| {e['generator_steps']} | {e['fraction']:.2f} | {', '.join(map(str, e['seeds']))} "
-                     f"| {_pm(e['lora']['fid_mean'], e['lora']['fid_std'])} "
-                     f"| {_pm(e['tsm_stage1']['fid_mean'], e['tsm_stage1']['fid_std'])} | {_pm(d['mean'], d['std'])} "
+                     f"| {format_pm(e['lora']['fid_mean'], e['lora']['fid_std'])} "
+                     f"| {format_pm(e['tsm_stage1']['fid_mean'], e['tsm_stage1']['fid_std'])} | {format_pm(d['mean'], d['std'])} "
                      f"| {format_interval(d['ci95_bootstrap'])} | {format_interval(d['ci95_t'])} | {d['tsm_wins']} / {d['n_seeds']} |")
     return "\n".join(lines) + "\n"
 
@@ -292,7 +292,7 @@ def save_curve_plot(entries: list[dict], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .demo_report import save_figure
+    from .report import save_figure
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for key, color, label in (("lora", "C3", "DMD2 + LoRA"), ("tsm_stage1", "C0", "DMD2 + TSM stage 1")):
@@ -310,8 +310,8 @@ def save_curve_plot(entries: list[dict], path: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tsm_distill.demo_budget SEED_DIR [...]``: the budget curve of finished tsm-demo runs."""
-    p = argparse.ArgumentParser(prog="python -m tsm_distill.demo_budget", description=__doc__.splitlines()[0])
+    """``python -m tsm_distill.demo.budget SEED_DIR [...]``: the budget curve of finished tsm-demo runs."""
+    p = argparse.ArgumentParser(prog="python -m tsm_distill.demo.budget", description=__doc__.splitlines()[0])
     p.add_argument("folders", nargs="+", help="tsm-demo run folders (one seed each) with results.json")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--device", default="auto", help="where students are sampled and scored: auto (the GPU when "

@@ -8,8 +8,8 @@ that fails is named at the end and the others still run. Then ``seeds.json``, ``
 
 Rebuild the aggregate from existing folders (for instance runs of the single-seed command)::
 
-    python -m tsm_distill.demo_seeds aggregate OUT_DIR                 # reads OUT_DIR/seed*/results.json
-    python -m tsm_distill.demo_seeds aggregate OUT_DIR --from A B C    # reads A/, B/, C/results.json
+    python -m tsm_distill.demo.seeds aggregate OUT_DIR                 # reads OUT_DIR/seed*/results.json
+    python -m tsm_distill.demo.seeds aggregate OUT_DIR --from A B C    # reads A/, B/, C/results.json
 
 Statistics, all over seeds (a seed is one whole training run of both students):
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import shlex
@@ -37,14 +36,28 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-import numpy as np
+# Re-exported: callers (tests, tools) read one seed's results and the statistics through here.
+from .results import (  # noqa: F401
+    ROW_NAMES,
+    STUDENTS,
+    TEACHER_FULL_PREFIX,
+    is_complete,
+    keyed_rows,
+    read_results,
+    row_key,
+    seed_of,
+)
+from .stats import (  # noqa: F401
+    BOOT_SEED,
+    LEVEL,
+    RESAMPLES,
+    bootstrap_ci,
+    format_interval,
+    format_pm,
+    mean_std,
+    t_interval,
+)
 
-# Row names in results.json -> short keys in seeds.json. demo.py names its student rows from here.
-ROW_NAMES = {"lora": "DMD2 + LoRA", "tsm_stage1": "DMD2 + TSM stage 1 (experts)",
-             "tsm_stage2": "DMD2 + TSM stage 2 (router)", "floor": "real train images (floor)",
-             "teacher_few": "teacher DDIM 4 (no distillation)"}
-TEACHER_FULL_PREFIX = "teacher DDIM "  # "teacher DDIM 50": its step count is a demo option
-STUDENTS = ("lora", "tsm_stage1", "tsm_stage2")
 ROW_ORDER = ("floor", "teacher_full", "teacher_few", *STUDENTS)
 PAIRS = (("tsm_stage2", "lora"), ("tsm_stage1", "lora"))  # seeds.json's paired["<tsm>_minus_<lora>"]
 PAIR_LABELS = {"tsm_stage2": "TSM stage 2 - LoRA", "tsm_stage1": "TSM stage 1 - LoRA"}
@@ -53,15 +66,12 @@ A3P_LABEL = "A.3-proportional (A.3's phase lengths and batch ratios, scaled; LoR
 SEED_FOLDER = re.compile(r"seed(\d+)")
 # Options of tsm-demo that the sweep sets per seed itself instead of passing them through.
 SWEEP_ONLY = ("seeds", "jobs", "seed", "run_dir")
-RESAMPLES = 10_000
-BOOT_SEED = 0
-LEVEL = 0.95
 
 
 # ---------------------------------------------------------------------------- one seed's results
 def protocol(lora_batch_multiplier: int, name: str = "recipe") -> dict:
     """The comparison's protocol as results.json and seeds.json record it: ``name`` (``recipe``: the recipes'
-    phase lengths, ``a3p``: A.3-proportional, see ``demo_protocol``), LoRA's batch multiplier, a label.
+    phase lengths, ``a3p``: A.3-proportional, see ``tsm_distill.demo.protocol``), LoRA's batch multiplier, a label.
 
     Until December 2026 multiplier 4 under the recipes' lengths was labelled "paper A.3 protocol"; it gives
     both students the same iterations, which A.3 does not, so it is now named for what it is.
@@ -81,61 +91,6 @@ def protocol_of(results: dict) -> dict:
     """The protocol a results.json ran (results from before the field existed ran equal compute)."""
     recorded = results.get("protocol", {})
     return protocol(int(recorded.get("lora_batch_multiplier", 1)), recorded.get("name", "recipe"))
-
-
-def row_key(name: str) -> str | None:
-    """The seeds.json key of a results.json row name, or None for a row the aggregate does not know."""
-    for key, known in ROW_NAMES.items():
-        if name == known:
-            return key
-    return "teacher_full" if name.startswith(TEACHER_FULL_PREFIX) else None
-
-
-def keyed_rows(results: dict) -> dict[str, dict]:
-    """The known rows of one results.json, by key."""
-    rows = results.get("rows") if isinstance(results, dict) else None
-    if not isinstance(rows, list):
-        return {}
-    return {key: r for r in rows if isinstance(r, dict) and (key := row_key(str(r.get("row", "")))) is not None}
-
-
-def is_complete(results: dict | None) -> bool:
-    """True when results.json holds all three student rows with a finite FID (the seed finished)."""
-    if results is None:
-        return False
-    rows = keyed_rows(results)
-    return all(k in rows and isinstance(rows[k].get("fid"), (int, float)) and math.isfinite(rows[k]["fid"])
-               for k in STUDENTS)
-
-
-def read_results(folder: str | Path) -> dict | None:
-    """``folder/results.json`` as a dict, or None when it is missing or not valid JSON (a killed write)."""
-    path = Path(folder) / "results.json"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def seed_of(results: dict) -> int:
-    """The training seed of a results.json: its ``seed`` field, else ``--seed`` in its recorded command.
-
-    Results written before the field existed hold only the command; without ``--seed`` there the run
-    used tsm-demo's default seed, 0.
-    """
-    if "seed" in results:
-        return int(results["seed"])
-    command = results.get("command")
-    if not isinstance(command, str):
-        raise ValueError("the results hold neither a 'seed' nor a 'command' to read the seed from")
-    tokens = shlex.split(command)
-    for i, token in enumerate(tokens):
-        if token == "--seed" and i + 1 < len(tokens):
-            return int(tokens[i + 1])
-        if token.startswith("--seed="):
-            return int(token.split("=", 1)[1])
-    return 0
 
 
 def seed_record(results: dict) -> dict:
@@ -177,35 +132,6 @@ def check_comparable(results_list: Sequence[dict], names: Sequence[str]) -> None
 
 
 # ---------------------------------------------------------------------------- statistics
-def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (ddof 1; None for a single value)."""
-    v = np.asarray(values, dtype=float)
-    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None)
-
-
-def bootstrap_ci(values: Sequence[float], resamples: int = RESAMPLES, seed: int = BOOT_SEED,
-                 level: float = LEVEL) -> tuple[float, float] | None:
-    """Percentile-bootstrap interval of the mean: resample the values with replacement (None below 2)."""
-    v = np.asarray(values, dtype=float)
-    if len(v) < 2:
-        return None
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), size=(resamples, len(v)))].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
-
-
-def t_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, float] | None:
-    """Student's t interval of the mean (None below 2 values); wider than the bootstrap at few seeds."""
-    from scipy.stats import t
-
-    mean, std = mean_std(values)
-    if std is None:
-        return None
-    half = float(t.ppf((1 + level) / 2, len(values) - 1)) * std / math.sqrt(len(values))
-    return mean - half, mean + half
-
-
 def paired(records: Sequence[dict], tsm: str, lora: str = "lora", resamples: int = RESAMPLES,
            seed: int = BOOT_SEED) -> dict:
     """Paired difference ``tsm - lora`` per seed (FID and KID), its mean with intervals, and TSM's wins."""
@@ -255,15 +181,6 @@ def aggregate(results_list: Sequence[dict], sources: Sequence[str] | None = None
 
 
 # ---------------------------------------------------------------------------- seeds.md / seeds.png
-def _pm(mean: float, std: float | None, scale: float = 1.0) -> str:
-    return f"{scale * mean:.2f}" + ("" if std is None else f" +- {scale * std:.2f}")
-
-
-def format_interval(ci: list[float] | None) -> str:
-    """A 95% interval as "[lo, hi]", or why there is none."""
-    return "n/a (one seed)" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
-
-
 def format_markdown(agg: dict) -> str:
     """seeds.md: per-seed FIDs, mean +- std of every row, the paired differences and the ratios."""
     proto = agg["protocol"]
@@ -281,13 +198,13 @@ def format_markdown(agg: dict) -> str:
                      f"| {r['tsm_stage1'] - r['lora']:+.2f} |")
     lines += ["", "## Mean +- std over seeds (sample std, ddof 1)", "", "| row | FID | KID x1e3 |", "|---|---|---|"]
     for s in agg["rows"].values():
-        lines.append(f"| {s['name']} | {_pm(s['fid_mean'], s['fid_std'])} | {_pm(s['kid_mean'], s['kid_std'], 1e3)} |")
+        lines.append(f"| {s['name']} | {format_pm(s['fid_mean'], s['fid_std'])} | {format_pm(s['kid_mean'], s['kid_std'], 1e3)} |")
     lines += ["", "## Paired: TSM - LoRA per seed (FID; negative = TSM better)", "",
               "| comparison | mean diff +- std | 95% CI bootstrap | 95% CI t | TSM wins (FID) | mean KID diff x1e3 "
               "| TSM wins (KID) | mean(TSM) / mean(LoRA) |", "|---|---|---|---|---|---|---|---|"]
     for tsm, lora in PAIRS:
         p = agg["paired"][f"{tsm}_minus_{lora}"]
-        lines.append(f"| {PAIR_LABELS[tsm]} | {_pm(p['mean'], p['std'])} | {format_interval(p['ci95_bootstrap'])} | {format_interval(p['ci95_t'])} "
+        lines.append(f"| {PAIR_LABELS[tsm]} | {format_pm(p['mean'], p['std'])} | {format_interval(p['ci95_bootstrap'])} | {format_interval(p['ci95_t'])} "
                      f"| {p['tsm_wins']} / {p['n_seeds']} | {1e3 * p['kid_mean_diff']:+.2f} "
                      f"| {p['kid_tsm_wins']} / {p['n_seeds']} | {agg['ratio'][f'{tsm}_over_{lora}']:.3f} |")
     b = agg["bootstrap"]
@@ -334,7 +251,7 @@ def save_seed_plot(agg: dict, path: str | Path) -> Path:
     right.set_xticks(range(len(PAIRS)), [PAIR_LABELS[tsm] for tsm, _ in PAIRS], fontsize=8)
     right.set_ylabel("paired FID difference (< 0: TSM better)")
     right.set_title("per seed, and mean with bootstrap 95% CI")
-    from .demo_report import save_figure
+    from .report import save_figure
 
     return save_figure(fig, path)
 
@@ -375,7 +292,7 @@ def write_aggregate(out_dir: str | Path, results_list: Sequence[dict], sources: 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     js, md = out_dir / "seeds.json", out_dir / "seeds.md"
-    from . import demo_budget
+    from . import budget as demo_budget
 
     curve = demo_budget.aggregate_curves(demo_budget.read_curves(sources))
     if curve:
@@ -395,7 +312,7 @@ def passthrough_args(argv: Sequence[str]) -> list[str]:
     Only options given a non-default value are passed, so each subprocess fills in the same presets
     (--quick's N and budgets) as a single-seed run; an option added to tsm-demo later passes through too.
     """
-    from .demo import build_parser
+    from .options import build_parser
 
     parser = build_parser()
     raw = parser.parse_args(list(argv))
@@ -497,8 +414,8 @@ def run_sweep(args, argv: Sequence[str], extra_args: Sequence[str] = ()) -> int:
 
 # ---------------------------------------------------------------------------- standalone aggregate
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tsm_distill.demo_seeds aggregate OUT_DIR [--from DIR ...]``: rebuild seeds.json/md/png."""
-    p = argparse.ArgumentParser(prog="python -m tsm_distill.demo_seeds", description=__doc__.splitlines()[0])
+    """``python -m tsm_distill.demo.seeds aggregate OUT_DIR [--from DIR ...]``: rebuild seeds.json/md/png."""
+    p = argparse.ArgumentParser(prog="python -m tsm_distill.demo.seeds", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     agg = sub.add_parser("aggregate", help="write seeds.json, seeds.md and seeds.png from per-seed folders")
     agg.add_argument("out_dir", help="where to write; also where seed<N>/ folders are read when --from is absent")

@@ -46,7 +46,7 @@ def phase_value(phase: dict, key: str):
     """A recipe phase dict's ``key``, or PhaseConfig's default when the recipe does not name it."""
     from dataclasses import fields
 
-    from .config import PhaseConfig
+    from ..config import PhaseConfig
 
     return phase[key] if key in phase else next(f.default for f in fields(PhaseConfig) if f.name == key)
 

@@ -151,7 +151,7 @@ def prompt_words() -> list[str]:
 
 
 def write_clip_tokenizer(folder: str | Path, model_max_length: int = 16):
-    """The offline CLIP tokenizer (`tsm_core.train.tokenizer`) holding every prompt word whole."""
+    """The offline CLIP tokenizer (`tsm_core.data.tokenizer`) holding every prompt word whole."""
     from .tokenizer import write_clip_tokenizer as write
 
     return write(folder, prompt_words(), model_max_length)
