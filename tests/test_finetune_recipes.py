@@ -30,7 +30,7 @@ def test_every_recipe_loads(path):
     assert phases and r.experts.target_modules
     if not path.name.startswith("mnist"):
         global_batch = 32 if path.name.startswith("video") else 64  # the paper's (A.2.2: 32 for video)
-        assert r.train.batch_size * r.train.gradient_accumulation_steps == global_batch
+        assert r.train.batch_size == global_batch and r.recipe_version == 2  # batch_size is the global batch
         assert r.experts.rank == 4  # lost in the paper's text: Tab. 5 default
     if "_tsm" in path.name:
         assert phases[-1].mode == "mixture"

@@ -176,7 +176,7 @@ def test_the_a22_video_recipes_hold_the_papers_values():
         r = load_recipe(RECIPES / name, FinetuneRecipe)
         assert (r.model.kind, r.data.source) == ("unet3d", "video_folder")
         assert r.experts.target_modules == ["to_k", "to_v"] and r.experts.text_encoder_targets == ["out_proj"]
-        assert r.train.batch_size * r.train.gradient_accumulation_steps == 32
+        assert r.train.batch_size == 32 and r.recipe_version == 2  # the global batch
         assert all((s.steps, s.lr, s.weight_decay, s.text_encoder_lr, s.text_encoder_weight_decay)
                    == (5000, 2e-4, 1e-2, 2e-4, 1e-2) for s in r.stages)
     tsm = load_recipe(RECIPES / "video_posttrain_tsm.yaml", FinetuneRecipe)

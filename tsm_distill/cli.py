@@ -13,9 +13,8 @@ Errors and exit statuses: `tsm_core.train.cli` (one ``error:`` line and status 2
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from tsm_core.train.cli import USER_ERROR, add_run_args, run_recipe, user_error
+from tsm_core.train.cli import USER_ERROR, add_run_args, run_dir_of, run_recipe, user_error
 
 __all__ = ["USER_ERROR", "main"]
 
@@ -33,8 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         return _plan(args, DistillRecipe)
 
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.recipe).stem
-    status, out = run_recipe(args, DistillRecipe, lambda recipe: run_dir, DMD2Trainer)
+    status, out = run_recipe(args, DistillRecipe, run_dir_of(args), DMD2Trainer)
     if status == 0:
         print(f"student adapter: {out}")
     return status

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from tsm_core.train.sections import ExpertsSection, ModelSection
+from tsm_core.train.sections import ExpertsSection, ModelSection, RunSection
 
 
 @dataclass
@@ -106,20 +106,13 @@ FSDP_MODULES = ("critic", "generator", "text_encoders")
 
 
 @dataclass
-class TrainConfig:
-    seed: int = 0
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_checkpointing: bool = False
+class TrainConfig(RunSection):
+    """The shared run settings (`tsm_core.train.sections.RunSection`) plus DMD2's own."""
+
     ema_decay: float | None = None
-    max_grad_norm: float = 10.0
     real_guidance_scale: float = 1.75
     min_step_percent: float = 0.02
     max_step_percent: float = 0.98
-    checkpoint_every: int = 500
-    keep_last: int | None = 3
-    """Complete checkpoints to keep (null: all)."""
-    log_every: int = 10
-    sample_every: int = 1000
     sample_prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a red car on a road"])
     sample_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     threads: int | None = None
@@ -134,14 +127,8 @@ class TrainConfig:
     an all-gather of its weights per call: drop the frozen ones when they fit and the interconnect is slow."""
 
     def __post_init__(self):
-        # Checked here, not when first used: checkpoint_every = 0 used to divide by zero after step 1,
-        # max_step_percent = 2 to index past the schedule mid-run.
-        for name in ("checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1 (iterations between two), got {getattr(self, name)}; "
-                                 "use a large value to make it rare")
-        if self.sample_every < 0:
-            raise ValueError(f"train.sample_every must be >= 0 (0: no sample grids), got {self.sample_every}")
+        super().__post_init__()
+        # Checked here, not when first used: max_step_percent = 2 used to index past the schedule mid-run.
         unknown = sorted(set(self.fsdp_modules) - set(FSDP_MODULES))
         if unknown:
             raise ValueError(f"train.fsdp_modules: unknown module(s) {unknown}; choose from {list(FSDP_MODULES)}")

@@ -5,31 +5,24 @@
     accelerate launch -m tsm_core.finetune.cli recipes/sd3_domain_tsm.yaml --set train.batch_size=8
 
 The resolved recipe, checkpoints, stats.jsonl, tensorboard logs, sample grids and the final
-adapters (``adapter/``, ``adapter_text_encoder{i}/``) go to the run folder (``train.run_dir``, or
-``--run-dir``). Errors and exit statuses: `tsm_core.train.cli`.
+adapters (``adapter/``, ``adapter_text_encoder{i}/``) go to the run folder: ``--run-dir``, else
+``train.run_dir``, else ``runs/<recipe file's stem>`` (as for tsm-distill). Errors and exit statuses: `tsm_core.train.cli`.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
     from tsm_core.finetune import FinetuneRecipe, FinetuneTrainer
-    from tsm_core.train.cli import add_run_args, run_recipe
+    from tsm_core.train.cli import add_run_args, run_dir_of, run_recipe
 
     parser = add_run_args(argparse.ArgumentParser(prog="tsm-finetune", description=__doc__,
                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(argv)
-
-    def run_dir_of(recipe):
-        if args.run_dir is not None:
-            recipe.train.run_dir = str(args.run_dir)
-        return Path(recipe.train.run_dir)
-
-    status, result = run_recipe(args, FinetuneRecipe, run_dir_of, FinetuneTrainer)
+    status, result = run_recipe(args, FinetuneRecipe, run_dir_of(args), FinetuneTrainer)
     if status == 0:
         print(f"done: step {result['step']}, loss {result['loss']:.4f}, adapter in {result['adapter_dir']}; "
               f"data: {result['data'] or 'every sample read'}")

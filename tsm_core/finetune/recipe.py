@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from ..intervals import TimestepIntervals
-from ..train.sections import ExpertsSection, ModelSection
+from ..train.sections import ExpertsSection, ModelSection, RunSection
 
 
 @dataclass
@@ -96,27 +96,18 @@ class StageSection:
 
 
 @dataclass
-class TrainSection:
-    """Run settings (accelerate, optimizer, checkpoints, logging, samples)."""
+class TrainSection(RunSection):
+    """The shared run settings (`tsm_core.train.sections.RunSection`) plus the diffusion-loss trainer's own."""
 
-    run_dir: str = "runs/finetune"
-    seed: int = 0
     batch_size: int = 64
-    """Samples per optimizer step on each process (x gradient_accumulation_steps)."""
+    """The *global* batch of one optimizer step: summed over processes and gradient-accumulation
+    micro-batches (A.1: 64). Each process draws batch_size / (processes x gradient_accumulation_steps)
+    per micro-batch. Until December 2026 it was the per-process batch: see ``recipe_version``."""
     gradient_accumulation_steps: int = 1
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_checkpointing: bool = False
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    max_grad_norm: float | None = 1.0
-    checkpoint_every: int = 500
-    keep_last: int | None = 3
-    """Complete checkpoints to keep (null: all)."""
-    log_every: int = 10
     tensorboard: bool = True
-    sample_every: int = 0
-    """Write a sample grid every N steps (0: only at the end); needs sample_prompts."""
     sample_prompts: list[str] = field(default_factory=list)
     sample_steps: int = 20
     guidance_scale: float = 1.0
@@ -133,6 +124,10 @@ class FinetuneRecipe:
     stages: list[StageSection]
     experts: FinetuneExperts = field(default_factory=FinetuneExperts)
     train: TrainSection = field(default_factory=TrainSection)
+    recipe_version: int = 1
+    """2: ``train.batch_size`` is the global batch (December 2026 on; the shipped recipes say 2). A recipe
+    without it was written when batch_size counted one process's samples: it runs unchanged where the two
+    meanings agree (one process, no gradient accumulation) and is refused elsewhere (`check_batch_meaning`)."""
 
     renamed_keys: ClassVar[dict[str, str]] = {"lora": "experts (same keys: rank, alpha, target_modules, ...)"}
 
@@ -220,3 +215,31 @@ def plan_phases(recipe: FinetuneRecipe, num_timesteps: int = 1000) -> list[Phase
                 add(stage=i, mode="expert", steps=st.steps, scale=st.scale, experts=[k],
                     t_range=intervals.bounds(st.scale, k))
     return phases
+
+
+BATCH_MEANING_VERSION = 2
+"""The first recipe_version whose train.batch_size is the global batch."""
+
+
+def per_process_micro_batch(recipe: FinetuneRecipe, num_processes: int) -> int:
+    """The samples each process draws per micro-batch: ``train.batch_size / (processes x accumulation)``.
+
+    Raises:
+        ValueError: the global batch does not divide; or a recipe from before ``recipe_version`` 2 (whose
+            batch_size counted one process's samples) would now train with another batch.
+    """
+    tr = recipe.train
+    parts = num_processes * tr.gradient_accumulation_steps
+    if recipe.recipe_version < BATCH_MEANING_VERSION and parts > 1:
+        raise ValueError(
+            f"train.batch_size is now the global batch (summed over processes and gradient accumulation, as the "
+            f"paper states it); it used to be the batch of one process. This recipe has no recipe_version: "
+            f"{BATCH_MEANING_VERSION}, so it was written for the old meaning: on {num_processes} process(es) x "
+            f"{tr.gradient_accumulation_steps} accumulation step(s) it would now train with a global batch of "
+            f"{tr.batch_size} instead of {tr.batch_size * parts}. Set train.batch_size to the global batch you want "
+            f"(e.g. {tr.batch_size * parts}) and add recipe_version: {BATCH_MEANING_VERSION} at the top of the recipe")
+    if tr.batch_size % parts:
+        raise ValueError(f"train.batch_size {tr.batch_size} (the global batch) does not divide over {num_processes} "
+                         f"process(es) x {tr.gradient_accumulation_steps} accumulation step(s); use a multiple of "
+                         f"{parts}")
+    return tr.batch_size // parts

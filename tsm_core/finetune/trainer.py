@@ -25,7 +25,7 @@ from ..models import Backbone, load_backbone, video_strip
 from ..train.accel import step_generator
 from ..train.skeleton import PhasedTrainer
 from .data import batch_stream, build_dataset
-from .recipe import FinetuneRecipe, plan_phases
+from .recipe import FinetuneRecipe, per_process_micro_batch, plan_phases
 
 ADAPTER_DIR = "adapter"
 TEXT_ADAPTER_DIR = "adapter_text_encoder{}"
@@ -49,8 +49,11 @@ class FinetuneTrainer(PhasedTrainer):
 
     def __init__(self, recipe: FinetuneRecipe, run_dir: str | os.PathLike | None = None):
         tr = recipe.train
+        run_dir = run_dir if run_dir is not None else tr.run_dir
+        if run_dir is None:
+            raise ValueError("no run folder: set train.run_dir in the recipe or pass one (tsm-finetune --run-dir DIR)")
         # Seeded here, before attach(), so the experts start from the same random A matrices every run.
-        super().__init__(recipe, run_dir if run_dir is not None else tr.run_dir, seed=tr.seed,
+        super().__init__(recipe, run_dir, seed=tr.seed,
                          mixed_precision=tr.mixed_precision, checkpoint_every=tr.checkpoint_every,
                          log_every=tr.log_every, sample_every=tr.sample_every, keep_last=tr.keep_last,
                          max_grad_norm=tr.max_grad_norm, tensorboard=tr.tensorboard)
@@ -82,6 +85,12 @@ class FinetuneTrainer(PhasedTrainer):
         if tr.gradient_checkpointing:
             bb.enable_gradient_checkpointing(text_encoders=bool(self.text_adapters))
         self.phases = plan_phases(recipe, bb.num_timesteps)
+        # The global batch (A.1's 64) split over processes and accumulation; a recipe written when batch_size
+        # counted one process is refused where the meanings differ, before any step.
+        self.micro_batch = per_process_micro_batch(recipe, self.acc.num_processes)
+        if self.acc.is_main_process:
+            print(f"global batch {tr.batch_size} = {self.micro_batch} per process x {self.acc.num_processes} "
+                  f"process(es) x {tr.gradient_accumulation_steps} accumulation step(s)", flush=True)
         self.last_loss = torch.tensor(float("nan"))
         self.dataset = build_dataset(recipe.data)
         self._latent_cache: dict[int, torch.Tensor] = {}
@@ -176,7 +185,7 @@ class FinetuneTrainer(PhasedTrainer):
     def on_start(self) -> None:
         # Indexed by step: a resumed run reads the batches the uninterrupted run would have read.
         tr, acc = self.recipe.train, self.acc
-        self._data = batch_stream(self.dataset, self.recipe.data, tr.batch_size, tr.seed,
+        self._data = batch_stream(self.dataset, self.recipe.data, self.micro_batch, tr.seed,
                                   start_batch=self.global_step * tr.gradient_accumulation_steps,
                                   rank=acc.process_index, world=acc.num_processes)
 

@@ -44,6 +44,18 @@ def add_run_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def run_dir_of(args: argparse.Namespace) -> Callable[[Any], Path]:
+    """How both training commands choose the run folder: ``--run-dir``, else the recipe's ``train.run_dir``,
+    else ``runs/<recipe file's stem>``. The choice is written back into the recipe, so the run folder's
+    recipe.yaml names the folder it is in."""
+    def choose(recipe) -> Path:
+        run_dir = args.run_dir or recipe.train.run_dir or Path("runs") / Path(args.recipe).stem
+        recipe.train.run_dir = str(run_dir)
+        return Path(run_dir)
+
+    return choose
+
+
 def run_recipe(args: argparse.Namespace, schema: type, run_dir_of: Callable[[Any], Path],
                trainer_class: type[PhasedTrainer]) -> tuple[int, Any]:
     """Load ``args.recipe`` into ``schema``, check the run folder (and with ``--resume`` the recipe

@@ -1,9 +1,10 @@
 """Recipe sections both trainers share, so one key means one thing in every recipe (issue 12).
 
-``model`` names the diffusers pipeline (the model to adapt, or the DMD2 teacher) and ``experts``
-holds the timestep-LoRA settings of `tsm_core.TSMConfig`, declared once here. Each trainer adds only
-its own keys (``experts.text_encoder_targets`` for fine-tuning; ``experts.scales`` and
-``experts.init_from`` for distillation). The README's "Recipe keys" table lists every key.
+``model`` names the diffusers pipeline (the model to adapt, or the DMD2 teacher), ``experts`` holds
+the timestep-LoRA settings of `tsm_core.TSMConfig`, and ``train`` (`RunSection`) the run settings, each
+declared once here with one set of defaults. Each trainer adds only its own keys
+(``experts.text_encoder_targets`` and ``train.batch_size`` for fine-tuning; ``experts.scales``,
+``experts.init_from`` and the DMD2 settings for distillation). docs/recipes.md lists every key.
 """
 
 from __future__ import annotations
@@ -55,3 +56,41 @@ class ExpertsSection:
                          target_modules=list(self.target_modules if target_modules is None else target_modules),
                          num_timesteps=num_timesteps, router_input=self.router_input,
                          router_activation=self.router_activation)
+
+
+@dataclass
+class RunSection:
+    """Run settings both trainers share (``train:`` in a recipe), with one meaning and one default each.
+
+    Batches are global in both trainers: a fine-tuning recipe's ``train.batch_size`` and a distillation
+    phase's ``batch_size`` count the samples of one optimizer step summed over processes (and, for
+    fine-tuning, over gradient-accumulation micro-batches), as the paper states them; each trainer prints
+    the per-process size at start.
+    """
+
+    run_dir: str | None = None
+    """The run folder; the command line's ``--run-dir`` overrides it; default ``runs/<recipe file's stem>``."""
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    max_grad_norm: float | None = 1.0
+    """Clip the trained parameters' gradient norm (null: no clipping). diffusers' training scripts use 1.0;
+    DMD2 uses 10, which the distillation recipes state."""
+    checkpoint_every: int = 500
+    """Steps between two checkpoints (a checkpoint is also written at every phase boundary)."""
+    keep_last: int | None = 3
+    """Complete checkpoints to keep (null: all)."""
+    log_every: int = 10
+    sample_every: int = 0
+    """A sample grid every N steps (0: none mid-run; the final grid is written at the end)."""
+
+    def __post_init__(self):
+        # Checked here, not when first used: checkpoint_every = 0 used to divide by zero after step 1.
+        for name in ("checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1 (steps between two), got {getattr(self, name)}; "
+                                 "use a large value to make it rare")
+        if self.sample_every < 0:
+            raise ValueError(f"train.sample_every must be >= 0 (0: no sample grids mid-run), got {self.sample_every}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"train.max_grad_norm must be positive or null (no clipping), got {self.max_grad_norm}")
