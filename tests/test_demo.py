@@ -10,6 +10,7 @@ import torch
 from tsm_core.eval import fid_from_features
 from tsm_distill.demo import eval as ev
 from tsm_distill.demo import run as demo
+from tsm_distill.demo import seeds as ds
 
 TEACHER = ev.DEFAULT_TEACHER
 
@@ -152,8 +153,12 @@ def test_quick_demo_runs_end_to_end(tmp_path):
                       "--budget", "8", "--fake-updates", "1", "--batch-size", "1", "--reference", "none"]) == 0
     res = json.loads((run / "results.json").read_text())
     rows = res["rows"]
-    assert len(rows) == 6
-    assert [r["row"] for r in rows][3:] == ["DMD2 + LoRA", "DMD2 + TSM stage 1 (experts)", "DMD2 + TSM stage 2 (router)"]
+    assert len(rows) == 8
+    assert [r["row"] for r in rows][3:6] == ["DMD2 + LoRA", "DMD2 + TSM stage 1 (experts)", "DMD2 + TSM stage 2 (router)"]
+    # scores.py: every student is also scored against the teacher's samples, and the DMD-only students follow.
+    assert [r["row"] for r in rows][6:] == [ds.ROW_NAMES["lora_dmd_only"], ds.ROW_NAMES["tsm_stage1_dmd_only"]]
+    assert all(math.isfinite(r["fid_teacher"]) and math.isfinite(r["kid_teacher"]) for r in rows[3:])
+    assert "fid_teacher" not in rows[0] and res["fidelity"]["teacher_steps"] == 50
     for r in rows:
         assert r["n"] == 10 and all(math.isfinite(r[k]) for k in ("fid", "kid_mean", "kid_std")), r
     assert rows[3]["generator_steps"] == rows[4]["generator_steps"] == res["budget"]["lora"] == 8

@@ -123,3 +123,50 @@ def test_adapter_parameters_counts_experts_by_scale_and_the_router(tmp_path):
     save_file(tensors, str(tmp_path / ADAPTER_FILE), {"format": "tsm"})
     assert dp.adapter_parameters(tmp_path, [1]) == 24 and dp.adapter_parameters(tmp_path, [4]) == 24
     assert dp.adapter_parameters(tmp_path) == 48 and dp.adapter_parameters(tmp_path, [], router=True) == 1005
+
+
+def test_capacity_parity_options_and_lora_rank(tmp_path):
+    with pytest.raises(ValueError, match="with --students lora"):
+        demo.parse_args(["--run-dir", str(tmp_path), "--lora-rank", "32"])
+    args = demo.parse_args(["--run-dir", str(tmp_path), "--lora-rank", "32", "--students", "lora"])
+    assert args.budget_points == 0
+    lora, tsm, budget = demo.build_recipes(args, tmp_path, ev.DEFAULT_TEACHER)
+    base, _, base_budget = demo.build_recipes(demo.parse_args(["--run-dir", str(tmp_path)]), tmp_path, ev.DEFAULT_TEACHER)
+    assert (lora.experts.rank, lora.experts.alpha) == (32, 32) and (base.experts.rank, base.experts.alpha) == (8, 8)
+    assert tsm.experts.rank == 8 and budget == base_budget  # equal compute: only the LoRA's capacity changes
+    assert [p.steps for p in lora.phases] == [p.steps for p in base.phases]
+
+
+def _results(seed, keys, fids, **extra):
+    rows = [{"row": ds.ROW_NAMES[k], "fid": f, "kid_mean": f / 1000, "kid_std": 0.0, "n": 1000}
+            for k, f in zip(keys, fids)]
+    return {"rows": rows, "seed": seed, "n": 1000, "n_reference": 1000, "teacher_unet_sha256": "t",
+            "budget": {"lora": 300, "tsm_stage1": 300, "tsm_stage2_router": 25}, "protocol": ds.protocol(1), **extra}
+
+
+def test_capacity_pairs_a_lora_only_seed_with_the_equal_compute_seed(tmp_path):
+    students = ("lora", "tsm_stage1", "tsm_stage2")
+    for seed, (big, lora, tsm1, tsm2) in enumerate([(49.0, 57.0, 45.0, 46.0), (52.0, 55.0, 44.0, 43.0)]):
+        (tmp_path / f"cap{seed}").mkdir()
+        (tmp_path / f"cap{seed}" / "results.json").write_text(json.dumps(_results(
+            seed, ["lora"], [big], students_trained=["lora"],
+            students={"lora": {"rank": 32, "trainable_parameters": 920576}})))
+        (tmp_path / f"eq{seed}").mkdir()
+        (tmp_path / f"eq{seed}" / "results.json").write_text(json.dumps(_results(seed, students, [lora, tsm1, tsm2])))
+    # A LoRA-only seed is finished (the sweep skips it) but is no three-student seed to average alone.
+    assert ds.is_complete(ds.read_results(tmp_path / "cap0"))
+    with pytest.raises(ValueError, match="capacity"):
+        ds.aggregate([ds.read_results(tmp_path / "cap0")])
+    assert ds.main(["capacity", str(tmp_path / "out"), "--lora", str(tmp_path / "cap0"), str(tmp_path / "cap1"),
+                    "--equal", str(tmp_path / "eq1"), str(tmp_path / "eq0")]) == 0
+    agg = json.loads((tmp_path / "out" / "seeds.json").read_text())
+    assert agg["protocol"]["name"] == "capacity" and agg["n_seeds"] == 2
+    assert [r["lora"] for r in agg["seeds"]] == [49.0, 52.0]  # the rank-4r LoRA, not the equal-compute one
+    assert [d["fid_diff"] for d in agg["paired"]["tsm_stage1_minus_lora"]["per_seed"]] == [-4.0, -8.0]
+    assert agg["seeds"][0]["students"]["lora"]["trainable_parameters"] == 920576
+    # Pairs must match: another seed, or a run that was not equal compute, is refused.
+    other = _results(0, students, [1.0, 2.0, 3.0], protocol=ds.protocol(4))
+    with pytest.raises(ValueError, match="differ in lora_batch_multiplier"):
+        ds.capacity_pair(ds.read_results(tmp_path / "cap0"), other)
+    with pytest.raises(ValueError, match="seeds differ"):
+        ds.capacity_pair(ds.read_results(tmp_path / "cap0"), ds.read_results(tmp_path / "eq1"))

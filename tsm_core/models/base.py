@@ -314,6 +314,8 @@ class Backbone:
     """The diffusers class of the denoiser."""
     scheduler_class: str = "DDPMScheduler"
     """The diffusers class of the training noise scheduler."""
+    default_max_sequence_length: int | None = None
+    """Families with a T5 encoder: its prompt length when the recipe gives none (PixArt 120, SD3 256)."""
 
     @classmethod
     def meta(cls, path: str | os.PathLike, max_sequence_length: int | None = None) -> Backbone:
@@ -359,8 +361,10 @@ class Backbone:
                    vae: nn.Module | None, scheduler: Any, path: str = "",
                    max_sequence_length: int | None = None) -> Backbone:
         """The backbone of already built components (``from_pretrained`` and `meta` end here); families with a
-        prompt length (T5) take ``max_sequence_length``."""
-        return cls(denoiser, text_encoders, tokenizers, vae, scheduler, path=path)
+        T5 prompt length (``default_max_sequence_length`` set) take ``max_sequence_length``, else that default."""
+        kw = ({} if cls.default_max_sequence_length is None
+              else {"max_sequence_length": max_sequence_length or cls.default_max_sequence_length})
+        return cls(denoiser, text_encoders, tokenizers, vae, scheduler, path=path, **kw)
 
     def meta_cond(self, batch: int, dtype: torch.dtype) -> Cond:
         """Meta tensors shaped like ``encode_prompts`` of ``batch`` prompts (no tokenizer needed): one CLIP-style

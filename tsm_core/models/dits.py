@@ -32,18 +32,13 @@ class PixArtBackbone(UNetBackbone):
 
     kind = "pixart"
     distillable = False
+    denoiser_subfolder = "transformer"
+    denoiser_class = "PixArtTransformer2DModel"
+    default_max_sequence_length = 120
 
     def __init__(self, *a, max_sequence_length: int = 120, **kw):
         super().__init__(*a, **kw)
         self.max_sequence_length = max_sequence_length
-
-    denoiser_subfolder = "transformer"
-    denoiser_class = "PixArtTransformer2DModel"
-
-    @classmethod
-    def from_parts(cls, denoiser, text_encoders, tokenizers, vae, scheduler, path="", max_sequence_length=None):
-        return cls(denoiser, text_encoders, tokenizers, vae, scheduler, path=path,
-                   max_sequence_length=max_sequence_length or 120)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, max_sequence_length: int | None = None, **_) -> PixArtBackbone:
@@ -52,10 +47,10 @@ class PixArtBackbone(UNetBackbone):
         from transformers import AutoTokenizer, T5EncoderModel
 
         path = _check_source(path)
-        return cls(_load(PixArtTransformer2DModel, path, "transformer"),
-                   [_load(T5EncoderModel, path, "text_encoder")], [_load(AutoTokenizer, path, "tokenizer")],
-                   _load(AutoencoderKL, path, "vae"), _load(DDPMScheduler, path, "scheduler"), path=path,
-                   max_sequence_length=max_sequence_length or 120)
+        return cls.from_parts(_load(PixArtTransformer2DModel, path, "transformer"),
+                              [_load(T5EncoderModel, path, "text_encoder")], [_load(AutoTokenizer, path, "tokenizer")],
+                              _load(AutoencoderKL, path, "vae"), _load(DDPMScheduler, path, "scheduler"), path,
+                              max_sequence_length)
 
     def encode_prompts(self, prompts: list[str]) -> Cond:
         tok, te = self.tokenizers[0], self.text_encoders[0]
@@ -83,19 +78,15 @@ class SD3Backbone(Backbone):
     distillable = True
     prediction_type = "flow"
 
+    denoiser_subfolder = "transformer"
+    denoiser_class = "SD3Transformer2DModel"
+    scheduler_class = "FlowMatchEulerDiscreteScheduler"
+    default_max_sequence_length = 256
+
     def __init__(self, *a, max_sequence_length: int = 256, **kw):
         super().__init__(*a, **kw)
         self.max_sequence_length = max_sequence_length
         self.num_timesteps = int(self.scheduler.config.num_train_timesteps)
-
-    denoiser_subfolder = "transformer"
-    denoiser_class = "SD3Transformer2DModel"
-    scheduler_class = "FlowMatchEulerDiscreteScheduler"
-
-    @classmethod
-    def from_parts(cls, denoiser, text_encoders, tokenizers, vae, scheduler, path="", max_sequence_length=None):
-        return cls(denoiser, text_encoders, tokenizers, vae, scheduler, path=path,
-                   max_sequence_length=max_sequence_length or 256)
 
     def meta_cond(self, batch: int, dtype: torch.dtype) -> Cond:
         """Meta conditioning of ``batch`` prompts: CLIP tokens then T5 tokens at the joint width, and both
@@ -120,9 +111,9 @@ class SD3Backbone(Backbone):
         if pipeline_has_component(path, "text_encoder_3"):
             tes.append(_load(T5EncoderModel, path, "text_encoder_3"))
             toks.append(_load(AutoTokenizer, path, "tokenizer_3"))
-        return cls(_load(SD3Transformer2DModel, path, "transformer"), tes, toks, _load(AutoencoderKL, path, "vae"),
-                   _load(FlowMatchEulerDiscreteScheduler, path, "scheduler"), path=path,
-                   max_sequence_length=max_sequence_length or 256)
+        return cls.from_parts(_load(SD3Transformer2DModel, path, "transformer"), tes, toks,
+                              _load(AutoencoderKL, path, "vae"), _load(FlowMatchEulerDiscreteScheduler, path, "scheduler"),
+                              path, max_sequence_length)
 
     def encode_prompts(self, prompts: list[str]) -> Cond:
         prompts = list(prompts)

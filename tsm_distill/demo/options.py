@@ -52,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recipe: the recipes' phase lengths (equal generator steps); a3p: the paper's A.3 lengths "
                         "and batch ratios scaled so LoRA keeps its recipe length (TSM 2.67x LoRA's iterations, LoRA "
                         "4x TSM's batch, GAN phases at half batch; see tsm_distill/demo/protocol.py)")
+    p.add_argument("--students", choices=("all", "lora"), default="all",
+                   help="all: the LoRA and TSM students (default); lora: the LoRA student only, for the capacity-parity "
+                        "arm, whose TSM students come from an equal-compute run of the same seed "
+                        "(python -m tsm_distill.demo.seeds capacity)")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="the LoRA student's rank (default: the recipe's). Capacity parity: 4x the TSM experts' rank, "
+                        "the trainable parameters of TSM stage 1's four experts; alpha scales with it (alpha / rank "
+                        "stays the recipe's). Needs --students lora: TSM's router copies the LoRA run in as its "
+                        "context expert, which must have the experts' rank")
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=0, help="training seed of both students")
     seeds.add_argument("--seeds", type=int, nargs="+", default=None,
@@ -78,6 +87,14 @@ def parse_args(argv):
             raise ValueError(f"--protocol a3p trains LoRA at A.3's {A3_LORA_BATCH_MULTIPLIER}x batch; drop "
                              f"--lora-batch-multiplier {args.lora_batch_multiplier}")
         args.lora_batch_multiplier, args.budget_points = A3_LORA_BATCH_MULTIPLIER, 0
+    if args.lora_rank is not None and (args.lora_rank < 1 or args.students != "lora"):
+        raise ValueError(f"--lora-rank {args.lora_rank}: give a rank >= 1, with --students lora (TSM's router phase "
+                         "copies the LoRA run in as its rank-r context expert)")
+    if args.students == "lora":
+        if args.budget_points:
+            raise ValueError("--students lora has no budget curve (it pairs LoRA with TSM's checkpoints): drop "
+                             "--budget-points")
+        args.budget_points = 0
     preset = QUICK if args.quick else FULL
     for key, value in preset.items():
         if getattr(args, key) is None:

@@ -13,14 +13,18 @@ COLUMNS = ("row", "steps", "fid", "kid_mean", "kid_std", "n", "generator_steps",
 
 def format_table(rows: Sequence[dict]) -> str:
     """A Markdown table of the result rows (FID, KID x 1e3, N, budget, where the number came from)."""
-    lines = ["| row | steps | FID | KID x1e3 (+- std) | N | generator steps | source |",
-             "|---|---|---|---|---|---|---|"]
+    fidelity = any("fid_teacher" in r for r in rows)
+    lines = ["| row | steps | FID | KID x1e3 (+- std) | N | generator steps | source |"
+             + (" FID / KID x1e3 vs teacher 50 |" if fidelity else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if fidelity else "")]
     for r in rows:
         budget = r.get("generator_steps")
         budget = "" if budget is None else (f"{budget}" if not isinstance(budget, dict)
                                             else " + ".join(f"{v} {k}" for k, v in budget.items()))
+        extra = (f" {r['fid_teacher']:.2f} / {1e3 * r['kid_teacher']:.2f} |" if "fid_teacher" in r else " |") \
+            if fidelity else ""
         lines.append(f"| {r['row']} | {r.get('steps', '')} | {r['fid']:.2f} | {1e3 * r['kid_mean']:.2f} "
-                     f"(+- {1e3 * r['kid_std']:.2f}) | {r['n']} | {budget} | {r.get('source', '')} |")
+                     f"(+- {1e3 * r['kid_std']:.2f}) | {r['n']} | {budget} | {r.get('source', '')} |{extra}")
     return "\n".join(lines)
 
 

@@ -14,7 +14,9 @@ from pathlib import Path
 # Row names in results.json -> short keys in seeds.json. run.py names its student rows from here.
 ROW_NAMES = {"lora": "DMD2 + LoRA", "tsm_stage1": "DMD2 + TSM stage 1 (experts)",
              "tsm_stage2": "DMD2 + TSM stage 2 (router)", "floor": "real train images (floor)",
-             "teacher_few": "teacher DDIM 4 (no distillation)"}
+             "teacher_few": "teacher DDIM 4 (no distillation)",
+             "lora_dmd_only": "DMD2 + LoRA, DMD only (before its GAN phase)",
+             "tsm_stage1_dmd_only": "DMD2 + TSM stage 1, DMD only (each expert before its GAN phase)"}
 TEACHER_FULL_PREFIX = "teacher DDIM "  # "teacher DDIM 50": its step count is a demo option
 STUDENTS = ("lora", "tsm_stage1", "tsm_stage2")
 
@@ -35,13 +37,18 @@ def keyed_rows(results: dict) -> dict[str, dict]:
     return {key: r for r in rows if isinstance(r, dict) and (key := row_key(str(r.get("row", "")))) is not None}
 
 
+def trained_students(results: dict) -> tuple[str, ...]:
+    """The students a run trained: all three, or only LoRA (``--students lora``, the capacity-parity arm)."""
+    return tuple(results.get("students_trained", STUDENTS))
+
+
 def is_complete(results: dict | None) -> bool:
-    """True when results.json holds all three student rows with a finite FID (the seed finished)."""
+    """True when results.json holds a row with a finite FID for every student the run trained (it finished)."""
     if results is None:
         return False
     rows = keyed_rows(results)
     return all(k in rows and isinstance(rows[k].get("fid"), (int, float)) and math.isfinite(rows[k]["fid"])
-               for k in STUDENTS)
+               for k in trained_students(results))
 
 
 def read_results(folder: str | Path) -> dict | None:

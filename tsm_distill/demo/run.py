@@ -54,6 +54,7 @@ from .protocol import (
     phase_value,
     student_accounting,
 )
+from .scores import score_seed
 
 A3P_CHECKPOINTS = 3  # --protocol a3p: checkpoints per LoRA-run length, for resuming only
 GRID_COLUMNS = 10  # one image per class in the sample grid
@@ -122,6 +123,11 @@ def build_recipes(args, run_dir: Path, teacher: Path):
     routers = [p for p in tsm["phases"] if p.get("type", "foster") != "foster"]
     if not routers or tsm["phases"][-len(routers):] != routers:
         raise ValueError(f"{args.tsm_recipe}: the TSM recipe must end with its router (assemble) phase(s)")
+    if args.lora_rank is not None:  # capacity parity: alpha grows with the rank, so alpha / rank stays
+        lora["experts"] = dict(lora.get("experts", {}))
+        rank = lora["experts"].get("rank", 8)
+        lora["experts"]["alpha"] = lora["experts"].get("alpha", rank) * args.lora_rank / rank
+        lora["experts"]["rank"] = args.lora_rank
     lora_phases = rescale_phases(lora["phases"], args.budget, args.fake_updates, args.batch_size)
     experts = rescale_phases(experts, args.budget, args.fake_updates, args.batch_size)
     routers = rescale_phases(routers, args.router_steps, args.fake_updates, args.batch_size)
@@ -309,33 +315,42 @@ def _run(args, argv: list[str]) -> int:
 
     lora_tr = DMD2Trainer(lora_recipe, run_dir / "lora")
     lora_adapter, lora_resumed = stages.run("distill LoRA", train_student, lora_tr, lora_recipe, run_dir / "lora")
-    tsm_tr = DMD2Trainer(tsm_recipe, run_dir / "tsm")
-    # The TSM run's router phase starts from the LoRA adapter (its n = 1 context expert): it may resume only
-    # when the LoRA student did too, i.e. is the same one its checkpoints were made with.
-    tsm_adapter, _ = stages.run("distill TSM", train_student, tsm_tr, tsm_recipe, run_dir / "tsm", lora_resumed)
-    n_experts = len(tsm_recipe.phases) - sum(p.type != "foster" for p in tsm_recipe.phases)
-    stage1 = run_dir / "tsm" / "phases" / f"{n_experts - 1:02d}_{tsm_recipe.phases[n_experts - 1].name}"
-
-    router = tsm_recipe.phases[-1]
     students_info = students_accounting(lora_recipe, tsm_recipe)
-    students_info["lora"]["trainable_parameters"] = adapter_parameters(lora_adapter, [1])
-    students_info["tsm_stage1"]["trainable_parameters"] = adapter_parameters(stage1, [router.core_scale])
-    students_info["tsm_stage2_router"] |= {
-        "trainable_parameters": adapter_parameters(tsm_adapter, [], router=True),
-        "parameters_in_use": adapter_parameters(tsm_adapter, [router.core_scale, *router.context_scales], router=True)}
+    students_info["lora"] |= {"rank": lora_recipe.experts.rank,
+                              "trainable_parameters": adapter_parameters(lora_adapter, [1])}
+    lora_only = args.students == "lora"
+    if lora_only:  # the capacity-parity arm: its TSM students come from an equal-compute run of the same seed
+        tsm_tr = tsm_adapter = stage1 = None
+        students_info = {"lora": students_info["lora"]}
+    else:
+        tsm_tr = DMD2Trainer(tsm_recipe, run_dir / "tsm")
+        # The TSM run's router phase starts from the LoRA adapter (its n = 1 context expert): it may resume only
+        # when the LoRA student did too, i.e. is the same one its checkpoints were made with.
+        tsm_adapter, _ = stages.run("distill TSM", train_student, tsm_tr, tsm_recipe, run_dir / "tsm", lora_resumed)
+        n_experts = len(tsm_recipe.phases) - sum(p.type != "foster" for p in tsm_recipe.phases)
+        stage1 = run_dir / "tsm" / "phases" / f"{n_experts - 1:02d}_{tsm_recipe.phases[n_experts - 1].name}"
+        router = tsm_recipe.phases[-1]
+        students_info["tsm_stage1"] |= {"rank": tsm_recipe.experts.rank,
+                                        "trainable_parameters": adapter_parameters(stage1, [router.core_scale])}
+        students_info["tsm_stage2_router"] |= {
+            "trainable_parameters": adapter_parameters(tsm_adapter, [], router=True),
+            "parameters_in_use": adapter_parameters(tsm_adapter, [router.core_scale, *router.context_scales],
+                                                    router=True)}
 
     prompts, seeds = ev.eval_prompts(args.n)
     ts = list(lora_recipe.student_timesteps)
-    students = [(ds.ROW_NAMES["lora"], lora_adapter, budget["lora"]),
-                (ds.ROW_NAMES["tsm_stage1"], stage1, budget["tsm_stage1"]),
-                (ds.ROW_NAMES["tsm_stage2"], tsm_adapter,
-                 {"experts": budget["tsm_stage1"], "router": budget["tsm_stage2_router"]})]
+    students = [("lora", lora_adapter, budget["lora"]), ("tsm_stage1", stage1, budget["tsm_stage1"]),
+                ("tsm_stage2", tsm_adapter, {"experts": budget["tsm_stage1"], "router": budget["tsm_stage2_router"]})]
+    students = students[:1] if lora_only else students
     grid = {"real (train)": grid_real_images()}
-    rows = []
-    for name, adapter, gen_steps in students:
-        def score_student(adapter=adapter, name=name):
+    rows, features = [], {}
+    for key, adapter, gen_steps in students:
+        name = ds.ROW_NAMES[key]
+
+        def score_student(adapter=adapter, name=name, key=key):
             imgs = student_images(teacher, adapter, prompts, seeds, ts, desc=f"sample {name}", device=args.device)
-            return imgs, ev.score_row(ev.image_features(extractor, ev.to_uint8(imgs)), ref_feats)
+            features[key] = ev.image_features(extractor, ev.to_uint8(imgs))
+            return imgs, ev.score_row(features[key], ref_feats)
         start = time.perf_counter()
         imgs, scores = stages.run(f"evaluate {name}", score_student)
         grid[name] = imgs[:GRID_COLUMNS]
@@ -356,6 +371,8 @@ def _run(args, argv: list[str]) -> int:
                         "teacher DDIM 4": ev.teacher_generate(t, p10, s10, 4)}
         ordered = {"real (train)": grid.pop("real (train)"), **teacher_grid, **grid}
         rep.save_sample_grid(ordered, run_dir / "samples.png")
+        if tsm_adapter is None:
+            return
         teacher2, tsm = load_student(teacher, tsm_adapter, args.device)
         sweep = sorted(set(range(0, 1000, 50)) | set(ts))
         rep.save_gate_plot(rep.gate_curves(teacher2, tsm, sweep), ts, run_dir / "gates.png")
@@ -390,9 +407,14 @@ def _run(args, argv: list[str]) -> int:
             "teacher_info": json.loads((teacher / "teacher_info.json").read_text())
             if (teacher / "teacher_info.json").exists() else {},
             "budget": budget, "budget_definition": BUDGET_DEFINITION, "seconds": stages.seconds,
-            "phase_seconds": {"lora": lora_tr.seconds, "tsm": tsm_tr.seconds},
+            "phase_seconds": {"lora": lora_tr.seconds} | ({} if lora_only else {"tsm": tsm_tr.seconds}),
+            "students_trained": [key for key, *_ in students],
             "command": "tsm-demo " + shlex.join(argv), "notes": notes}
     rep.write_results(run_dir, rows, meta)
+    # Fidelity to the teacher's samples and the DMD-only students (scores.py): after results.json, from the
+    # features just computed, so only the two DMD-only students are sampled again.
+    rows = stages.run("fidelity and DMD-only scores", score_seed, run_dir, extractor, args.device,
+                      features=features)["rows"]
     print("\n" + rep.format_table(rows))
     print(f"\nresults: {run_dir / 'results.md'}, {run_dir / 'results.json'}, {run_dir / 'samples.png'}, "
           f"{run_dir / 'gates.png'}")

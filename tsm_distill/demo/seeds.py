@@ -46,6 +46,7 @@ from .results import (  # noqa: F401
     read_results,
     row_key,
     seed_of,
+    trained_students,
 )
 from .stats import (  # noqa: F401
     BOOT_SEED,
@@ -58,11 +59,18 @@ from .stats import (  # noqa: F401
     t_interval,
 )
 
-ROW_ORDER = ("floor", "teacher_full", "teacher_few", *STUDENTS)
+DMD_ONLY_ROWS = ("lora_dmd_only", "tsm_stage1_dmd_only")  # scores.py: each student before its GAN training
+ROW_ORDER = ("floor", "teacher_full", "teacher_few", *STUDENTS, *DMD_ONLY_ROWS)
 PAIRS = (("tsm_stage2", "lora"), ("tsm_stage1", "lora"))  # seeds.json's paired["<tsm>_minus_<lora>"]
 PAIR_LABELS = {"tsm_stage2": "TSM stage 2 - LoRA", "tsm_stage1": "TSM stage 1 - LoRA"}
+TEACHER_SUFFIX = "_teacher"  # "<row>_teacher": the row's FID against the teacher's samples (scores.py)
+EXTRA_PAIRS = {("tsm_stage1_dmd_only", "lora_dmd_only"): "DMD only: TSM stage 1 - LoRA",
+               ("tsm_stage2_teacher", "lora_teacher"): "vs teacher: TSM stage 2 - LoRA",
+               ("tsm_stage1_teacher", "lora_teacher"): "vs teacher: TSM stage 1 - LoRA"}
+"""Paired comparisons made when every seed has both rows (seeds scored by scores.py)."""
 PROTOCOL_LABELS = {1: "equal compute", 4: "LoRA at 4x batch, equal generator steps (A.3's batch ratio only)"}
 A3P_LABEL = "A.3-proportional (A.3's phase lengths and batch ratios, scaled; LoRA at 4x batch)"
+CAPACITY_LABEL = "capacity parity (LoRA at TSM stage 1's parameter count; equal compute)"
 SEED_FOLDER = re.compile(r"seed(\d+)")
 # Options of tsm-demo that the sweep sets per seed itself instead of passing them through.
 SWEEP_ONLY = ("seeds", "jobs", "seed", "run_dir")
@@ -80,10 +88,12 @@ def protocol(lora_batch_multiplier: int, name: str = "recipe") -> dict:
         raise ValueError(f"the LoRA batch multiplier must be an integer >= 1, got {lora_batch_multiplier!r}")
     if name == "a3p":
         label = A3P_LABEL
+    elif name == "capacity":
+        label = CAPACITY_LABEL
     elif name == "recipe":
         label = PROTOCOL_LABELS.get(lora_batch_multiplier, f"LoRA at {lora_batch_multiplier}x batch")
     else:
-        raise ValueError(f"unknown protocol {name!r}: recipe or a3p")
+        raise ValueError(f"unknown protocol {name!r}: recipe, a3p or capacity")
     return {"name": name, "lora_batch_multiplier": lora_batch_multiplier, "label": label}
 
 
@@ -97,12 +107,18 @@ def seed_record(results: dict) -> dict:
     """One entry of seeds.json's ``seeds``: seed, N, FID of each known row and its KID as ``<row>_kid``."""
     if not is_complete(results):
         raise ValueError("the results lack a student row (LoRA, TSM stage 1 or stage 2): the seed did not finish")
+    if trained_students(results) != STUDENTS:
+        raise ValueError("this run trained only the LoRA student (--students lora, the capacity-parity arm): pair it "
+                         "with an equal-compute run of the same seed (python -m tsm_distill.demo.seeds capacity)")
     rows = keyed_rows(results)
     record = {"seed": seed_of(results), "n": int(results.get("n", rows["lora"]["n"]))}
     for key in ROW_ORDER:
         if key in rows:
             record[key] = float(rows[key]["fid"])
             record[f"{key}_kid"] = float(rows[key]["kid_mean"])
+            if "fid_teacher" in rows[key]:  # fidelity to the teacher (scores.py), kept as a row of its own
+                record[f"{key}{TEACHER_SUFFIX}"] = float(rows[key]["fid_teacher"])
+                record[f"{key}{TEACHER_SUFFIX}_kid"] = float(rows[key]["kid_teacher"])
     proto = protocol_of(results)
     record["lora_batch_multiplier"], record["protocol"] = proto["lora_batch_multiplier"], proto["name"]
     if "students" in results:  # iterations, generator updates, samples, parameters per student
@@ -170,12 +186,18 @@ def aggregate(results_list: Sequence[dict], sources: Sequence[str] | None = None
     names = {k: r["row"] for res in results_list for k, r in keyed_rows(res).items()}
     # A reference row (floor, teacher) missing from one seed's results is left out of the means.
     present = [k for k in ROW_ORDER if all(k in r for r in records)]
+    present += [f"{k}{TEACHER_SUFFIX}" for k in ROW_ORDER if all(f"{k}{TEACHER_SUFFIX}" in r for r in records)]
+    names |= {f"{k}{TEACHER_SUFFIX}": f"{names[k]} vs teacher samples" for k in ROW_ORDER if k in names}
     rows = {k: dict(row_summary(records, k), name=names[k]) for k in present}
+    extra = {f"{tsm}_minus_{lora}": dict(paired(records, tsm, lora, resamples, boot_seed), label=label,
+                                         ratio=rows[tsm]["fid_mean"] / rows[lora]["fid_mean"])
+             for (tsm, lora), label in EXTRA_PAIRS.items() if tsm in rows and lora in rows}
     return {"protocol": protocol(records[0]["lora_batch_multiplier"], records[0]["protocol"]), "lr_scale": settings(results_list[0])["lr_scale"],
             "n": records[0]["n"],
             "n_seeds": len(records), "seeds": records, "rows": rows,
             "paired": {f"{tsm}_minus_{lora}": paired(records, tsm, lora, resamples, boot_seed) for tsm, lora in PAIRS},
             "ratio": {f"{tsm}_over_{lora}": rows[tsm]["fid_mean"] / rows[lora]["fid_mean"] for tsm, lora in PAIRS},
+            "paired_extra": extra,
             "bootstrap": {"method": "percentile", "resamples": resamples, "seed": boot_seed, "level": LEVEL,
                           "unit": "seed (both students of a seed resampled together: paired)"}}
 
@@ -207,6 +229,13 @@ def format_markdown(agg: dict) -> str:
         lines.append(f"| {PAIR_LABELS[tsm]} | {format_pm(p['mean'], p['std'])} | {format_interval(p['ci95_bootstrap'])} | {format_interval(p['ci95_t'])} "
                      f"| {p['tsm_wins']} / {p['n_seeds']} | {1e3 * p['kid_mean_diff']:+.2f} "
                      f"| {p['kid_tsm_wins']} / {p['n_seeds']} | {agg['ratio'][f'{tsm}_over_{lora}']:.3f} |")
+    if agg.get("paired_extra"):
+        lines += ["", "## Paired: fidelity to the teacher and the DMD-only students (FID; negative = TSM better)", "",
+                  "| comparison | mean diff +- std | 95% CI t | TSM wins (FID) | mean(TSM) / mean(LoRA) |",
+                  "|---|---|---|---|---|"]
+        for p in agg["paired_extra"].values():
+            lines.append(f"| {p['label']} | {format_pm(p['mean'], p['std'])} | {format_interval(p['ci95_t'])} "
+                         f"| {p['tsm_wins']} / {p['n_seeds']} | {p['ratio']:.3f} |")
     b = agg["bootstrap"]
     lines += ["", f"Bootstrap: {b['method']}, {b['resamples']} resamples of the seeds (numpy generator seed "
               f"{b['seed']}), paired. With few seeds the percentile bootstrap is too narrow (its interval never "
@@ -398,6 +427,10 @@ def run_sweep(args, argv: Sequence[str], extra_args: Sequence[str] = ()) -> int:
     child_args = [*passthrough_args(argv), *extra_args]
     failed = run_pending(run_dir, pending, child_args, args.jobs, args.threads) if pending else []
     folders = [seed_folder(run_dir, s) for s in seeds]
+    if getattr(args, "students", "all") != "all":
+        print("LoRA-only seeds: pair them with equal-compute seeds: python -m tsm_distill.demo.seeds capacity "
+              f"OUT --lora {' '.join(map(str, folders))} --equal EQUAL_SEED_DIRS ...", flush=True)
+        return 1 if failed else 0
     results, sources, missing = read_folders(folders)
     if results:
         paths = write_aggregate(run_dir, results, sources, missing)
@@ -412,6 +445,52 @@ def run_sweep(args, argv: Sequence[str], extra_args: Sequence[str] = ()) -> int:
     return 0 if results else 1
 
 
+# ---------------------------------------------------------------------------- capacity parity
+def capacity_pair(lora_only: dict, equal: dict) -> dict:
+    """One seed of the capacity-parity arm as a results dict the aggregate reads: the LoRA student (and its
+    DMD-only row) of a ``--students lora --lora-rank R`` run, the TSM students of an equal-compute run of the
+    same seed. Refused unless both ran the same seed, N, reference, teacher, generator steps and rates."""
+    if trained_students(lora_only) != ("lora",) or trained_students(equal) != STUDENTS:
+        raise ValueError("capacity pairs a --students lora run with an equal-compute run of both students")
+    names = ("the LoRA-only run", "the equal-compute run")
+    if seed_of(lora_only) != seed_of(equal):
+        raise ValueError(f"seeds differ: {names[0]} ran seed {seed_of(lora_only)}, {names[1]} seed {seed_of(equal)}")
+    check_comparable([lora_only, equal], names)
+    if protocol_of(equal)["name"] != "recipe" or protocol_of(equal)["lora_batch_multiplier"] != 1:
+        raise ValueError(f"{names[1]} ran {protocol_of(equal)['label']}, not equal compute")
+    lora_rows = {k: r for k, r in keyed_rows(lora_only).items() if k not in ("tsm_stage1", "tsm_stage2")}
+    tsm_rows = {k: r for k, r in keyed_rows(equal).items() if k.startswith("tsm_")}
+    students = dict(equal.get("students", {})) | {"lora": lora_only.get("students", {}).get("lora", {})}
+    return {"rows": list(lora_rows.values()) + list(tsm_rows.values()), "seed": seed_of(lora_only),
+            "n": lora_only.get("n"), "n_reference": lora_only.get("n_reference"),
+            "teacher_unet_sha256": lora_only.get("teacher_unet_sha256"), "budget": lora_only.get("budget", {}),
+            "lr_scale": lora_only.get("lr_scale", 1.0), "protocol": protocol(1, "capacity"), "students": students}
+
+
+def write_capacity(out_dir: str | Path, lora_folders: Sequence[str | Path], equal_folders: Sequence[str | Path]) -> list[Path]:
+    """seeds.json/md/png of the capacity-parity arm: each LoRA-only seed paired with the equal-compute folder
+    of the same seed."""
+    equal = {}
+    for folder in equal_folders:
+        res = read_results(folder)
+        if is_complete(res) and trained_students(res) == STUDENTS:
+            equal[seed_of(res)] = (res, str(folder))
+    pairs, sources, missing = [], [], []
+    for folder in lora_folders:
+        res = read_results(folder)
+        if not is_complete(res):
+            missing.append(str(folder))
+            continue
+        if seed_of(res) not in equal:
+            raise ValueError(f"no equal-compute results of seed {seed_of(res)} among {list(map(str, equal_folders))}")
+        other, other_source = equal[seed_of(res)]
+        pairs.append(capacity_pair(res, other))
+        sources.append(f"{folder} + {other_source}")
+    if not pairs:
+        raise ValueError(f"no finished LoRA-only seed in {list(map(str, lora_folders))}")
+    return write_aggregate(out_dir, pairs, sources, missing)
+
+
 # ---------------------------------------------------------------------------- standalone aggregate
 def main(argv: list[str] | None = None) -> int:
     """``python -m tsm_distill.demo.seeds aggregate OUT_DIR [--from DIR ...]``: rebuild seeds.json/md/png."""
@@ -421,7 +500,16 @@ def main(argv: list[str] | None = None) -> int:
     agg.add_argument("out_dir", help="where to write; also where seed<N>/ folders are read when --from is absent")
     agg.add_argument("--from", dest="folders", nargs="+", default=None,
                      help="folders each holding one seed's results.json (e.g. single-seed tsm-demo runs)")
+    cap = sub.add_parser("capacity", help="pair LoRA-only seeds (--students lora --lora-rank R) with equal-compute "
+                                          "seeds and write their aggregate")
+    cap.add_argument("out_dir")
+    cap.add_argument("--lora", nargs="+", required=True, help="LoRA-only seed folders")
+    cap.add_argument("--equal", nargs="+", required=True, help="equal-compute seed folders (both students)")
     args = p.parse_args(argv)
+    if args.command == "capacity":
+        paths = write_capacity(args.out_dir, args.lora, args.equal)
+        print(f"capacity-parity aggregate: {', '.join(map(str, paths))}")
+        return 0
     out_dir = Path(args.out_dir)
     if args.folders is None and not out_dir.is_dir():
         raise FileNotFoundError(f"{out_dir} does not exist: pass a sweep's run folder or --from DIR ...")
