@@ -421,7 +421,7 @@ def test_truncated_shards_are_reported_by_name_not_as_one_skipped_sample(tmp_pat
 
 
 def test_a_data_set_without_a_readable_batch_names_its_shards(tmp_path):
-    from tsm_core.finetune.data import batch_stream, build_dataset
+    from tsm_core.data.stream import batch_stream, build_dataset
     from tsm_core.finetune.recipe import DataSection
 
     for name in ("x", "y"):

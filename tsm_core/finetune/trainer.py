@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import attach, load_adapter
+from ..data.stream import batch_stream, build_dataset
 from ..models import Backbone, load_backbone, video_strip
 from ..train.accel import step_generator
 from ..train.skeleton import PhasedTrainer
-from .data import batch_stream, build_dataset
 from .recipe import FinetuneRecipe, per_process_micro_batch, plan_phases
 
 ADAPTER_DIR = "adapter"

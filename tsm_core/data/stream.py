@@ -1,5 +1,9 @@
 """Training batches for the fine-tuner: a resumable, step-indexed stream over an image-text source.
 
+``cfg`` below is a fine-tuning recipe's ``data`` section (`tsm_core.finetune.recipe.DataSection`: ``source``,
+``path``, ``resolution``, ``crop``, ...); this module reads its fields and imports no recipe code, so the
+data layer stays below the trainers.
+
 Folders are read in an order fixed by (seed, epoch), and the items of global batch b are a pure
 function of b, so a resumed run sees exactly the batches an uninterrupted one would. Webdataset
 shards are streamed (resume continues with a fresh shuffle, not the same samples).
@@ -13,7 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..data.images import (
+from .images import (
     ImageTextFolder,
     SkipCounter,
     collate_image_text,
@@ -22,7 +26,6 @@ from ..data.images import (
     infinite,
     webdataset_image_text,
 )
-from .recipe import DataSection
 
 
 class _Indexed(Dataset):
@@ -69,7 +72,7 @@ class StepSampler(Sampler):
                 yield self._at(g * self.batch + j)
 
 
-def build_dataset(cfg: DataSection):
+def build_dataset(cfg):
     """The image-text (or video-text) source of a recipe, with a ``skip_counter`` (a `SkipCounter`).
 
     Raises:
@@ -77,12 +80,12 @@ def build_dataset(cfg: DataSection):
         ValueError: ``crop: resize`` or ``cache_latents`` with webdataset shards.
     """
     if cfg.source == "video_folder":
-        from ..data.video import VideoTextFolder
+        from .video import VideoTextFolder
 
         return VideoTextFolder(cfg.path, cfg.resolution, cfg.num_frames, cfg.frame_stride,
                                caption_column=cfg.caption_column, center_crop=cfg.crop != "random")
     if cfg.source == "video_webdataset":
-        from ..data.video import webdataset_video_text
+        from .video import webdataset_video_text
 
         return webdataset_video_text(cfg.path, cfg.resolution, cfg.num_frames, cfg.frame_stride,
                                      center_crop=cfg.crop != "random", shuffle=cfg.shuffle_buffer,
@@ -108,7 +111,7 @@ def _resize_transform(resolution: int, flip: bool):
     return transforms.Compose([square, base])
 
 
-def batch_stream(ds, cfg: DataSection, batch_size: int, seed: int, start_batch: int, rank: int = 0,
+def batch_stream(ds, cfg, batch_size: int, seed: int, start_batch: int, rank: int = 0,
                  world: int = 1) -> Iterator[dict]:
     """Infinite batches ``{"pixel_values", "text"[, "index"]}``; see the module docstring for resume."""
     if isinstance(ds, torch.utils.data.IterableDataset) or not hasattr(ds, "__len__"):
