@@ -18,12 +18,13 @@ from tsm_distill.config import TrainConfig
 def test_both_trainers_share_the_run_sections_keys_and_defaults():
     shared = {f.name for f in dataclasses.fields(RunSection)}
     assert {"run_dir", "seed", "max_grad_norm", "sample_every", "checkpoint_every", "keep_last"} <= shared
+    assert RunSection(max_grad_norm=0).max_grad_norm == 0  # 0, like null, turns clipping off
     for section in (TrainConfig(), TrainSection()):
         assert isinstance(section, RunSection)
         for name in shared:  # one default each (max_grad_norm 1.0, sample_every 0, run_dir None, ...)
             assert getattr(section, name) == getattr(RunSection(), name), (type(section).__name__, name)
     for bad, match in (({"checkpoint_every": 0}, "checkpoint_every must be >= 1"),
-                       ({"sample_every": -1}, "sample_every"), ({"max_grad_norm": 0.0}, "max_grad_norm")):
+                       ({"sample_every": -1}, "sample_every"), ({"max_grad_norm": -1.0}, "max_grad_norm")):
         for section in (TrainConfig, TrainSection, RunSection):
             with pytest.raises(ValueError, match=match):
                 section(**bad)

@@ -92,5 +92,5 @@ class RunSection:
                                  "use a large value to make it rare")
         if self.sample_every < 0:
             raise ValueError(f"train.sample_every must be >= 0 (0: no sample grids mid-run), got {self.sample_every}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"train.max_grad_norm must be positive or null (no clipping), got {self.max_grad_norm}")
+        if self.max_grad_norm is not None and not self.max_grad_norm >= 0:
+            raise ValueError(f"train.max_grad_norm must be >= 0 (0 or null: no clipping), got {self.max_grad_norm}")
