@@ -83,3 +83,15 @@ def sd3_path(tmp_path_factory):
     from tsm_core.testing import tiny_dit
 
     return tiny_dit.build_sd3_pipeline(tmp_path_factory.mktemp("sd3"), with_t5=True)
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """One finished ``tsm-demo --quick`` seed, shrunk for CI (N=10, batch 1, a 2-step "full" teacher row,
+    reference rows computed here), shared by the tests that read a finished seed (copy it before writing)."""
+    from tsm_distill.demo import run as demo
+
+    run = tmp_path_factory.mktemp("quick_demo") / "demo"
+    assert demo.main(["--quick", "--run-dir", str(run), "--n", "10", "--n-ref", "200", "--teacher-steps", "2",
+                      "--budget", "8", "--fake-updates", "1", "--batch-size", "1", "--reference", "none"]) == 0
+    return run

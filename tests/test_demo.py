@@ -146,11 +146,8 @@ def test_evaluation_device_is_resolved_or_refused_with_a_fix(monkeypatch):
     assert ev.resolve_device("auto") == torch.device("cuda")
 
 
-def test_quick_demo_runs_end_to_end(tmp_path):
-    run = tmp_path / "demo"
-    # --quick, shrunk further for CI: N=10, batch 1, a 2-step "full" teacher row, reference rows computed here.
-    assert demo.main(["--quick", "--run-dir", str(run), "--n", "10", "--n-ref", "200", "--teacher-steps", "2",
-                      "--budget", "8", "--fake-updates", "1", "--batch-size", "1", "--reference", "none"]) == 0
+def test_quick_demo_runs_end_to_end(quick_demo):
+    run = quick_demo  # conftest: --quick, shrunk for CI (N=10, batch 1, a 2-step "full" teacher row)
     res = json.loads((run / "results.json").read_text())
     rows = res["rows"]
     assert len(rows) == 8
