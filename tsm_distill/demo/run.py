@@ -12,8 +12,9 @@ Stages (each with a progress bar; seconds per stage go into results.json):
    50 and 4 DDIM steps, read from ``reference.json`` next to the teacher when it was computed for this
    teacher, N and reference set (``tools/teacher_reference.py``), otherwise computed here (slow; the
    demo says so); then results.md, results.json, samples.png (one row per model) and gates.png;
-7. the budget curve (``demo_budget``): both students after every 1/K of the budget (``--budget-points``),
-   from the checkpoints and phase adapters the runs kept, in budget.json and budget.md.
+7. fidelity to the teacher's samples and the DMD-only students (`tsm_distill.demo.scores`);
+8. the budget curve (`tsm_distill.demo.budget`): both students after every 1/K of the budget
+   (``--budget-points``), from the checkpoints and phase adapters the runs kept, in budget.json and budget.md.
 
 Equal generator-step budget: a *generator step* is one optimizer update of the student (DMD loss,
 plus the GAN loss in GAN phases); a phase of I iterations with F fake-score updates per generator
@@ -23,11 +24,14 @@ also the same number of fake-score updates. The router phase (stage 2) comes on 
 reported separately, as the paper reports its 2K router steps beside the expert schedule.
 
 Protocol: by default both students train at the same batch size (equal compute).
-``--lora-batch-multiplier K`` multiplies the LoRA student's batch in every phase by K; the paper's
-A.3 trains the vanilla LoRA at 4 times TSM's batch (K = 4). results.json records the protocol.
+``--lora-batch-multiplier K`` multiplies the LoRA student's batch in every phase by K (A.3's batch ratio
+is K = 4, at equal generator steps); ``--protocol a3p`` takes A.3's phase lengths and batch ratios, scaled
+(`tsm_distill.demo.protocol`); ``--students lora --lora-rank R`` trains the LoRA student alone at another
+rank (capacity parity). results.json records the protocol and, per student, its iterations, samples and
+parameters.
 
 Several seeds: ``--seeds 0 1 2 3 4 [--jobs 2]`` runs this single-seed demo once per seed, each in
-``<run-dir>/seed<N>/``, skips finished seeds and writes the paired statistics (``demo_seeds``). A stopped
+``<run-dir>/seed<N>/``, skips finished seeds and writes the paired statistics (`tsm_distill.demo.seeds`). A stopped
 seed run again with the same options resumes each student from its last checkpoint (`train_student`).
 """
 
