@@ -105,6 +105,7 @@ def test_protocol_labels_and_the_aggregate_keep_protocols_apart():
     agg = ds.aggregate([results(0, "a3p"), results(1, "a3p", 46.0)])
     assert agg["protocol"]["name"] == "a3p" and agg["seeds"][0]["protocol"] == "a3p"
     assert agg["seeds"][0]["students"]["lora"] == {"iterations": 1200, "trainable_parameters": 1000}
+    assert "| lora | 1200 |  |  | 1000 |" in ds.format_markdown(agg)
     assert agg["paired"]["tsm_stage2_minus_lora"]["per_seed"][1]["fid_diff"] == pytest.approx(-2.0)
     with pytest.raises(ValueError, match="differ in protocol"):
         ds.aggregate([results(0, "a3p"), results(1, "recipe")])

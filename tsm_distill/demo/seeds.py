@@ -229,6 +229,13 @@ def format_markdown(agg: dict) -> str:
         lines.append(f"| {PAIR_LABELS[tsm]} | {format_pm(p['mean'], p['std'])} | {format_interval(p['ci95_bootstrap'])} | {format_interval(p['ci95_t'])} "
                      f"| {p['tsm_wins']} / {p['n_seeds']} | {1e3 * p['kid_mean_diff']:+.2f} "
                      f"| {p['kid_tsm_wins']} / {p['n_seeds']} | {agg['ratio'][f'{tsm}_over_{lora}']:.3f} |")
+    students = seeds[0].get("students")
+    if students:  # the same for every seed of one protocol (check_comparable holds the budget equal)
+        lines += ["", "## What each student trained (seed " + str(seeds[0]["seed"]) + ")", "",
+                  "| student | iterations | generator updates | samples | trainable parameters |", "|---|---|---|---|---|"]
+        for key, st in students.items():
+            lines.append(f"| {key} | {st.get('iterations', '')} | {st.get('generator_updates', '')} | "
+                         f"{st.get('samples', '')} | {st.get('trainable_parameters', '')} |")
     if agg.get("paired_extra"):
         lines += ["", "## Paired: fidelity to the teacher and the DMD-only students (FID; negative = TSM better)", "",
                   "| comparison | mean diff +- std | 95% CI t | TSM wins (FID) | mean(TSM) / mean(LoRA) |",
