@@ -116,3 +116,20 @@ def test_the_aggregate_pairs_fidelity_and_dmd_only_rows_when_every_seed_has_them
     # A seed without the new scores leaves them out of the aggregate (and its seed-level FIDs still count).
     mixed = ds.aggregate([results(0, 50, 46, 44, 60, 52), results(1, 48, 47, 45, 58, 59, scored=False)])
     assert mixed["paired_extra"] == {} and "lora_teacher" not in mixed["rows"] and mixed["n_seeds"] == 2
+
+
+def test_a_lora_only_run_finishes_with_its_scores(tmp_path):
+    from tsm_distill.demo.results import is_complete, row_key
+
+    run = tmp_path / "capacity"
+    assert demo.main(["--quick", "--students", "lora", "--lora-rank", "16", "--run-dir", str(run), "--n", "10",
+                      "--n-ref", "200", "--teacher-steps", "2", "--budget", "8", "--fake-updates", "1",
+                      "--batch-size", "1", "--reference", "none"]) == 0
+    res = json.loads((run / "results.json").read_text())
+    assert [row_key(r["row"]) for r in res["rows"]] == ["floor", "teacher_full", "teacher_few", "lora", "lora_dmd_only"]
+    assert all("fid_teacher" in r for r in res["rows"][3:]) and not (run / "tsm").exists()
+    assert res["students_trained"] == ["lora"] and is_complete(res)
+    tensors, _ = read_adapter_file(run / "lora" / "adapter")
+    assert {t.shape[0] for k, t in tensors.items() if ".lora_A." in k} == {16}  # the LoRA trained at rank 16
+    assert res["students"]["lora"]["rank"] == 16
+    assert res["students"]["lora"]["trainable_parameters"] == sum(t.numel() for k, t in tensors.items() if ".s1_" in k)

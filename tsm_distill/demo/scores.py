@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from . import eval as ev
-from .results import ROW_NAMES, keyed_rows, read_results
+from .results import ROW_NAMES, is_complete, keyed_rows, read_results, trained_students
 
 TEACHER_SEED_OFFSET = 1_000_000
 TEACHER_FEATURES_NAME = "teacher_features.npz"
@@ -139,11 +139,12 @@ def dmd_only_adapter(run: str | Path, out: str | Path) -> Path:
     return out
 
 
-def student_adapters(seed_dir: str | Path) -> dict[str, Path]:
-    """The adapters of a finished tsm-demo seed's students, by seeds.json key."""
+def student_adapters(seed_dir: str | Path, students=("lora", "tsm_stage1", "tsm_stage2")) -> dict[str, Path]:
+    """The adapters of a finished tsm-demo seed's ``students``, by seeds.json key."""
     seed_dir = Path(seed_dir)
-    return {"lora": seed_dir / "lora" / "adapter", "tsm_stage1": stage1_adapter(seed_dir / "tsm"),
-            "tsm_stage2": seed_dir / "tsm" / "adapter"}
+    where = {"lora": lambda: seed_dir / "lora" / "adapter", "tsm_stage1": lambda: stage1_adapter(seed_dir / "tsm"),
+             "tsm_stage2": lambda: seed_dir / "tsm" / "adapter"}
+    return {k: where[k]() for k in students}
 
 
 # ---------------------------------------------------------------------------- one seed
@@ -162,9 +163,10 @@ def score_seed(seed_dir: str | Path, extractor=None, device="cpu", teacher_cache
 
     seed_dir = Path(seed_dir)
     results = read_results(seed_dir)
-    rows = keyed_rows(results or {})
-    if not all(k in rows for k in ("lora", "tsm_stage1", "tsm_stage2")):
+    if not is_complete(results):
         raise FileNotFoundError(f"{seed_dir / 'results.json'} holds no finished seed (run tsm-demo first)")
+    rows = keyed_rows(results)
+    trained = trained_students(results)  # all three, or LoRA alone (--students lora)
     extractor = extractor or ev.make_extractor(device=device)
     teacher = seed_dir / "teacher"
     n = int(results["n"])
@@ -172,10 +174,11 @@ def score_seed(seed_dir: str | Path, extractor=None, device="cpu", teacher_cache
     teacher_feats, teacher_source = teacher_features(extractor, teacher, n, cache=teacher_cache, device=device)
     prompts, seeds = ev.eval_prompts(n)
     recipe_ts = list(load_recipe(seed_dir / "lora" / "recipe.yaml", DistillRecipe).student_timesteps)
-    adapters = student_adapters(seed_dir)
+    adapters = student_adapters(seed_dir, trained)
     for key, dmd_key in DMD_ONLY.items():
-        adapters[dmd_key] = dmd_only_adapter(seed_dir / ("lora" if key == "lora" else "tsm"),
-                                             seed_dir / ("lora" if key == "lora" else "tsm") / "dmd_only")
+        if key in trained:
+            run = seed_dir / ("lora" if key == "lora" else "tsm")
+            adapters[dmd_key] = dmd_only_adapter(run, run / "dmd_only")
     new_rows = []
     for key, adapter in adapters.items():
         feats = (features or {}).get(key)
