@@ -127,13 +127,19 @@ def test_adapter_parameters_counts_experts_by_scale_and_the_router(tmp_path):
 
 
 def test_capacity_parity_options_and_lora_rank(tmp_path):
-    with pytest.raises(ValueError, match="with --students lora"):
+    with pytest.raises(ValueError, match="need --students lora"):
         demo.parse_args(["--run-dir", str(tmp_path), "--lora-rank", "32"])
     args = demo.parse_args(["--run-dir", str(tmp_path), "--lora-rank", "32", "--students", "lora"])
     assert args.budget_points == 0
     lora, tsm, budget = demo.build_recipes(args, tmp_path, ev.DEFAULT_TEACHER)
     base, _, base_budget = demo.build_recipes(demo.parse_args(["--run-dir", str(tmp_path)]), tmp_path, ev.DEFAULT_TEACHER)
-    assert (lora.experts.rank, lora.experts.alpha) == (32, 32) and (base.experts.rank, base.experts.alpha) == (8, 8)
+    # alpha stays the recipe's (A.3: alpha 8 at rank 64) unless given.
+    assert (lora.experts.rank, lora.experts.alpha) == (32, 8) and (base.experts.rank, base.experts.alpha) == (8, 8)
+    scaled, _, _ = demo.build_recipes(demo.parse_args(["--run-dir", str(tmp_path), "--lora-rank", "32", "--lora-alpha",
+                                                       "32", "--students", "lora"]), tmp_path, ev.DEFAULT_TEACHER)
+    assert (scaled.experts.rank, scaled.experts.alpha) == (32, 32)
+    with pytest.raises(ValueError, match="positive"):
+        demo.parse_args(["--run-dir", str(tmp_path), "--lora-alpha", "0", "--students", "lora"])
     assert tsm.experts.rank == 8 and budget == base_budget  # equal compute: only the LoRA's capacity changes
     assert [p.steps for p in lora.phases] == [p.steps for p in base.phases]
 

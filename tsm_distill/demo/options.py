@@ -58,9 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(python -m tsm_distill.demo.seeds capacity)")
     p.add_argument("--lora-rank", type=int, default=None,
                    help="the LoRA student's rank (default: the recipe's). Capacity parity: 4x the TSM experts' rank, "
-                        "the trainable parameters of TSM stage 1's four experts; alpha scales with it (alpha / rank "
-                        "stays the recipe's). Needs --students lora: TSM's router copies the LoRA run in as its "
-                        "context expert, which must have the experts' rank")
+                        "the trainable parameters of TSM stage 1's four experts; alpha stays the recipe's unless "
+                        "--lora-alpha is given, as A.3 keeps alpha 8 at rank 64. Needs --students lora: TSM's router "
+                        "copies the LoRA run in as its context expert, which must have the experts' rank")
+    p.add_argument("--lora-alpha", type=float, default=None,
+                   help="the LoRA student's alpha (default: the recipe's); needs --students lora")
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=0, help="training seed of both students")
     seeds.add_argument("--seeds", type=int, nargs="+", default=None,
@@ -87,9 +89,11 @@ def parse_args(argv):
             raise ValueError(f"--protocol a3p trains LoRA at A.3's {A3_LORA_BATCH_MULTIPLIER}x batch; drop "
                              f"--lora-batch-multiplier {args.lora_batch_multiplier}")
         args.lora_batch_multiplier, args.budget_points = A3_LORA_BATCH_MULTIPLIER, 0
-    if args.lora_rank is not None and (args.lora_rank < 1 or args.students != "lora"):
-        raise ValueError(f"--lora-rank {args.lora_rank}: give a rank >= 1, with --students lora (TSM's router phase "
-                         "copies the LoRA run in as its rank-r context expert)")
+    if (args.lora_rank is not None or args.lora_alpha is not None) and args.students != "lora":
+        raise ValueError("--lora-rank / --lora-alpha need --students lora (TSM's router phase copies the LoRA run in "
+                         "as its context expert, which must have the experts' rank)")
+    if (args.lora_rank is not None and args.lora_rank < 1) or (args.lora_alpha is not None and not args.lora_alpha > 0):
+        raise ValueError(f"--lora-rank must be >= 1 and --lora-alpha positive (got {args.lora_rank}, {args.lora_alpha})")
     if args.students == "lora":
         if args.budget_points:
             raise ValueError("--students lora has no budget curve (it pairs LoRA with TSM's checkpoints): drop "
