@@ -184,7 +184,6 @@ def summarise(arms: dict[str, list[dict]]) -> dict:
 
 def run(out_dir: Path, seed_dirs: list[Path], lrs=LRS, updates=UPDATES, contexts=CONTEXTS, device="cpu") -> dict:
     """Every arm on every seed (finished arms are reused); writes and returns the report."""
-    from ..trainer import DMD2Trainer  # noqa: F401  (fail early when the trainer cannot load)
     from .scores import stage1_adapter, teacher_features
 
     extractor = ev.make_extractor(device=device)
@@ -203,7 +202,7 @@ def run(out_dir: Path, seed_dirs: list[Path], lrs=LRS, updates=UPDATES, contexts
         if any(2 in c for c in contexts):
             # A fresh fake score, as any DMD2 run starts: the n = 2 experts start at zero, i.e. from the teacher.
             n2 = train_arm(n2_recipe(seed_dir), seed_dir / "router" / "n2", None)
-        stage1_gates_dir = stage1_adapter(seed_dir / "tsm")
+        stage1_dir = stage1_adapter(seed_dir / "tsm")
         for lr in lrs:
             for g in updates:
                 for context in contexts:
@@ -213,7 +212,7 @@ def run(out_dir: Path, seed_dirs: list[Path], lrs=LRS, updates=UPDATES, contexts
                     scores = score_arm(seed_dir, adapter, extractor, ref_feats, teacher_feats, n, device)
                     arms.setdefault(name, []).append(dict(
                         scores, seed=seed_of(results), lr=lr, generator_updates=g, context=list(context),
-                        stage1_fid=rows["tsm_stage1"]["fid"], stage1_source=str(stage1_gates_dir),
+                        stage1_fid=rows["tsm_stage1"]["fid"], stage1_source=str(stage1_dir),
                         gates=gate_summary(seed_dir / "teacher", adapter, list(recipe.student_timesteps), device)))
     report = {"arms": arms, "summary": summarise(arms), "seeds": [str(s) for s in seed_dirs],
               "definition": __doc__.split("\n\n")[1].strip()}
