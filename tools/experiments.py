@@ -14,18 +14,12 @@ from pathlib import Path
 
 
 def equal_step_recipes(common: dict, out: Path, steps: int, lr: float) -> dict[str, dict]:
-    """The three runs' finetune recipes: ``common`` (model, data, experts, train) plus their stages and
-    run folders ``out/<run>``."""
-    a, b = int(0.6 * steps), int(0.2 * steps)
-    stages = {
-        "lora": [{"type": "foster", "scale": 1, "steps": steps, "lr": lr}],
-        "tsm_stage1": [{"type": "foster", "scale": 4, "steps": steps, "lr": lr}],
-        "tsm_stage2": [{"type": "foster", "scale": 4, "steps": a, "lr": lr},
-                       {"type": "foster", "scale": 1, "steps": b, "lr": lr},
-                       {"type": "assemble", "steps": steps - a - b, "lr": lr}],
-    }
+    """The three runs' finetune recipes: ``common`` (model, data, experts, train) plus their stages
+    (`tsm_core.finetune.mnist.protocol.equal_compute_stages`) and run folders ``out/<run>``."""
+    from tsm_core.finetune.mnist.protocol import equal_compute_stages
+
     return {name: {**common, "stages": st, "train": {**common["train"], "run_dir": str(out / name)}}
-            for name, st in stages.items()}
+            for name, st in equal_compute_stages(steps, lr).items()}
 
 
 def trained_model(kind: str, model: Path, recipe: dict | None):
@@ -47,8 +41,7 @@ def record_run(results: dict, name: str, features, reference, start: float, trai
                out: Path) -> None:
     """Score one run (clean-fid's FID, exact, without the 2048^2 sqrtm; KID) into ``results`` and rewrite
     ``out/results.json``, so a stopped experiment keeps the runs it finished."""
-    from tsm_core.eval import kid_from_features
-    from tsm_distill.demo.eval import fid_low_rank
+    from tsm_core.eval import fid_low_rank, kid_from_features
 
     kid, kid_std = kid_from_features(features, reference)
     results["runs"][name] = {"fid": fid_low_rank(features, reference), "kid": kid, "kid_std": kid_std,

@@ -73,3 +73,19 @@ def read_adapter_file(directory: str | Path) -> tuple[dict, dict]:
             raise ValueError(f"{path} is not a TSM adapter file (metadata format={meta.get('format')!r})")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     return tensors, meta
+
+
+def count_saved_parameters(adapter_dir, scales: list[int] | None = None, router: bool = False) -> int:
+    """Parameters of a saved adapter's experts of ``scales`` (all scales when None), plus its routers
+    when ``router``: the trainable-parameter count of the student that uses them."""
+    tensors, _ = read_adapter_file(adapter_dir)
+    total = 0
+    for key, t in tensors.items():
+        field, _, tail = key.rpartition(".")
+        if field.endswith("lora_A") or field.endswith("lora_B"):
+            scale = int(tail.split("_")[0][1:])  # "s4_e3" -> 4
+            if scales is None or scale in scales:
+                total += t.numel()
+        elif router and tail in ("router_fc", "router_emb"):
+            total += t.numel()
+    return total

@@ -19,7 +19,7 @@ from .recipe import (
     TrainSection,
     plan_phases,
 )
-from .trainer import FinetuneTrainer, load_finetuned
+from .trainer import FinetuneTrainer, load_finetuned, phase_folder
 
 __all__ = [
     "DataSection",
@@ -31,5 +31,6 @@ __all__ = [
     "StageSection",
     "TrainSection",
     "load_finetuned",
+    "phase_folder",
     "plan_phases",
 ]

@@ -29,6 +29,13 @@ from .recipe import FinetuneRecipe, per_process_micro_batch, plan_phases
 
 ADAPTER_DIR = "adapter"
 TEXT_ADAPTER_DIR = "adapter_text_encoder{}"
+PHASES_DIR = "phases"
+
+
+def phase_folder(run_dir: str | os.PathLike, index: int, name: str) -> Path:
+    """Where phase ``index`` (named ``name``, e.g. ``stage0_foster_n8``) keeps its adapters, laid out like
+    the run folder (``adapter/``, ``adapter_text_encoder{i}/``) so `load_finetuned` reads either."""
+    return Path(run_dir) / PHASES_DIR / f"{index:02d}_{name}"
 
 
 class FinetuneTrainer(PhasedTrainer):
@@ -189,13 +196,21 @@ class FinetuneTrainer(PhasedTrainer):
                                   start_batch=self.global_step * tr.gradient_accumulation_steps,
                                   rank=acc.process_index, world=acc.num_processes)
 
+    def _save_adapters(self, folder: Path) -> None:
+        if self.acc.is_main_process:
+            self.tsm.save(folder / ADAPTER_DIR)
+            for i, a in zip(self.text_encoder_index, self.text_adapters):
+                a.save(folder / TEXT_ADAPTER_DIR.format(i))
+
+    def end_phase(self, index: int) -> None:
+        """Keep each phase's adapters (`phase_folder`): a stage-1 student inside a longer run stays
+        usable after stage 2 trains on (e.g. the fostered experts that the router then assembles)."""
+        self._save_adapters(phase_folder(self.run_dir, index, self.phases[index].name))
+
     def save_final(self) -> dict:
         """Write ``adapter/`` and ``adapter_text_encoder{i}/`` and the final samples; returns
         ``{"step", "loss", "adapter_dir", "skipped", "data"}`` (``data``: what could not be read, in words)."""
-        if self.acc.is_main_process:
-            self.tsm.save(self.run_dir / ADAPTER_DIR)
-            for i, a in zip(self.text_encoder_index, self.text_adapters):
-                a.save(self.run_dir / TEXT_ADAPTER_DIR.format(i))
+        self._save_adapters(self.run_dir)
         self.sample("final")
         counter = getattr(self.dataset, "skip_counter", None)
         return {"step": self.global_step, "loss": float(self.last_loss), "adapter_dir": self.run_dir / ADAPTER_DIR,
@@ -229,6 +244,9 @@ class FinetuneTrainer(PhasedTrainer):
 def load_finetuned(kind: str, model_path: str | os.PathLike, run_dir: str | os.PathLike,
                    max_sequence_length: int | None = None):
     """Load a backbone with the adapters a finetune run saved; returns ``(backbone, tsm, text_adapters)``.
+
+    ``run_dir`` is the run folder (its final adapters) or one of its `phase_folder` s (the adapters as
+    they were at the end of that phase).
 
     The adapters come back in the mode they were saved in (``expert`` after stage 1, ``mixture`` after
     stage 2); sample with ``backbone.sample(prompts, tsm=tsm, reencode_prompts=bool(text_adapters))``.

@@ -125,6 +125,7 @@ def _adapter_folders(run_dir: Path) -> list[Path]:
     phases = run_dir / "phases"
     if phases.is_dir():
         found += [p for p in phases.iterdir() if p.is_dir()]
+        found += [p for p in phases.glob("*/adapter*") if p.is_dir()]  # a fine-tuning phase: a run's layout
     return found
 
 
@@ -177,7 +178,7 @@ def clear_run(run_dir: str | Path) -> None:
 
 
 def remove_stale_temp_files(run_dir: str | Path) -> list[Path]:
-    """Delete the ``.tmp_*`` files a killed adapter write left in ``adapter*/`` and ``phases/*/``."""
+    """Delete the ``.tmp_*`` files a killed adapter write left in ``adapter*/``, ``phases/*/`` and ``phases/*/adapter*/``."""
     removed = []
     for folder in _adapter_folders(Path(run_dir)):
         for stale in folder.glob(f"{TMP_PREFIX}*"):

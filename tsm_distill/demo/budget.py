@@ -242,7 +242,7 @@ def read_curves(folders) -> list[dict]:
 def aggregate_curves(curves: list[dict]) -> list[dict]:
     """One entry per generator-step count that any seed scored: the seeds there, each student's mean +- std
     FID, and the paired TSM - LoRA difference (mean, intervals, wins) as demo_seeds computes it."""
-    from .stats import bootstrap_ci, mean_std, t_interval
+    from tsm_core.eval.seeds import bootstrap_ci, mean_std, t_interval
 
     by_steps: dict[int, list[dict]] = {}
     for c in curves:
@@ -268,7 +268,7 @@ def aggregate_curves(curves: list[dict]) -> list[dict]:
 
 def format_curves(entries: list[dict]) -> str:
     """The budget-curve section of seeds.md."""
-    from .stats import format_interval, format_pm
+    from tsm_core.eval.seeds import format_interval, format_pm
 
     lines = ["## Budget curve: equal-budget pairs (LoRA vs TSM stage 1, FID)", "",
              "Intermediate students from each run's checkpoints and phase adapters (tsm_distill/demo/budget.py). "

@@ -27,6 +27,7 @@ import torch
 # tsm-demo's --device. Sampling noise is drawn on the CPU from each image's seed on every device, so the
 # rows of a GPU run start from the same noise as a CPU run's; the numbers differ only by float rounding.
 from tsm_core.eval.features import resolve_device  # noqa: F401
+from tsm_core.eval.metrics import fid_low_rank, score_row  # noqa: F401  (re-exported: the demo's scores)
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_TEACHER = ASSETS / "fmnist_teacher"
@@ -179,34 +180,6 @@ def real_train_images(n: int, seed: int = 0) -> np.ndarray:
     images, _ = load_fashion_mnist("train")
     idx = np.random.RandomState(seed).choice(len(images), n, replace=False)
     return images[np.sort(idx)]
-
-
-def fid_low_rank(features1: np.ndarray, features2: np.ndarray) -> float:
-    """FID of two feature sets, exact, through an N1 x N2 matrix instead of a 2048 x 2048 ``sqrtm``.
-
-    With S1 = A A^T and S2 = B B^T (A, B: the centred features over sqrt(N - 1)), the eigenvalues of
-    S1 S2 are the squared singular values of B^T A, so Tr sqrt(S1 S2) is the nuclear norm of B^T A.
-    Same number as ``tsm_core.eval.fid_from_features`` (clean-fid's formula; a test checks it), but
-    seconds instead of minutes on a busy 2-core CPU, where scipy's 2048 x 2048 sqrtm took 200 s.
-    """
-    f1, f2 = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
-    if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1] or min(len(f1), len(f2)) < 2:
-        raise ValueError(f"FID needs two N x D feature arrays (N >= 2, equal D), got {f1.shape} and {f2.shape}")
-    mu1, mu2 = f1.mean(0), f2.mean(0)
-    a = (f1 - mu1) / np.sqrt(len(f1) - 1)
-    b = (f2 - mu2) / np.sqrt(len(f2) - 1)
-    nuclear = np.linalg.svd(b @ a.T, compute_uv=False).sum()
-    diff = mu1.astype(np.float32) - mu2.astype(np.float32)  # clean-fid keeps mu in float32
-    return float(diff.astype(np.float64) @ diff + (a * a).sum() + (b * b).sum() - 2 * nuclear)
-
-
-def score_row(features: np.ndarray, reference: np.ndarray) -> dict:
-    """FID and KID (mean, std) of generated features against the reference features."""
-    from tsm_core.eval import kid_from_features
-
-    fid = fid_low_rank(features, reference)
-    kid_mean, kid_std = kid_from_features(features, reference)
-    return {"fid": float(fid), "kid_mean": float(kid_mean), "kid_std": float(kid_std), "n": int(len(features))}
 
 
 def read_reference_rows(path: str | Path, teacher_hash: str, n: int, n_ref: int, ref_hash: str) -> tuple[dict | None, str]:

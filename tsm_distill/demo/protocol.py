@@ -140,21 +140,3 @@ def student_accounting(phases: list[dict]) -> dict:
             "generator_samples": sum(updates(p) * phase_value(p, "batch_size") for p in phases),
             "phases": {p["name"]: {"iterations": p["steps"], "batch_size": phase_value(p, "batch_size"),
                                    "gan": bool(phase_value(p, "gan"))} for p in phases}}
-
-
-def adapter_parameters(adapter_dir, scales: list[int] | None = None, router: bool = False) -> int:
-    """Parameters of a saved adapter's experts of ``scales`` (all scales when None), plus its routers
-    when ``router``: the trainable-parameter count of the student that uses them."""
-    from tsm_core.serialization import read_adapter_file
-
-    tensors, _ = read_adapter_file(adapter_dir)
-    total = 0
-    for key, t in tensors.items():
-        field, _, tail = key.rpartition(".")
-        if field.endswith("lora_A") or field.endswith("lora_B"):
-            scale = int(tail.split("_")[0][1:])  # "s4_e3" -> 4
-            if scales is None or scale in scales:
-                total += t.numel()
-        elif router and tail in ("router_fc", "router_emb"):
-            total += t.numel()
-    return total

@@ -34,9 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tsm_core.eval.seeds import mean_std, t_interval
+
 from . import eval as ev
 from .results import keyed_rows, read_results, seed_of
-from .stats import mean_std, t_interval
 
 LRS = (3e-3, 1e-3, 3e-4)
 UPDATES = (25, 100)

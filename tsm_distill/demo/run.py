@@ -47,6 +47,8 @@ from pathlib import Path
 
 import torch
 
+from tsm_core.serialization import count_saved_parameters as adapter_parameters
+
 from . import eval as ev
 from . import report as rep
 from . import seeds as ds
@@ -54,7 +56,6 @@ from .eval import student_images, student_images_of  # noqa: F401  (re-exported:
 from .options import FULL, QUICK, RECIPES, build_parser, parse_args  # noqa: F401  (re-exported)
 from .protocol import (
     a3p_phases,
-    adapter_parameters,
     phase_value,
     student_accounting,
 )

@@ -26,15 +26,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shlex
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+
+from tsm_core.eval.seeds import (  # noqa: F401
+    BOOT_SEED,
+    LEVEL,
+    RESAMPLES,
+    bootstrap_ci,
+    format_interval,
+    format_pm,
+    mean_std,
+    paired,
+    row_summary,
+    t_interval,
+)
+from tsm_core.train.sweep import check_seeds, run_logged, run_seeds
 
 # Re-exported: callers (tests, tools) read one seed's results and the statistics through here.
 from .results import (  # noqa: F401
@@ -47,16 +56,6 @@ from .results import (  # noqa: F401
     row_key,
     seed_of,
     trained_students,
-)
-from .stats import (  # noqa: F401
-    BOOT_SEED,
-    LEVEL,
-    RESAMPLES,
-    bootstrap_ci,
-    format_interval,
-    format_pm,
-    mean_std,
-    t_interval,
 )
 
 DMD_ONLY_ROWS = ("lora_dmd_only", "tsm_stage1_dmd_only")  # scores.py: each student before its GAN training
@@ -148,29 +147,6 @@ def check_comparable(results_list: Sequence[dict], names: Sequence[str]) -> None
 
 
 # ---------------------------------------------------------------------------- statistics
-def paired(records: Sequence[dict], tsm: str, lora: str = "lora", resamples: int = RESAMPLES,
-           seed: int = BOOT_SEED) -> dict:
-    """Paired difference ``tsm - lora`` per seed (FID and KID), its mean with intervals, and TSM's wins."""
-    diffs = [r[tsm] - r[lora] for r in records]
-    kid_diffs = [r[f"{tsm}_kid"] - r[f"{lora}_kid"] for r in records]
-    mean, std = mean_std(diffs)
-    boot, tint = bootstrap_ci(diffs, resamples, seed), t_interval(diffs)
-    return {"per_seed": [{"seed": r["seed"], "fid_diff": d, "kid_diff": k}
-                         for r, d, k in zip(records, diffs, kid_diffs)],
-            "mean": mean, "std": std,
-            "ci95_bootstrap": list(boot) if boot else None, "ci95_t": list(tint) if tint else None,
-            "ci95_bootstrap_below_zero": bool(boot and boot[1] < 0),
-            "tsm_wins": sum(d < 0 for d in diffs), "n_seeds": len(diffs),
-            "kid_mean_diff": mean_std(kid_diffs)[0], "kid_tsm_wins": sum(k < 0 for k in kid_diffs)}
-
-
-def row_summary(records: Sequence[dict], key: str) -> dict:
-    """Mean and sample std of one row's FID and KID over the seeds."""
-    fid_mean, fid_std = mean_std([r[key] for r in records])
-    kid_mean, kid_std = mean_std([r[f"{key}_kid"] for r in records])
-    return {"fid_mean": fid_mean, "fid_std": fid_std, "kid_mean": kid_mean, "kid_std": kid_std}
-
-
 def aggregate(results_list: Sequence[dict], sources: Sequence[str] | None = None, resamples: int = RESAMPLES,
               boot_seed: int = BOOT_SEED) -> dict:
     """seeds.json from per-seed results.json dicts (pure: no files). Raises on duplicate or mixed seeds."""
@@ -373,16 +349,7 @@ def seed_command(seed: int, folder: Path, child_args: Sequence[str]) -> list[str
 
 def run_seed(seed: int, folder: Path, child_args: Sequence[str], threads: int) -> int:
     """Run one seed as a subprocess, its output appended to ``folder/demo.log``; returns its exit status."""
-    folder.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    if threads:  # set before torch starts in the child, so its OpenMP pool has this size from the start
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    cmd = seed_command(seed, folder, child_args)
-    # Append: a seed re-run after a stop keeps the log of the stopped attempt above the new one.
-    with open(folder / "demo.log", "a") as log:
-        log.write(f"\n$ {shlex.join(cmd)}\n")
-        log.flush()
-        return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    return run_logged(seed_command(seed, folder, child_args), folder / "demo.log", threads)
 
 
 def split_done(run_dir: Path, seeds: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -391,30 +358,11 @@ def split_done(run_dir: Path, seeds: Sequence[int]) -> tuple[list[int], list[int
     return done, [s for s in seeds if s not in done]
 
 
-def _run_one(seed: int, run_dir: Path, child_args: Sequence[str], threads: int) -> tuple[int, int, float]:
-    start = time.perf_counter()
-    folder = seed_folder(run_dir, seed)
-    print(f"seed {seed}: running (log {folder / 'demo.log'})", flush=True)
-    try:
-        rc = run_seed(seed, folder, child_args, threads)
-    except Exception as e:  # noqa: BLE001 - one seed's launch failure must not stop the others
-        print(f"seed {seed}: could not run: {e!r}", flush=True)
-        rc = -1
-    return seed, rc, time.perf_counter() - start
-
-
 def run_pending(run_dir: Path, seeds: Sequence[int], child_args: Sequence[str], jobs: int, threads: int) -> list[int]:
     """Run the seeds, ``jobs`` at a time; returns the seeds that failed (non-zero exit or no finished results)."""
-    failed = []
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = [pool.submit(_run_one, s, run_dir, child_args, threads) for s in seeds]
-        for fut in as_completed(futures):
-            seed, rc, seconds = fut.result()
-            ok = rc == 0 and is_complete(read_results(seed_folder(run_dir, seed)))
-            print(f"seed {seed}: {'done' if ok else f'FAILED (exit {rc})'} after {seconds:.0f} s", flush=True)
-            if not ok:
-                failed.append(seed)
-    return sorted(failed)
+    return run_seeds(seeds, lambda s: run_seed(s, seed_folder(run_dir, s), child_args, threads),
+                     lambda s: is_complete(read_results(seed_folder(run_dir, s))),
+                     lambda s: seed_folder(run_dir, s) / "demo.log", jobs)
 
 
 def run_sweep(args, argv: Sequence[str], extra_args: Sequence[str] = ()) -> int:
@@ -422,9 +370,7 @@ def run_sweep(args, argv: Sequence[str], extra_args: Sequence[str] = ()) -> int:
 
     ``extra_args`` are appended to every seed's command line (for options the sweep's parser lacks).
     """
-    seeds = list(dict.fromkeys(args.seeds))
-    if any(s < 0 for s in seeds):
-        raise ValueError(f"--seeds must be non-negative integers, got {args.seeds}")
+    seeds = check_seeds(args.seeds)
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     done, pending = split_done(run_dir, seeds)
