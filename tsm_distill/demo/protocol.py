@@ -26,6 +26,16 @@ import math
 
 from tsm_core.intervals import TimestepIntervals
 
+A3P_BUDGET_DEFINITION = (
+    "A.3-proportional: the students do not get equal generator steps. Every phase is A.3's length times "
+    "s = 1200 / 45000 (LoRA 1,067 iterations without the GAN + 133 with it, at 4x TSM's batch; TSM experts "
+    "999 and 749 533 + 133, 499 133 + 533, 249 133 + 1,067; router 53), so TSM runs 2.67x LoRA's "
+    "iterations and LoRA sees 2x TSM's samples, as in A.3. A generator step is one optimizer update of "
+    "the student: ceil(I / F) of them in a phase of I iterations with F fake-score updates per generator "
+    "update. The students' iterations, generator updates and samples are in results.json's students."
+)
+"""What results.md's budget paragraph says for ``--protocol a3p`` (the equal-budget wording does not hold)."""
+
 A3_LORA = {False: 40_000, True: 5_000}
 """Vanilla LoRA's iterations without / with the GAN loss (gan flag -> iterations)."""
 A3_EXPERTS = {999: {False: 20_000, True: 5_000}, 749: {False: 20_000, True: 5_000},

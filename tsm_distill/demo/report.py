@@ -39,6 +39,16 @@ def _protocol_line(meta: dict) -> str:
     return "; ".join(parts) + ".\n\n" if parts else ""
 
 
+def budget_definition(meta: dict) -> str:
+    """results.md's budget paragraph: the run's own, except for the A.3-proportional protocol, whose
+    seeds run before December 2026 recorded the equal-budget wording that does not apply to them."""
+    from .protocol import A3P_BUDGET_DEFINITION
+
+    if meta.get("protocol", {}).get("name") == "a3p":
+        return A3P_BUDGET_DEFINITION
+    return meta.get("budget_definition", "")
+
+
 def write_results(run_dir: str | Path, rows: Sequence[dict], meta: dict) -> tuple[Path, Path]:
     """Write results.json (rows + meta) and results.md (the table + the settings) into ``run_dir``."""
     run_dir = Path(run_dir)
@@ -48,7 +58,7 @@ def write_results(run_dir: str | Path, rows: Sequence[dict], meta: dict) -> tupl
     seconds = "\n".join(f"- {k}: {v:.1f} s" for k, v in meta.get("seconds", {}).items())
     notes = "\n".join(f"- {n}" for n in meta.get("notes", []))
     md.write_text(f"# tsm-demo results ({meta.get('mode', '')})\n\n{_protocol_line(meta)}{format_table(rows)}\n\n"
-                  f"## Budget\n\n{meta.get('budget_definition', '')}\n\n```\n{json.dumps(meta.get('budget', {}), indent=2)}\n```\n\n"
+                  f"## Budget\n\n{budget_definition(meta)}\n\n```\n{json.dumps(meta.get('budget', {}), indent=2)}\n```\n\n"
                   f"## Seconds per stage\n\n{seconds}\n\n## Notes\n\n{notes}\n\n"
                   f"Command: `{meta.get('command', '')}`\n")
     return js, md

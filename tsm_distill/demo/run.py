@@ -55,6 +55,7 @@ from . import seeds as ds
 from .eval import student_images, student_images_of  # noqa: F401  (re-exported: callers sample students here)
 from .options import FULL, QUICK, RECIPES, build_parser, parse_args  # noqa: F401  (re-exported)
 from .protocol import (
+    A3P_BUDGET_DEFINITION,
     a3p_phases,
     phase_value,
     student_accounting,
@@ -415,7 +416,7 @@ def _run(args, argv: list[str]) -> int:
             "reference_features": ref_source, "teacher_unet_sha256": ev.unet_hash(teacher),
             "teacher_info": json.loads((teacher / "teacher_info.json").read_text())
             if (teacher / "teacher_info.json").exists() else {},
-            "budget": budget, "budget_definition": BUDGET_DEFINITION, "seconds": stages.seconds,
+            "budget": budget, "budget_definition": A3P_BUDGET_DEFINITION if proto["name"] == "a3p" else BUDGET_DEFINITION, "seconds": stages.seconds,
             "phase_seconds": {"lora": lora_tr.seconds} | ({} if lora_only else {"tsm": tsm_tr.seconds}),
             "students_trained": [key for key, *_ in students],
             "command": "tsm-demo " + shlex.join(argv), "notes": notes}
