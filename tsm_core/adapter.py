@@ -225,11 +225,13 @@ class TSMAdapter:
         return save_adapter(self, directory)
 
     def export_lora(self, directory: str | Path, scale: int, expert: int = 0,
-                    format: str = "diffusers", prefix: str | None = None) -> Path:
-        """Write one expert as a standard LoRA file (diffusers/peft keys or kohya keys)."""
+                    format: str = "diffusers", prefix: str | None = None, base_model: str | None = None) -> Path:
+        """Write one expert as a standard LoRA file (diffusers/peft keys or kohya keys) and its model card
+        (``README.md``); ``base_model`` names the model it loads into (default: where this model came from)."""
         from .export import export_lora
 
-        return export_lora(self, directory, scale=scale, expert=expert, format=format, prefix=prefix)
+        return export_lora(self, directory, scale=scale, expert=expert, format=format, prefix=prefix,
+                           base_model=base_model)
 
 
 def attach(model: nn.Module, config: TSMConfig, context: TimestepContext | None = None) -> TSMAdapter:

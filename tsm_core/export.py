@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .card import write_lora_card
 from .layers import expert_key
 from .serialization import atomic_save_file
 
@@ -66,11 +67,32 @@ def expert_lora_state_dict(tsm, scale: int, expert: int, format: str = "diffuser
 
 
 def export_lora(tsm, directory: str | Path, scale: int, expert: int = 0, format: str = "diffusers",
-                prefix: str | None = None) -> Path:
-    """Write ``directory/pytorch_lora_weights.safetensors`` for one expert (atomically)."""
+                prefix: str | None = None, base_model: str | None = None) -> Path:
+    """Write ``directory/pytorch_lora_weights.safetensors`` for one expert (atomically), and its model card
+    ``directory/README.md`` (`tsm_core.card`). ``base_model`` (a hub id or folder) names the model it loads
+    into; default: the folder or hub id the wrapped model was loaded from, when its config records one."""
     tensors = expert_lora_state_dict(tsm, scale, expert, format=format, prefix=prefix)
     meta = {"format": "pt", "tsm_scale": str(scale), "tsm_expert": str(expert), "tsm_layout": format}
-    return atomic_save_file(tensors, Path(directory) / LORA_FILE, meta)
+    path = atomic_save_file(tensors, Path(directory) / LORA_FILE, meta)
+    name = type(tsm.model).__name__
+    write_lora_card(directory, tsm.config, scale, expert, format, base_model or _loaded_from(tsm.model),
+                    component=_prefixes(tsm.model, prefix)[0],
+                    loader="load_lora" if name in _NO_PIPELINE_LOADER else "pipeline", video=name in _VIDEO)
+    return path
+
+
+# Denoisers whose pipelines diffusers 0.42 gives no LoRA loader (`load_lora` fills the gap), and video models.
+_NO_PIPELINE_LOADER = ("UNet3DConditionModel",)
+_VIDEO = ("UNet3DConditionModel", "UNetMotionModel")
+
+
+def _loaded_from(model) -> str | None:
+    """The pipeline folder or hub id ``model`` was loaded from, as its config records it (a component loaded
+    from a local pipeline records ``<pipeline>/<component>``: the pipeline is the base model)."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    if name and (Path(name).parent / "model_index.json").is_file():
+        name = str(Path(name).parent)
+    return name
 
 
 def load_lora(model, directory: str | Path, prefix: str | None = None, adapter_name: str = "default"):

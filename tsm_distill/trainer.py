@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 
 from tsm_core import attach, load_adapter
+from tsm_core.card import RunCard, write_run_card
 from tsm_core.models import cond_map
+from tsm_core.serialization import check_adapter_fits, read_adapter_file
 from tsm_core.train.accel import step_generator
 from tsm_core.train.ema import EMA
 from tsm_core.train.logging import save_image_grid
@@ -35,7 +37,7 @@ from tsm_core.train.optim import NonFiniteLossError
 from tsm_core.train.skeleton import PhasedTrainer, check_run_folder
 
 from . import losses
-from .config import DistillRecipe, PhaseConfig, per_process_batch
+from .config import DistillExperts, DistillRecipe, PhaseConfig, per_process_batch
 from .critic import Critic
 from .data import PromptSource, RealSource
 from .rollout import backward_simulation, sample
@@ -72,12 +74,14 @@ class DMD2Trainer(PhasedTrainer):
         super().__init__(recipe, run_dir, seed=tc.seed, mixed_precision=tc.mixed_precision,
                          checkpoint_every=tc.checkpoint_every, log_every=tc.log_every, sample_every=tc.sample_every,
                          keep_last=tc.keep_last, max_grad_norm=tc.max_grad_norm, accelerator=accelerator)
+        ec = recipe.experts
+        if ec.init_from:  # from the file's header alone, before any model loads: a wrong file fails in a second
+            check_init_from(ec)
         self.teacher = load_teacher(recipe.model.path, recipe.model.kind)
         T = self.teacher.num_timesteps
         uses_gan = any(ph.gan for ph in recipe.phases)
         # The fake score is copied from the clean teacher before the experts are attached.
         self.critic = Critic(self.teacher, recipe.critic.lora_rank, tuple(recipe.critic.lora_targets), uses_gan)
-        ec = recipe.experts
         self.tsm = attach(self.teacher.denoiser, ec.tsm_config(ec.scales, T))
         if ec.init_from:
             self._init_experts(ec.init_from, ec.init_scales)
@@ -162,17 +166,26 @@ class DMD2Trainer(PhasedTrainer):
                              "or fewer down blocks, or no GAN phase") from e
 
     def _init_experts(self, path: str, scales: list[int]) -> None:
-        """Copy the experts of ``scales`` from a saved adapter (e.g. the LoRA run as the n = 1 context)."""
-        from tsm_core.serialization import read_adapter_file
+        """Copy the experts of ``scales`` from a saved adapter (e.g. the LoRA run as the n = 1 context).
 
+        `check_init_from` passed before the teacher loaded; here the adapter is checked against what only
+        the teacher fixes: its timesteps T and the shapes of its layers."""
+        check_adapter_fits(path, self.tsm.config, scales, where="experts.init_from")
         tensors, _ = read_adapter_file(path)
         own = self.tsm.state_dict()
         keys = [k for k in tensors if any(f".s{s}_e" in k for s in scales)]
         if not keys:
-            raise ValueError(f"{path} holds no experts at scales {scales}")
+            raise ValueError(f"experts.init_from {path} holds no expert tensors at scales {scales}")
         missing = [k for k in keys if k not in own]
         if missing:
-            raise ValueError(f"{path} does not fit this generator (e.g. {missing[:2]}): same teacher and targets?")
+            raise ValueError(f"experts.init_from {path} does not fit this teacher: {len(missing)} of its tensors "
+                             f"name no layer of it (e.g. {missing[:2]}); was it trained on another teacher?")
+        wrong = [k for k in keys if tuple(tensors[k].shape) != tuple(own[k].shape)]
+        if wrong:
+            k = wrong[0]
+            raise ValueError(f"experts.init_from {path} does not fit this teacher's layers: {len(wrong)} tensors "
+                             f"differ in shape, e.g. {k}: saved {tuple(tensors[k].shape)}, this generator's "
+                             f"{tuple(own[k].shape)}; was it trained on another teacher?")
         with torch.no_grad():
             for k in keys:
                 own[k].copy_(tensors[k])
@@ -414,16 +427,56 @@ class DMD2Trainer(PhasedTrainer):
         return out
 
     def _save_final(self, out: Path) -> None:
-        """Write the final adapter (and the EMA one); the skeleton removed temp files of a killed write."""
+        """Write the final adapter (and the EMA one), each with its model card; the skeleton removed temp
+        files of a killed write."""
         self.tsm.save(out)
+        write_run_card(out, self._run_card())
         if self.ema is not None:
             live = self.tsm.state_dict()
             backup = {k: v.clone() for k, v in live.items()}
             self.ema.copy_to(live)
             self.tsm.save(self.run_dir / "adapter_ema")
+            write_run_card(self.run_dir / "adapter_ema", self._run_card())
             with torch.no_grad():
                 for k, v in live.items():
                     v.copy_(backup[k])
+
+    def _run_card(self) -> RunCard:
+        """What the final adapter's model card says beyond the adapter file: the teacher, the recipe's key
+        settings, the phases and the student's timesteps."""
+        r, ec = self.recipe, self.recipe.experts
+        settings = {"model.path (teacher)": r.model.path, "model.kind": r.model.kind,
+                    "experts": f"rank {ec.rank}, alpha {ec.alpha:g}, scales {list(ec.scales)}, targets {ec.target_modules}",
+                    "student steps": r.student_sigmas if r.flow else r.student_timesteps,
+                    "train.real_guidance_scale": r.train.real_guidance_scale, "train.seed": r.train.seed,
+                    "train.ema_decay": r.train.ema_decay}
+        if ec.init_from:
+            settings["experts.init_from"] = f"{ec.init_from} (scales {list(ec.init_scales)} copied in)"
+        phases = []
+        for ph in r.phases:
+            trained = (f"experts {ph.experts if ph.experts is not None else 'all'} of scale {ph.scale}"
+                       if ph.type == "foster" else
+                       f"router (core {ph.core_scale or max(ec.scales)}, context "
+                       f"{ph.context_scales or [s for s in ec.scales if s != max(ec.scales)]})")
+            phases.append((ph.name, ph.steps, trained + (", with the GAN loss" if ph.gan else "")))
+        stock = {"unet": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}.get(r.model.kind)
+        return RunCard("distill", r.model.path, kind=r.model.kind, component=self.teacher.denoiser_subfolder,
+                       run_dir=str(self.run_dir), settings=settings,
+                       phases=phases, steps=self.global_step, student_timesteps=list(self.timesteps),
+                       # use_student_in_pipeline drives a stock SD / SDXL pipeline, which needs a VAE
+                       pipeline_class=stock if self.teacher.vae is not None else None)
+
+
+def check_init_from(experts: DistillExperts) -> None:
+    """Check ``experts.init_from`` from its header alone (cheap: no model, no tensor loads): a readable TSM
+    adapter whose rank, alpha and targets equal the recipe's and that holds every scale of ``init_scales``.
+    ValueError/FileNotFoundError naming the saved and the recipe's value of each difference.
+
+    T is the teacher's, known once it loads: `DMD2Trainer` compares it (and the layer shapes) then."""
+    # Any T >= the largest scale builds the config; T itself is left out of this comparison.
+    config = experts.tsm_config(experts.scales, max(experts.scales))
+    check_adapter_fits(experts.init_from, config, experts.init_scales, where="experts.init_from",
+                       keys=("rank", "alpha", "target_modules"))
 
 
 def set_phase_mode(tsm, ph: PhaseConfig) -> None:
@@ -457,5 +510,5 @@ def load_student(teacher_path: str | Path, adapter_dir: str | Path, device: torc
     return teacher.to(device), tsm
 
 
-__all__ = ["DMD2Trainer", "NonFiniteLossError", "check_run_folder", "load_student", "phase_student_steps",
-           "set_phase_mode"]
+__all__ = ["DMD2Trainer", "NonFiniteLossError", "check_init_from", "check_run_folder", "load_student",
+           "phase_student_steps", "set_phase_mode"]

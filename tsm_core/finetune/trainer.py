@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import attach, load_adapter
+from ..card import RunCard, write_run_card
 from ..data.stream import batch_stream, build_dataset
 from ..models import Backbone, load_backbone, video_strip
 from ..train.accel import step_generator
@@ -202,15 +203,38 @@ class FinetuneTrainer(PhasedTrainer):
             for i, a in zip(self.text_encoder_index, self.text_adapters):
                 a.save(folder / TEXT_ADAPTER_DIR.format(i))
 
+    def _run_card(self) -> RunCard:
+        """What the final adapter's model card says beyond the adapter file: the base model, the recipe's key
+        settings and the phases."""
+        r, ex, bb = self.recipe, self.recipe.experts, self.backbone
+        settings = {"model.path": r.model.path, "model.kind": r.model.kind,
+                    "experts": f"rank {ex.rank}, alpha {ex.alpha:g}, scales {list(r.scales)}, targets {ex.target_modules}",
+                    "data": f"{r.data.source} {r.data.path} at {r.data.resolution} px",
+                    "train.batch_size (global)": r.train.batch_size, "train.seed": r.train.seed}
+        if ex.text_encoder_targets:
+            settings["experts.text_encoder_targets"] = f"{ex.text_encoder_targets} ({ex.text_encoder_experts})"
+        phases = [(ph.name, ph.steps,
+                   f"experts {ph.experts if ph.experts is not None else 'all'} of scale {ph.scale}, t in "
+                   f"[{ph.t_range[0]}, {ph.t_range[1]})" if ph.mode == "expert" else
+                   f"router (core {ph.core_scale}, context {list(ph.context_scales or ())})") for ph in self.phases]
+        return RunCard("finetune", r.model.path, kind=r.model.kind, component=bb.denoiser_subfolder,
+                       run_dir=str(self.run_dir), settings=settings, phases=phases, steps=self.global_step,
+                       # a stock pipeline needs a VAE; text-encoder experts need prompts re-encoded per step
+                       pipeline_class="DiffusionPipeline" if bb.vae is not None else None,
+                       text_adapters=[TEXT_ADAPTER_DIR.format(i) for i in self.text_encoder_index],
+                       video=hasattr(bb, "num_frames"))
+
     def end_phase(self, index: int) -> None:
         """Keep each phase's adapters (`phase_folder`): a stage-1 student inside a longer run stays
         usable after stage 2 trains on (e.g. the fostered experts that the router then assembles)."""
         self._save_adapters(phase_folder(self.run_dir, index, self.phases[index].name))
 
     def save_final(self) -> dict:
-        """Write ``adapter/`` and ``adapter_text_encoder{i}/`` and the final samples; returns
+        """Write ``adapter/`` (with its model card) and ``adapter_text_encoder{i}/`` and the final samples; returns
         ``{"step", "loss", "adapter_dir", "skipped", "data"}`` (``data``: what could not be read, in words)."""
         self._save_adapters(self.run_dir)
+        if self.acc.is_main_process:
+            write_run_card(self.run_dir / ADAPTER_DIR, self._run_card())
         self.sample("final")
         counter = getattr(self.dataset, "skip_counter", None)
         return {"step": self.global_step, "loss": float(self.last_loss), "adapter_dir": self.run_dir / ADAPTER_DIR,
