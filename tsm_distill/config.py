@@ -9,7 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from tsm_core.train.sections import ExpertsSection, ModelSection, RunSection
+from tsm_core.train.sections import (
+    ExpertsSection,
+    ModelSection,
+    RunSection,
+    check_folder_name,
+    require_at_least,
+    require_positive,
+)
+
+MAX_TIMESTEP = 1000
+"""The training timesteps T of every supported teacher (DDPM and flow-matching alike)."""
 
 
 @dataclass
@@ -34,7 +44,15 @@ class CriticConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     diffusion_gan: bool = False
     """Noise real and fake inputs of D at a random timestep (DMD2's diffusion-GAN option)."""
-    diffusion_gan_max_timestep: int = 1000
+    diffusion_gan_max_timestep: int = MAX_TIMESTEP
+    """With ``diffusion_gan``: D's inputs are noised at a timestep drawn from ``[0, this)``."""
+
+    def __post_init__(self):
+        require_at_least(1, lora_rank=self.lora_rank)
+        # Checked here, not when first used: 0 used to be a traceback at the first GAN step.
+        if not 1 <= self.diffusion_gan_max_timestep <= MAX_TIMESTEP:
+            raise ValueError(f"diffusion_gan_max_timestep must lie in [1, {MAX_TIMESTEP}] (D's noise timestep is "
+                             f"drawn from [0, this); DMD2: {MAX_TIMESTEP}), got {self.diffusion_gan_max_timestep}")
 
 
 @dataclass
@@ -47,6 +65,9 @@ class DataConfig:
     resolution: int = 512
 
     renamed_keys: ClassVar[dict[str, str]] = {"sample_prompts": "train.sample_prompts"}
+
+    def __post_init__(self):
+        require_at_least(1, resolution=self.resolution)
 
 
 @dataclass
@@ -101,6 +122,13 @@ class PhaseConfig:
         "mode": "type (expert -> foster, mixture -> assemble)",
     }
 
+    def __post_init__(self):
+        # The name becomes the folder phases/NN_<name>: "../../x" used to write the adapter outside the run.
+        check_folder_name(self.name, "name", "phases/NN_<name>")
+        require_positive(lr=self.lr, lr_critic=self.lr_critic)
+        require_at_least(0, weight_decay=self.weight_decay, warmup_steps=self.warmup_steps,
+                         gan_generator_weight=self.gan_generator_weight, gan_critic_weight=self.gan_critic_weight)
+
 
 FSDP_MODULES = ("critic", "generator", "text_encoders")
 
@@ -128,6 +156,12 @@ class TrainConfig(RunSection):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.threads is not None and self.threads < 0:  # torch.set_num_threads raised mid-set-up
+            raise ValueError(f"train.threads must be >= 1 (torch's CPU threads), or 0 or null for torch's default; "
+                             f"got {self.threads}")
+        if self.ema_decay and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must lie in (0, 1) (e.g. 0.999), or be null or 0 for no EMA; "
+                             f"got {self.ema_decay}")
         # Checked here, not when first used: max_step_percent = 2 used to index past the schedule mid-run.
         unknown = sorted(set(self.fsdp_modules) - set(FSDP_MODULES))
         if unknown:

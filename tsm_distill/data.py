@@ -110,6 +110,26 @@ class RealSource:
             self.dataset = ImageTextFolder(spec, resolution)
         if encode is None:
             raise ValueError("image folders and shards need an encoder (the teacher's VAE) to make latents")
+        self._check_readable(spec, resolution)
+
+    def _check_readable(self, spec: str, resolution: int) -> None:
+        """Read one real sample now, so a source that cannot give any (shards whose samples lack an image
+        or a caption, a folder none of whose images decode) is a clear error when the trainer is built,
+        not a traceback at the first GAN step. Shards are read through a separate unshuffled copy, so
+        the training stream starts where it would have."""
+        from tsm_core.data.images import describe_shards, webdataset_image_text
+
+        if isinstance(self.dataset, torch.utils.data.IterableDataset):
+            probe = webdataset_image_text(spec, resolution, shuffle=0)
+            if next(iter(probe), None) is None:
+                raise ValueError(f"data.real_images {spec}: no real sample could be read; each needs an image "
+                                 f"(jpg/png/webp) and a caption (txt, or json with text/prompt/caption); "
+                                 f"{describe_shards(probe)}")
+            return
+        try:
+            self.dataset[0]  # skips undecodable images; raises only when none decodes
+        except RuntimeError as e:
+            raise ValueError(f"data.real_images {spec}: {e}") from e
 
     def sample(self, n: int, generator: torch.Generator, device) -> tuple[torch.Tensor, list[str]]:
         """``n`` real samples in model space and their captions (``""`` for a cache without captions).

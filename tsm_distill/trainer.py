@@ -34,6 +34,7 @@ from tsm_core.train.accel import step_generator
 from tsm_core.train.ema import EMA
 from tsm_core.train.logging import save_image_grid
 from tsm_core.train.optim import NonFiniteLossError
+from tsm_core.train.sections import child_folder
 from tsm_core.train.skeleton import PhasedTrainer, check_run_folder
 
 from . import losses
@@ -416,7 +417,8 @@ class DMD2Trainer(PhasedTrainer):
     def end_phase(self, index: int) -> None:
         """Keep each phase's adapter (``phases/NN_name``): the intermediate students of the schedule."""
         if self.acc.is_main_process:
-            self.tsm.save(self.run_dir / "phases" / f"{index:02d}_{self.recipe.phases[index].name}")
+            # child_folder: a name that would leave phases/ is refused here too, not only at load.
+            self.tsm.save(child_folder(self.run_dir / "phases", f"{index:02d}_{self.recipe.phases[index].name}"))
 
     def save_final(self) -> Path:
         """The final adapter (and the EMA one) and the final sample grid; returns ``run_dir/adapter``."""

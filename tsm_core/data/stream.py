@@ -111,6 +111,18 @@ def _resize_transform(resolution: int, flip: bool):
     return transforms.Compose([square, base])
 
 
+def read_ahead(stream: Iterator[dict], cfg) -> Iterator[dict]:
+    """``stream`` with its first batch read now: a data set that cannot give one batch (shards whose
+    samples lack an image or a caption, a folder none of whose images decode) is then a ValueError at
+    start-up, naming ``data.path``, not a traceback inside the first training step. The batches and
+    their order are those of ``stream``."""
+    try:
+        first = next(stream)
+    except (ValueError, RuntimeError) as e:  # RuntimeError: a folder whose every image fails to decode
+        raise ValueError(f"data.path {cfg.path} (data.source {cfg.source}): could not read a first batch: {e}") from e
+    return itertools.chain([first], stream)
+
+
 def batch_stream(ds, cfg, batch_size: int, seed: int, start_batch: int, rank: int = 0,
                  world: int = 1) -> Iterator[dict]:
     """Infinite batches ``{"pixel_values", "text"[, "index"]}``; see the module docstring for resume."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from ..intervals import TimestepIntervals
-from ..train.sections import ExpertsSection, ModelSection, RunSection
+from ..train.sections import ExpertsSection, ModelSection, RunSection, require_at_least, require_positive
 
 
 @dataclass
@@ -62,6 +62,10 @@ class DataSection:
     cache_text: bool = False
     """Encode each caption once; not allowed with text-encoder experts (their output changes)."""
 
+    def __post_init__(self):
+        require_at_least(1, resolution=self.resolution, num_frames=self.num_frames, frame_stride=self.frame_stride)
+        require_at_least(0, num_workers=self.num_workers, shuffle_buffer=self.shuffle_buffer)
+
 
 @dataclass
 class StageSection:
@@ -93,6 +97,9 @@ class StageSection:
             raise ValueError(f"stage scale must be >= 1, got {self.scale}")
         if self.lr <= 0:
             raise ValueError(f"stage lr must be positive, got {self.lr}")
+        require_positive(text_encoder_lr=self.text_encoder_lr)
+        require_at_least(0, weight_decay=self.weight_decay, text_encoder_weight_decay=self.text_encoder_weight_decay,
+                         warmup_steps=self.warmup_steps)
 
 
 @dataclass
@@ -113,6 +120,17 @@ class TrainSection(RunSection):
     guidance_scale: float = 1.0
     sample_size: int | None = None
     """Sample image size (default: the model's native size)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        # Checked here, not when first used: each used to fail only at the first step or sample.
+        require_at_least(1, batch_size=self.batch_size, gradient_accumulation_steps=self.gradient_accumulation_steps,
+                         sample_steps=self.sample_steps, sample_size=self.sample_size)
+        require_positive(adam_eps=self.adam_eps)
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"train.{name} must lie in [0, 1) (AdamW's moment decay; diffusers: 0.9 and "
+                                 f"0.999), got {getattr(self, name)}")
 
 
 @dataclass

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 
 from .. import attach, load_adapter
 from ..card import RunCard, write_run_card
-from ..data.stream import batch_stream, build_dataset
+from ..data.stream import batch_stream, build_dataset, read_ahead
 from ..models import Backbone, load_backbone, video_strip
 from ..train.accel import step_generator
+from ..train.sections import child_folder
 from ..train.skeleton import PhasedTrainer
 from .recipe import FinetuneRecipe, per_process_micro_batch, plan_phases
 
@@ -36,7 +37,7 @@ PHASES_DIR = "phases"
 def phase_folder(run_dir: str | os.PathLike, index: int, name: str) -> Path:
     """Where phase ``index`` (named ``name``, e.g. ``stage0_foster_n8``) keeps its adapters, laid out like
     the run folder (``adapter/``, ``adapter_text_encoder{i}/``) so `load_finetuned` reads either."""
-    return Path(run_dir) / PHASES_DIR / f"{index:02d}_{name}"
+    return child_folder(Path(run_dir) / PHASES_DIR, f"{index:02d}_{name}")  # a name must not leave phases/
 
 
 class FinetuneTrainer(PhasedTrainer):
@@ -191,11 +192,12 @@ class FinetuneTrainer(PhasedTrainer):
 
     # ------------------------------------------------------------------ the run
     def on_start(self) -> None:
-        # Indexed by step: a resumed run reads the batches the uninterrupted run would have read.
+        # Indexed by step: a resumed run reads the batches the uninterrupted run would have read. The first
+        # batch is read now, so data that cannot give one is a user's error before step 1 (`read_ahead`).
         tr, acc = self.recipe.train, self.acc
-        self._data = batch_stream(self.dataset, self.recipe.data, self.micro_batch, tr.seed,
-                                  start_batch=self.global_step * tr.gradient_accumulation_steps,
-                                  rank=acc.process_index, world=acc.num_processes)
+        self._data = read_ahead(batch_stream(self.dataset, self.recipe.data, self.micro_batch, tr.seed,
+                                             start_batch=self.global_step * tr.gradient_accumulation_steps,
+                                             rank=acc.process_index, world=acc.num_processes), self.recipe.data)
 
     def _save_adapters(self, folder: Path) -> None:
         if self.acc.is_main_process:

@@ -16,6 +16,10 @@ value, lists included, replaces the base value whole. This lets demo recipes sha
 Command-line overrides (``--set a.b=value``, ``--set phases.1.lr=1e-5``) are applied to the merged
 mapping before the dataclasses are built; the value is parsed with ``yaml.safe_load``.
 
+Every number read into a ``float`` field (learning rates, guidance scales, loss weights, betas, ...)
+must be finite: ``.inf`` and ``.nan`` are refused at load, named by their key. A file or ``--set`` value
+that is not valid YAML is a ValueError naming the file and line, or the ``--set`` argument.
+
 Renamed keys: a schema may declare ``renamed_keys: ClassVar[dict[str, str]]`` (old key -> what to
 write instead). An old key in a recipe or an override is then an error that names the new one, so a
 recipe written for an older version fails with the fix, not with "unknown key".
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import math
 import os
 import pathlib
 import re
@@ -44,11 +49,25 @@ BASE_KEY = "base"
 # --------------------------------------------------------------------------- reading files
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error as "line L, column C: what" (1-based, as editors count), without PyYAML's excerpt."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    what = getattr(e, "problem", None) or getattr(e, "context", None) or str(e)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark is not None else what
+
+
 def _read_yaml(path: pathlib.Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"recipe file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        # PyYAML's errors are not ValueErrors: without this they reach the user as a parser traceback.
+        raise ValueError(f"recipe {path} is not valid YAML: {_yaml_problem(e)}; fix the file there "
+                         "(indent with spaces, close brackets and quotes)") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"recipe {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -151,6 +170,11 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        if len(args) == 2 and type(None) in args and _unwrap_optional(tp) in (int, float, str, bool):
+            try:  # an optional number or string: its own error says it best ("must be a finite number")
+                return _convert(_unwrap_optional(tp), value, path)
+            except ValueError as e:
+                raise ValueError(f"{e} (or null)") from e
         errors = []
         for arg in args:
             if arg is type(None):
@@ -198,15 +222,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             return value
         raise ValueError(f"{_fmt_path(path)}: expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            # PyYAML reads "1e-4" (no dot) as a string; accept scientific notation for floats.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ValueError(f"{_fmt_path(path)}: expected a number, got {value!r}")
+        return _finite_float(value, path)
     if tp is str:
         if isinstance(value, str):
             return value
@@ -216,6 +232,29 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             return pathlib.Path(value)
         raise ValueError(f"{_fmt_path(path)}: expected a path string, got {value!r}")
     raise TypeError(f"{_fmt_path(path)}: recipe schemas do not support the type {_type_name(tp)}")
+
+
+def _finite_float(value: Any, path: str) -> float:
+    """``value`` as a float, which must be finite.
+
+    Every float of a recipe passes here, so this one check covers every learning rate, guidance scale,
+    loss weight, beta and eps: ``.inf`` and ``.nan`` are valid YAML but no run can use them, and they
+    used to pass the load and fail at step 1 (or, as a learning rate, turn the weights into NaN).
+    """
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        # PyYAML reads "1e-4" (no dot) as a string; accept scientific notation for floats.
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if number is None:
+        raise ValueError(f"{_fmt_path(path)}: expected a number, got {value!r}")
+    if not math.isfinite(number):
+        raise ValueError(f"{_fmt_path(path)}: must be a finite number, got {value!r}; give a finite value")
+    return number
 
 
 def _check_renamed(cls: type, keys: Sequence, path: str) -> None:
@@ -278,7 +317,11 @@ def apply_override(raw: dict, override: str, schema: type) -> None:
     if "=" not in override:
         raise ValueError(f"override {override!r} must look like KEY=VALUE, e.g. 'optim.lr=1e-4'")
     key, text = override.split("=", 1)
-    value = yaml.safe_load(text) if text.strip() else ""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        raise ValueError(f"--set {override}: the value {text!r} is not valid YAML ({_yaml_problem(e)}); "
+                         "close brackets and quotes, or quote the whole value as a string") from e
     parts = _split_key(key)
     node: Any = raw
     tp: Any = schema

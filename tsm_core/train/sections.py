@@ -5,16 +5,70 @@ the timestep-LoRA settings of `tsm_core.TSMConfig`, and ``train`` (`RunSection`)
 declared once here with one set of defaults. Each trainer adds only its own keys
 (``experts.text_encoder_targets`` and ``train.batch_size`` for fine-tuning; ``experts.scales``,
 ``experts.init_from`` and the DMD2 settings for distillation). docs/recipes.md lists every key.
+
+The checks the sections of both trainers share live here too: numbers that must be positive
+(`require_at_least`, `require_positive`), and recipe strings that become folder names in the run
+folder (`check_folder_name`, `child_folder`). Non-finite floats are refused by the loader itself
+(`tsm_core.train.recipe`).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from ..config import TSMConfig
 
 ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def require_at_least(minimum: int, **values) -> None:
+    """Refuse each ``name=value`` below ``minimum`` (None passes: the setting is off); the message names
+    the key within its section (the loader adds the section's path)."""
+    for name, value in values.items():
+        if value is not None and value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def require_positive(**values) -> None:
+    """Refuse each ``name=value`` that is not > 0 (None passes: the setting is off or has a default)."""
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def check_folder_name(name: str, key: str, folder: str) -> None:
+    """Refuse a recipe string that names one folder inside the run folder (e.g. a phase's
+    ``phases/NN_<name>``) unless it is a plain name: not blank, no path separator, not ``.`` or ``..``,
+    no control characters. A name like ``../../x`` used to write its adapter outside the run folder.
+
+    Args:
+        key: the recipe key, for the message (e.g. ``name``).
+        folder: the folder it becomes, for the message (e.g. ``phases/NN_<name>``).
+    """
+    bad = (not name.strip() or name in (".", "..") or any(sep in name for sep in ("/", "\\", os.sep))
+           or any(ord(c) < 32 for c in name))
+    if bad:
+        raise ValueError(f"{key} {name!r} must be a plain folder name (it becomes {folder} in the run folder): "
+                         "not blank, without / or \\, not '.' or '..', no control characters; e.g. 'expert_999'")
+
+
+def child_folder(parent: str | os.PathLike, *parts: str) -> Path:
+    """``parent / parts...``, refused unless it lies strictly inside ``parent`` (symbolic links and ``..``
+    resolved). The last line of defence where a recipe string becomes a path (``phases/NN_<name>``): the
+    recipe's own check (`check_folder_name`) should have refused a bad name already.
+
+    Raises:
+        ValueError: the path would be ``parent`` itself or lie outside it.
+    """
+    root = Path(parent).resolve()
+    resolved = root.joinpath(*parts).resolve()
+    if resolved == root or not resolved.is_relative_to(root):
+        raise ValueError(f"{Path(*parts) if parts else '(no name)'} would lie outside {root} (at {resolved}); "
+                         "recipe names that become folders must be plain folder names")
+    return Path(parent).joinpath(*parts)
 
 
 @dataclass
@@ -49,6 +103,11 @@ class ExpertsSection:
     router_input: Literal["features", "timestep", "both"] = "both"
     """Router of eq. 5: Linear(features), Embedding(timestep), or their sum."""
     router_activation: Literal["none", "sigmoid", "softmax"] = "none"
+
+    def __post_init__(self):
+        # TSMConfig's own checks (rank >= 1, alpha > 0, dropout in [0, 1), targets), at load rather than
+        # when the trainer attaches the experts; scales are each trainer's and checked there.
+        self.tsm_config((1,), 1)
 
     def tsm_config(self, scales, num_timesteps: int, target_modules=None) -> TSMConfig:
         """The `TSMConfig` of these settings for ``scales`` (interval counts) over ``num_timesteps``."""
