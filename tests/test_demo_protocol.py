@@ -116,12 +116,14 @@ def test_adapter_parameters_counts_experts_by_scale_and_the_router(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from tsm_core.serialization import ADAPTER_FILE, count_saved_parameters
+    from tsm_core.config import TSMConfig
+    from tsm_core.serialization import ADAPTER_FILE, FORMAT_VERSION, count_saved_parameters
 
     tensors = {"l.lora_A.s1_e0": torch.zeros(2, 5), "l.lora_B.s1_e0": torch.zeros(7, 2),
                "l.lora_A.s4_e3": torch.zeros(2, 5), "l.lora_B.s4_e3": torch.zeros(7, 2),
                "l.router_fc": torch.zeros(1, 5), "l.router_emb": torch.zeros(1000, 1)}
-    save_file(tensors, str(tmp_path / ADAPTER_FILE), {"format": "tsm"})
+    save_file(tensors, str(tmp_path / ADAPTER_FILE), {"format": "tsm", "format_version": FORMAT_VERSION,
+                                                    "tsm_config": TSMConfig(rank=2, scales=(1, 4)).to_json()})
     assert count_saved_parameters(tmp_path, [1]) == 24 and count_saved_parameters(tmp_path, [4]) == 24
     assert count_saved_parameters(tmp_path) == 48 and count_saved_parameters(tmp_path, [], router=True) == 1005
 
