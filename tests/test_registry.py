@@ -42,8 +42,8 @@ def toy():
 
 def test_registry_lists_families_and_their_traits(toy, env):  # noqa: F811
     assert KIND in kinds() and KIND in kinds(distillable=True) and KIND not in kinds(video=True)
-    assert set(kinds(flow=True)) == {"sd3"} and {"unet3d", "animatediff"} == set(kinds(video=True))
-    assert {"unet", "sdxl", "sd3"} <= set(kinds(distillable=True)) and "pixart" not in kinds(distillable=True)
+    assert set(kinds(flow=True)) == {"sd3", "flux"} and {"unet3d", "animatediff"} == set(kinds(video=True))
+    assert {"unet", "sdxl", "sd3", "flux"} <= set(kinds(distillable=True)) and "pixart" not in kinds(distillable=True)
     assert backbone_class(KIND) is toy and isinstance(load_backbone(KIND, env[1]), toy)
     with pytest.raises(ValueError, match="taken by"):
         register_backbone(type("Other", (UNetBackbone,), {"kind": "unet"}))

@@ -16,8 +16,9 @@ from torch import nn
 class TimestepRouting:
     """Installed hooks; remove them with :meth:`remove` or by leaving a ``with`` block."""
 
-    def __init__(self, denoiser: nn.Module, tsm):
+    def __init__(self, denoiser: nn.Module, tsm, timestep_scale: float = 1.0):
         self.tsm = tsm
+        self.timestep_scale = timestep_scale
         # prepend: enter the context before any other pre-hook (e.g. accelerate's device hooks) runs
         self._handles = [denoiser.register_forward_pre_hook(self._enter, with_kwargs=True, prepend=True),
                          denoiser.register_forward_hook(self._exit)]
@@ -26,6 +27,8 @@ class TimestepRouting:
         x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         t = args[1] if len(args) > 1 else kwargs["timestep"]
         t = torch.as_tensor(t, device=x.device).reshape(-1)
+        if self.timestep_scale != 1.0:  # a DDPM UNet's integer timesteps stay integers
+            t = t * self.timestep_scale
         self.tsm.context.push(t.expand(x.shape[0]) if t.numel() == 1 else t)
 
     def _exit(self, module, args, output):
@@ -43,12 +46,13 @@ class TimestepRouting:
         self.remove()
 
 
-def route_by_timestep(denoiser: nn.Module, tsm) -> TimestepRouting:
-    """Route every call of ``denoiser`` (a UNet or transformer) by its own timestep.
+def route_by_timestep(denoiser: nn.Module, tsm, timestep_scale: float = 1.0) -> TimestepRouting:
+    """Route every call of ``denoiser`` (a UNet or transformer) by its own timestep, times ``timestep_scale``
+    (1000 for a pipeline that passes sigma = t / 1000, as FluxPipeline does).
 
     Keep the returned handle, or use it as a context manager::
 
         with route_by_timestep(pipe.unet, tsm):
             images = pipe(prompts, num_inference_steps=20).images
     """
-    return TimestepRouting(denoiser, tsm)
+    return TimestepRouting(denoiser, tsm, timestep_scale)

@@ -57,15 +57,6 @@ class GANHead(nn.Module):
         return self.net(features).mean(dim=(1, 2, 3))  # (B,)
 
 
-def _head_estimate(denoiser: nn.Module) -> tuple[int, int]:
-    """(channels, side) of the bottleneck from the denoiser's config: a UNet's last block width at
-    sample_size / 2^(levels - 1), a transformer's width at sample_size / patch_size."""
-    cfg = denoiser.config
-    if hasattr(cfg, "block_out_channels"):
-        return cfg.block_out_channels[-1], max(1, cfg.sample_size // 2 ** (len(cfg.block_out_channels) - 1))
-    return cfg.num_attention_heads * cfg.attention_head_dim, max(1, cfg.sample_size // cfg.patch_size)
-
-
 class Critic(nn.Module):
     """Fake score (full copy of the teacher's denoiser, or the denoiser with a peft LoRA) plus GAN head.
 
@@ -91,7 +82,7 @@ class Critic(nn.Module):
             self.fake.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=list(lora_targets),
                                              init_lora_weights="gaussian"))
         # An estimate from the config; fit_head() measures the real bottleneck and rebuilds if it differs.
-        self.head_channels, self.head_resolution = _head_estimate(self.fake)
+        self.head_channels, self.head_resolution = teacher.bottleneck_size()
         self.head = GANHead(self.head_channels, self.head_resolution) if with_head else None
         self._features = None
         self._stop_early = False

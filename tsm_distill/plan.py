@@ -2,8 +2,8 @@
 
 The recipe's models are built from their config files alone, on the meta device (no weights are read or
 allocated), so a pipeline folder that holds only ``model_index.json`` and the ``config.json`` files is
-enough (``tsm_distill/assets/configs/`` ships SD1.5's, SDXL base 1.0's and SD3 medium's). Per phase it
-reports, for one process:
+enough (``tsm_distill/assets/configs/`` ships SD1.5's, SDXL base 1.0's, SD3 medium's and FLUX.1-dev's). Per
+phase it reports, for one process:
 
 * **weights**: the teacher's denoiser (real score and generator base), text encoders (fp32: they are
   not cast), VAE, the fake score's copy of the denoiser, the TSM experts and router, the GAN head; at the training dtype (fp32 master weights:
@@ -58,11 +58,15 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # An output on an input's storage allocates nothing: a view (F.linear's transpose of its weight, which
+        # lives as long as the weight, so it used to count every Linear weight of a pass as held), or an
+        # in-place result.
+        inputs = {id(a.untyped_storage()) for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 key = id(storage)
-                if key not in self._ids:
+                if key not in self._ids and key not in inputs:
                     self._ids.add(key)
                     nbytes = storage.nbytes()
                     self.live += nbytes
@@ -99,7 +103,7 @@ def _meta_teacher(path: Path, kind: str = "unet", max_sequence_length: int | Non
         return check_teacher_kind(kind).meta(Path(path), max_sequence_length)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e} (--plan; tsm_distill/assets/configs/ ships the config folders of SD1.5, "
-                                "SDXL base 1.0 and SD3 medium)") from None
+                                "SDXL base 1.0, SD3 medium and FLUX.1-dev)") from None
 
 
 def _bytes(params) -> int:
@@ -131,8 +135,9 @@ def _fused_attention():
 
     original = F.scaled_dot_product_attention
 
-    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
-        return _FusedAttention.apply(q, k, v)
+    # torch's own parameter names: diffusers' attention dispatcher (Flux) passes them as keywords
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        return _FusedAttention.apply(query, key, value)
 
     F.scaled_dot_product_attention = sdpa
     try:
@@ -180,7 +185,7 @@ def plan_recipe(recipe, num_processes: int = 1) -> list[PhasePlan]:
             set_phase_mode(tsm, ph)
         # A timestep the phase trains (its expert's), so the generator pass has the phase's gradients.
         t = timesteps[phase_student_steps(ph, timesteps, tsm.intervals)[0]]
-        passes = _Passes(teacher, tsm, critic, B, dtype, ph.gan, t)
+        passes = _Passes(teacher, tsm, critic, B, dtype, ph.gan, t, recipe.train.real_guidance_scale)
         gen = sum(p.numel() for p in tsm.trainable_parameters())
         crit = sum(p.numel() for p in passes.critic_trainable)
         weights = _bytes([*denoiser.parameters(), *critic.parameters(), *frozen])  # the denoiser holds the experts
@@ -190,7 +195,8 @@ def plan_recipe(recipe, num_processes: int = 1) -> list[PhasePlan]:
         critic_step = _step_peak(passes, passes.critic_update, critic.fake)
         if sharded:
             weights, optimizer, gen_step, critic_step = _sharded(
-                sharded, teacher, tsm, critic, crit, num_processes, dtype, weights, optimizer, gen_step, critic_step)
+                sharded, teacher, tsm, critic, crit, num_processes, dtype, weights, optimizer, gen_step, critic_step,
+                ph.gan)
         plans.append(PhasePlan(ph.name, B, ph.gan, gen, crit, weights, optimizer, gen_step, critic_step))
     return plans
 
@@ -208,16 +214,16 @@ def _largest_unit(units, skip=()) -> int:
 
 
 def _sharded(modules: set[str], teacher, tsm, critic, trainable: int, n: int, dtype, weights: int, optimizer: int,
-             gen_step: int, critic_step: int):
+             gen_step: int, critic_step: int, gan: bool = True):
     """The same figures with ``modules`` sharded N ways (``train.fsdp``). Each keeps 1/N of its weights; the
     critic also 1/N of its AdamW moments, gradients and AdamW temporaries. Every pass through a sharded
     module all-gathers one unit at a time while prefetching the next: two of its largest units on top of
-    the step peaks of the updates that run it."""
+    the step peaks of the updates that run it (D's head only in GAN phases: outside them it never runs)."""
     from tsm_core.train.fsdp import denoiser_units
 
     kept = (n - 1) / n
     if "critic" in modules:
-        gathered = 2 * _largest_unit(critic.shard_units())
+        gathered = 2 * _largest_unit([u for u in critic.shard_units() if gan or u is not critic.head])
         # In the critic pass the gradients were measured at the compute dtype and the temporaries in fp32.
         grads_and_temporaries = trainable * (torch.finfo(dtype).bits // 8 + 4)
         weights -= int(kept * _bytes(critic.parameters()))
@@ -251,11 +257,11 @@ def _routed_on_meta(tsm, batch: int, t: float, dtype: torch.dtype = torch.long):
 
 class _Passes:
     """The tensor work of one DMD2 iteration's two updates, as `DMD2Trainer` does it, on meta inputs:
-    the generator forward with grad, the fake and real scores (no grad; the real one with CFG, 2B rows),
-    D on the generator's output in GAN phases, backward; then the fake score's denoising forward with
-    grad and D on fakes and reals, backward."""
+    the generator forward with grad, the fake and real scores (no grad; the real one under the family's
+    guidance: CFG's 2B rows, Flux's one pass), D on the generator's output in GAN phases, backward; then the
+    fake score's denoising forward with grad and D on fakes and reals, backward."""
 
-    def __init__(self, teacher, tsm, critic, batch, dtype, gan, t):
+    def __init__(self, teacher, tsm, critic, batch, dtype, gan, t, guidance_scale):
         self.teacher, self.tsm, self.critic, self.gan = teacher, tsm, critic, gan
         self.critic_trainable = [p for p in critic.parameters() if p.requires_grad]
         self.dtype = dtype
@@ -264,6 +270,8 @@ class _Passes:
         self.t = torch.full((batch,), t, device=meta, dtype=teacher.timestep_dtype)
         self.t_value = t
         self.cond = teacher.meta_cond(batch, dtype)
+        self.uncond = teacher.meta_cond(1, dtype)
+        self.guidance_scale = guidance_scale
 
     @contextlib.contextmanager
     def cast(self, *modules):
@@ -294,15 +302,15 @@ class _Passes:
     def _generator_update(self) -> None:
         # The generator and the real score run under autocast (the caller cast the UNet); the fake score's
         # DMD pass runs in fp32 (DMD2), and so does D here (under autocast in training: an overestimate).
-        from tsm_core.models import cat_cond, cond_map
+        from tsm_core.models import cond_map
 
         with _routed_on_meta(self.tsm, self.t.shape[0], self.t_value, self.teacher.timestep_dtype):
             x0 = self.teacher.predict(self.x, self.t, self.cond)
             with torch.no_grad(), self.tsm.bypass():  # the real score is the plain teacher
                 fake = self.critic.predict(x0.float(), self.t, cond_map(self.cond, torch.Tensor.float))  # fp32, like DMD2
-                real = self.teacher.predict(torch.cat([x0, x0]), torch.cat([self.t, self.t]),
-                                            cat_cond([self.cond, self.cond]))
-                target = (x0 - (fake - real.chunk(2)[0])).detach()
+                # The family's guidance, as the trainer's real score: CFG's 2B rows, or Flux's one guided pass.
+                real = self.teacher.guided_predict(x0, self.t, self.cond, self.uncond, self.guidance_scale)
+                target = (x0 - (fake - real)).detach()
             loss = (x0.float() - target.float()).pow(2).mean()
             if self.gan:
                 loss = loss + self.critic.discriminate(x0.float(), torch.zeros_like(self.t),

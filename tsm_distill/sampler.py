@@ -6,6 +6,8 @@
   ``StableDiffusionXLPipeline`` (both tested against :func:`generate`'s rollout):
   it swaps in an ``LCMScheduler`` (predict x0, re-noise to the next timestep: the student's
   sampler) and routes every UNet call by the timestep the pipeline passes to it.
+* :func:`use_student_in_flux_pipeline` does the same for a stock ``FluxPipeline`` (tested against
+  :func:`generate`'s rollout) with ``FlowMatchLCMScheduler``, the flow-matching form of that sampler.
 """
 
 from __future__ import annotations
@@ -58,3 +60,28 @@ def use_student_in_pipeline(pipe, tsm, timesteps: Sequence[int] = (999, 749, 499
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, timestep_scaling=1e6)
     pipe._tsm_routing = route_by_timestep(pipe.unet, tsm)
     return {"timesteps": list(timesteps), "guidance_scale": 1.0}
+
+
+def use_student_in_flux_pipeline(pipe, tsm, sigmas: Sequence[float] = (1.0, 0.749, 0.499, 0.249),
+                                 guidance: float | None = None) -> dict:
+    """Make a stock ``FluxPipeline`` sample with a Flux student (``student_sigmas`` of its recipe).
+
+    Returns the keyword arguments to call the pipeline with: the student's ``sigmas`` and ``guidance_scale``,
+    the embedded guidance the student and its fake score were distilled at (`FluxBackbone.guidance`, 3.5;
+    the real score's ``real_guidance_scale`` is already distilled into the student)::
+
+        kwargs = use_student_in_flux_pipeline(pipe, tsm, recipe.student_sigmas)
+        image = pipe("a photo of a cat", **kwargs).images[0]
+    """
+    from diffusers import FlowMatchLCMScheduler
+
+    from tsm_core.models import FluxBackbone
+
+    # FlowMatchLCMScheduler's step is the student's sampler: x0 = x - sigma v, then fresh noise to the next
+    # sigma (none after the last). Shifting off: the pipeline's mu would warp the student's sigmas again.
+    pipe.scheduler = FlowMatchLCMScheduler.from_config(pipe.scheduler.config, use_dynamic_shifting=False, shift=1.0)
+    # FluxPipeline passes sigma = t / 1000 to the transformer; the experts are routed by t.
+    pipe._tsm_routing = route_by_timestep(pipe.transformer, tsm,
+                                          timestep_scale=pipe.scheduler.config.num_train_timesteps)
+    return {"sigmas": [float(s) for s in sigmas],
+            "guidance_scale": FluxBackbone.guidance if guidance is None else float(guidance)}

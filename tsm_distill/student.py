@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from tsm_core.models import Backbone, Cond, cat_cond, expand_cond
+from tsm_core.models import Backbone, Cond
 
 
 class Student:
-    """x0 predictions of the generator, routed by timestep, plus the teacher's CFG score.
+    """x0 predictions of the generator, routed by timestep, plus the teacher's guided score.
 
     The frozen *real* score of DMD2 is the same denoiser with the experts bypassed
     (``TSMAdapter.bypass``), so the teacher's weights are held once. The backbone (``teacher``) gives
@@ -33,13 +33,8 @@ class Student:
     @torch.no_grad()
     def real_output(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond,
                     guidance_scale: float) -> torch.Tensor:
-        """The teacher's raw output (epsilon, v or flow velocity) with classifier-free guidance; ``uncond``
-        is the one-prompt "" conditioning."""
+        """The teacher's raw output (epsilon, v or flow velocity) under its family's guidance
+        (`Backbone.guided_predict`: classifier-free guidance, or Flux's embedded scale); ``uncond`` is the
+        one-prompt "" conditioning."""
         with self.tsm.bypass():
-            if guidance_scale == 1.0:
-                return self.teacher.predict(x_t, t, cond)
-            n = x_t.shape[0]
-            both = self.teacher.predict(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                        cat_cond([cond, expand_cond(uncond, n)]))
-        out_c, out_u = both.chunk(2)
-        return out_u + guidance_scale * (out_c - out_u)
+            return self.teacher.guided_predict(x_t, t, cond, uncond, guidance_scale)

@@ -26,15 +26,17 @@ def check_teacher_kind(kind: str) -> type:
     return backbone_class(kind)
 
 
-def load_teacher(path: str | Path, kind: str = "unet") -> Backbone:
-    """Load a teacher pipeline folder (or hub id) of family ``kind`` with ``from_pretrained``.
+def load_teacher(path: str | Path, kind: str = "unet", max_sequence_length: int | None = None) -> Backbone:
+    """Load a teacher pipeline folder (or hub id) of family ``kind`` with ``from_pretrained``; families with a T5
+    encoder encode prompts to ``max_sequence_length`` tokens (the recipe's ``model.max_sequence_length``; None:
+    the family's default, SD3 256, Flux 512).
 
     Raises:
         ValueError: a family distillation does not support.
         FileNotFoundError: the folder (or one of its components) is missing.
     """
     check_teacher_kind(kind)
-    return load_backbone(kind, path)
+    return load_backbone(kind, path, max_sequence_length)
 
 
 @torch.no_grad()

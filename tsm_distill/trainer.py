@@ -78,7 +78,7 @@ class DMD2Trainer(PhasedTrainer):
         ec = recipe.experts
         if ec.init_from:  # from the file's header alone, before any model loads: a wrong file fails in a second
             check_init_from(ec)
-        self.teacher = load_teacher(recipe.model.path, recipe.model.kind)
+        self.teacher = load_teacher(recipe.model.path, recipe.model.kind, recipe.model.max_sequence_length)
         T = self.teacher.num_timesteps
         uses_gan = any(ph.gan for ph in recipe.phases)
         # The fake score is copied from the clean teacher before the experts are attached.
@@ -505,9 +505,10 @@ def phase_student_steps(ph: PhaseConfig, timesteps: list[int], intervals) -> lis
 
 
 def load_student(teacher_path: str | Path, adapter_dir: str | Path, device: torch.device | str = "cpu",
-                 kind: str = "unet"):
-    """A trained student for inference on ``device``: (teacher backbone, adapter) with the adapter's saved mode."""
-    teacher = load_teacher(teacher_path, kind)
+                 kind: str = "unet", max_sequence_length: int | None = None):
+    """A trained student for inference on ``device``: (teacher backbone, adapter) with the adapter's saved mode;
+    ``max_sequence_length`` as the run's ``model.max_sequence_length`` (T5 families)."""
+    teacher = load_teacher(teacher_path, kind, max_sequence_length)
     tsm = load_adapter(teacher.denoiser, adapter_dir)
     return teacher.to(device), tsm
 

@@ -200,6 +200,18 @@ class Backbone:
         backbone's own; distillation passes its fake score (a copy of the denoiser) through the same call."""
         raise NotImplementedError
 
+    def guided_predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond, guidance_scale: float,
+                       denoiser: nn.Module | None = None) -> torch.Tensor:
+        """The output under the family's guidance at ``guidance_scale`` (DMD2's real score): classifier-free
+        guidance, ``u + g (c - u)`` over one pass of 2B rows with ``uncond`` (the one-row unconditional input)
+        repeated; at 1 the plain conditional pass. Guidance-distilled families (Flux) embed the scale instead."""
+        if guidance_scale == 1.0:
+            return self.predict(x_t, t, cond, denoiser)
+        n = x_t.shape[0]
+        both = self.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond([cond, expand_cond(uncond, n)]), denoiser)
+        out_c, out_u = both.chunk(2)
+        return out_u + guidance_scale * (out_c - out_u)
+
     # Distillation (DMD2) needs three more facts of a family: the timestep dtype its denoiser takes, how
     # its training timesteps are warped (SD3's shift), and where its bottleneck features are for D.
     timestep_dtype: torch.dtype = torch.long
@@ -215,6 +227,15 @@ class Backbone:
     def bottleneck_features(self, output, x_t: torch.Tensor) -> torch.Tensor:
         """The `bottleneck` module's output as a feature map (B, C, h, w)."""
         return output
+
+    def bottleneck_size(self) -> tuple[int, int]:
+        """(channels, side) of `bottleneck_features` at the native `latent_size`, from the config alone (the GAN
+        head is sized from it before any pass, on the meta device too): a UNet's last block width at
+        latent_size / 2^(levels - 1), a transformer's width at latent_size / patch_size."""
+        cfg = self.denoiser.config
+        if hasattr(cfg, "block_out_channels"):
+            return cfg.block_out_channels[-1], max(1, self.latent_size // 2 ** (len(cfg.block_out_channels) - 1))
+        return cfg.num_attention_heads * cfg.attention_head_dim, max(1, self.latent_size // cfg.patch_size)
 
     def unconditional(self) -> Cond:
         """One row of the conditioning classifier-free guidance pairs with the prompts (`as_unconditional`
@@ -247,6 +268,11 @@ class Backbone:
         """A fresh scheduler for inference (DDIM for DDPM models, the flow-matching Euler scheduler for SD3)."""
         raise NotImplementedError
 
+    def set_sampling_timesteps(self, scheduler, steps: int, side: int, device) -> None:
+        """Set ``steps`` inference timesteps on a sampling scheduler for ``side`` x ``side`` model-space samples
+        (the scheduler's own spacing; Flux shifts it by the image size)."""
+        scheduler.set_timesteps(steps, device=device)
+
     def noise_shape(self, n: int, side: int) -> tuple[int, ...]:
         """The shape of ``n`` samples' starting noise at ``side`` x ``side`` latents (images here)."""
         return (n, self.latent_channels, side, side)
@@ -274,7 +300,7 @@ class Backbone:
         if size % self.vae_scale:
             raise ValueError(f"image size {size} must be a multiple of the VAE factor {self.vae_scale}")
         scheduler = scheduler or self.sampling_scheduler()
-        scheduler.set_timesteps(steps, device=device)
+        self.set_sampling_timesteps(scheduler, steps, size // self.vae_scale, device)
         if noise is not None and len(noise) != n:
             raise ValueError(f"need one starting latent per prompt, got {len(noise)} for {n} prompts")
         x = (noise if noise is not None

@@ -20,6 +20,7 @@ FAMILIES: dict[str, str] = {
     "animatediff": "tsm_core.models.unets:MotionUNetBackbone",
     "pixart": "tsm_core.models.dits:PixArtBackbone",
     "sd3": "tsm_core.models.dits:SD3Backbone",
+    "flux": "tsm_core.models.flux:FluxBackbone",
 }
 """kind -> "module:Class" of the shipped families (imported when first asked for)."""
 
@@ -70,9 +71,9 @@ def load_backbone(kind: str, path: str | os.PathLike, max_sequence_length: int |
 
     Args:
         kind: a registered family (`kinds()`): "unet" (SD1.5 / SD2, also pixel-space pipelines without a VAE),
-            "sdxl", "pixart", "sd3", or the video UNets "unet3d" (ModelScope / zeroscope) and "animatediff".
+            "sdxl", "pixart", "sd3", "flux", or the video UNets "unet3d" (ModelScope / zeroscope) and "animatediff".
         path: the pipeline folder or hub id.
-        max_sequence_length: T5 prompt length (PixArt default 120, SD3 default 256).
+        max_sequence_length: T5 prompt length (PixArt default 120, SD3 default 256, Flux default 512).
 
     Raises:
         ValueError: an unknown kind.

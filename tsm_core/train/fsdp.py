@@ -52,12 +52,12 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
 
 def denoiser_units(denoiser: nn.Module) -> list[nn.Module]:
     """FSDP units of a UNet or MM-DiT, innermost first: the layers of every block (a UNet block's resnets
-    and attention stacks; an MM-DiT's joint blocks), each block, then the denoiser itself (the rest of it:
-    embeddings, conv in/out). Units of a few hundred million parameters keep the weights gathered at any
-    time small (SDXL's largest block alone is 1.1B)."""
+    and attention stacks; an MM-DiT's joint blocks, and Flux's single-stream blocks after them), each block,
+    then the denoiser itself (the rest of it: embeddings, conv in/out). Units of a few hundred million
+    parameters keep the weights gathered at any time small (SDXL's largest block alone is 1.1B)."""
     mid = [denoiser.mid_block] if getattr(denoiser, "mid_block", None) is not None else []
     blocks = [*getattr(denoiser, "down_blocks", []), *mid, *getattr(denoiser, "up_blocks", []),
-              *getattr(denoiser, "transformer_blocks", [])]
+              *getattr(denoiser, "transformer_blocks", []), *getattr(denoiser, "single_transformer_blocks", [])]
     units = []
     for block in blocks:
         units += [layer for child in block.children() if isinstance(child, nn.ModuleList) for layer in child]
