@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tsm_core.serialization import ADAPTER_FILE, read_adapter_file
+from tsm_core.config import TSMConfig
+from tsm_core.serialization import ADAPTER_FILE, FORMAT_VERSION, read_adapter_file
 from tsm_core.train.recipe import save_recipe
 from tsm_distill.demo import eval as ev
 from tsm_distill.demo import run as demo
@@ -27,7 +28,9 @@ def _fake_run(run, recipe):
                 tensors[f"blk.lora_B.s{scale}_e{e}"] = torch.full((5, 2), i + 1 + e / 10)
         folder = run / "phases" / f"{i:02d}_{ph.name}"
         folder.mkdir(parents=True)
-        save_file(tensors, str(folder / ADAPTER_FILE), {"format": "tsm", "phase": ph.name})
+        save_file(tensors, str(folder / ADAPTER_FILE), {"format": "tsm", "format_version": FORMAT_VERSION,
+                                                        "tsm_config": TSMConfig(rank=2, scales=(1, 4)).to_json(),
+                                                        "phase": ph.name})
 
 
 def test_dmd_only_students_take_each_expert_from_its_last_non_gan_phase(tmp_path):
