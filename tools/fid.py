@@ -29,6 +29,7 @@ from tsm_core.eval.evaluate import compute_reference, load_reference, score, sco
 from tsm_core.eval.features import FeatureExtractor
 from tsm_core.eval.preprocess import MODES
 from tsm_core.eval.sources import folder_items
+from tsm_core.train.storage import check_output_path
 
 
 def _add_extractor_args(p: argparse.ArgumentParser) -> None:
@@ -227,10 +228,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_outputs(args) -> None:
+    """Refuse an output path that cannot be written before any scoring work (which can take hours).
+
+    Raises:
+        ValueError: the flag, the path and why (full, read-only, no permission, a file in the way).
+    """
+    files = {"--json": args.json, "--out": getattr(args, "out", None), "--stats-out": getattr(args, "stats_out", None)}
+    cache = getattr(args, "ref_cache", None)
+    if cache and not Path(cache).exists():  # an existing cache is only read
+        files["--ref-cache"] = cache
+    for flag, path in files.items():
+        if path:
+            check_output_path(path, flag)
+    if getattr(args, "out_dir", None):
+        check_output_path(args.out_dir, "--out-dir", directory=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; user errors print one line and return 2."""
+    """Run the CLI; user errors (an unwritable output path included) print one line and return 2."""
     args = build_parser().parse_args(argv)
     try:
+        check_outputs(args)
         return args.func(args)
     except (ValueError, FileNotFoundError, NotImplementedError) as err:
         print(f"error: {err}", file=sys.stderr)

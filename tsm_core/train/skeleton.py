@@ -9,11 +9,15 @@ the subclass: an optimizer step of the diffusion loss (``tsm_core.finetune``) or
   clipping and stepping) and warm-up through diffusers' ``constant_with_warmup`` (`optim`);
 * gradient sync of sparse expert gradients and clipping (`PhasedTrainer.apply_gradients`);
 * the NaN stop (`PhasedTrainer.check_finite`);
-* the run folder: a used folder is refused without ``resume``/``overwrite``; temp files a killed
-  write left are removed; ``recipe.yaml`` is written;
+* the run folder: a used folder is refused without ``resume``/``overwrite``; a folder another live
+  run holds is refused (`tsm_core.train.runlock`); temp files a killed write left are removed;
+  ``recipe.yaml`` is written;
 * checkpoints every ``checkpoint_every`` steps and at every phase boundary (without optimizers: the
   next phase starts fresh ones), resume through `CheckpointManager`, bit-exact when the subclass draws
-  its randomness from `step_generator`;
+  its randomness from `step_generator`; a damaged checkpoint is set aside and the run resumes from the
+  newest one that verifies;
+* a full disk or an unwritable folder at any write (checkpoints, adapters, logs, samples) stops the
+  run with a `RunFolderError` in words (`tsm_core.train.storage`);
 * SIGINT/SIGTERM: the current step finishes, a checkpoint is written and `TrainingInterrupted` says
   how to resume;
 * logging: scalars every ``log_every`` steps and at each phase end. Values a step did not produce
@@ -28,7 +32,6 @@ and ``self.schedulers``), `train_step`, `checkpoint_modules` and `save_final`; o
 from __future__ import annotations
 
 import contextlib
-import errno
 import fnmatch
 import json
 import logging
@@ -51,6 +54,8 @@ from .fsdp import full
 from .logging import RunLogger, progress
 from .optim import check_finite, clip_gradients, sync_gradients, warmup_schedule
 from .recipe import recipe_to_dict, save_recipe
+from .runlock import RunFolderInUse, RunLock, check_unlocked  # noqa: F401 (RunFolderInUse: re-exported)
+from .storage import LOW_SPACE_BYTES, RunFolderError, describe_write_failure, probe_write  # noqa: F401 (defined here first)
 
 log = logging.getLogger(__name__)
 
@@ -61,38 +66,6 @@ RECIPE_FILE = "recipe.yaml"
 RESUME_HISTORY = "resume_history.jsonl"
 
 
-# Below this much free space a failed write is put down to a full disk.
-LOW_SPACE_BYTES = 64 * 2**20
-
-
-class RunFolderError(OSError):
-    """The run folder cannot be written (read-only, no permission, no space left); the message says
-    which, and how to go on. The CLIs print it as one ``error:`` line."""
-
-
-def describe_write_failure(error: BaseException, folder: Path) -> str | None:
-    """Words for a failed write into ``folder``: a full disk, a read-only file system or no permission;
-    None when it is none of those (a bug: keep the traceback).
-
-    torch.save reports a full disk as a RuntimeError ("enforce fail at inline_container.cc") without an
-    errno, so the free space is measured too.
-    """
-    code = getattr(error, "errno", None)
-    probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("/"))
-    try:
-        free = shutil.disk_usage(probe).free
-    except OSError:
-        free = None
-    if code in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < LOW_SPACE_BYTES):
-        room = f" ({free / 2**20:.1f} MiB free)" if free is not None else ""
-        return f"no space left on the device of {folder}{room}"
-    if code == errno.EROFS:
-        return f"{folder} is on a read-only file system"
-    if code in (errno.EACCES, errno.EPERM) or (isinstance(error, OSError) and not os.access(probe, os.W_OK)):
-        return f"{folder} is not writable (permission denied)"
-    return None
-
-
 def check_writable(run_dir: str | Path) -> None:
     """Create ``run_dir`` and write one small file there, so a read-only or full run folder fails now,
     in words, not with a torch serialization error at the first checkpoint.
@@ -101,11 +74,8 @@ def check_writable(run_dir: str | Path) -> None:
         RunFolderError: the folder cannot be written.
     """
     run_dir = Path(run_dir)
-    probe = run_dir / f"{TMP_PREFIX}write_probe_{os.getpid()}"
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"\0" * 4096)
-        probe.unlink()
+        probe_write(run_dir)
     except OSError as e:
         why = describe_write_failure(e, run_dir) or f"{run_dir} cannot be written ({e})"
         raise RunFolderError(f"{why}; choose another --run-dir or fix the folder") from e
@@ -147,15 +117,23 @@ def check_run_folder(run_dir: str | Path, resume: bool = False, overwrite: bool 
     """Refuse to start where the run would mix with an earlier one (cheap: call it before loading models).
 
     A new run needs a run folder without an earlier run's checkpoints, adapters or logged rows;
-    ``resume`` needs a checkpoint; ``overwrite`` allows a used folder (the trainer clears it).
+    ``resume`` needs a checkpoint; ``overwrite`` allows a used folder (the trainer clears it). No live
+    run may hold the folder (`tsm_core.train.runlock`), whatever the flags.
 
     Raises:
         ValueError: both flags, or a used folder with neither.
         FileNotFoundError: ``resume`` without a checkpoint to resume from.
+        RunFolderInUse: another live run holds the folder (the message names its pid and host).
     """
     run_dir = Path(run_dir)
     if resume and overwrite:
         raise ValueError("--resume continues the run in the folder and --overwrite deletes it: pass only one")
+    check_unlocked(run_dir)
+    _check_contents(run_dir, resume, overwrite)
+
+
+def _check_contents(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """`check_run_folder` without the lock: what the folder holds fits the flags."""
     if resume:
         if CheckpointManager(run_dir, keep_last=None).latest() is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start the run without "
@@ -286,6 +264,7 @@ class PhasedTrainer:
         self.schedulers: dict[str, Any] = {}
         self._latest_logs: dict[str, Any] = {}
         self._stop_signal: int | None = None
+        self._lock: RunLock | None = None  # held by the main process from _prepare_folder to the end of train()
 
     # ------------------------------------------------------------------ what a subclass provides
     def phase_lengths(self) -> list[tuple[str, int]]:
@@ -374,10 +353,13 @@ class PhasedTrainer:
 
     @contextlib.contextmanager
     def writing(self, what: str):
-        """Turn a full disk or an unwritable run folder during ``what`` into a `RunFolderError` in words."""
+        """Turn a full disk or an unwritable run folder during ``what`` into a `RunFolderError` in words
+        (whichever writer failed: safetensors, torch.save, JSON, PIL); other errors pass unchanged."""
         try:
             yield
-        except (OSError, RuntimeError) as e:
+        except RunFolderError:
+            raise
+        except Exception as e:
             why = describe_write_failure(e, self.run_dir)
             if why is None:
                 raise
@@ -389,7 +371,7 @@ class PhasedTrainer:
     def _resume(self) -> None:
         """Restore the latest checkpoint, entering its phase first (its modules, e.g. a router, must
         exist to load into; a boundary checkpoint restores no optimizers: the phase starts fresh ones)."""
-        path = self.ckpt.latest()  # exists: _prepare_folder's check_run_folder refused a resume without one
+        path = self.ckpt.latest()  # exists and verified: _prepare_folder set damaged ones aside
         state = self.ckpt.read_state(path)
         self.phase_index, self.phase_step, self.global_step = state["phase"], state["phase_step"], state["global_step"]
         self.seconds = state.get("seconds", {})
@@ -397,7 +379,7 @@ class PhasedTrainer:
         self.enter_phase(min(self.phase_index, len(self.phase_lengths()) - 1))
         under_way = self.phase_step > 0
         self.ckpt.load(path, self.checkpoint_modules(), self.optimizers if under_way else None,
-                       self.schedulers if under_way else None)
+                       self.schedulers if under_way else None, verify=False)
         if self.acc.is_main_process:
             truncate_stats(self.run_dir, self.global_step)
 
@@ -462,40 +444,76 @@ class PhasedTrainer:
         with open(self.run_dir / RESUME_HISTORY, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
+    def _resume_from_loadable(self) -> None:
+        """Before a resume (every process): set aside each newest checkpoint that fails to verify, saying
+        so, so that `_resume` loads the newest one that does."""
+        good, damaged = self.ckpt.latest_loadable()
+        for moved, error in damaged:
+            print(f"resume: {error}; checkpoint set aside as {moved}", flush=True)
+        if good is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt.dir} loads (damaged ones are set aside "
+                                    f"as {self.ckpt.dir / 'corrupt_step_*'}); start the run again with --overwrite, "
+                                    "or put back a checkpoint from a copy")
+        if damaged:
+            print(f"resume: falling back to {good}", flush=True)
+
     def _prepare_folder(self, resume: bool, overwrite: bool) -> None:
         check_run_folder(self.run_dir, resume, overwrite)
         changes = check_resume_recipe(self.run_dir, self.recipe, self.shape_keys) if resume else []
         check_writable(self.run_dir)  # creates the folder: after the checks that only read
-        self.acc.wait_for_everyone()  # every process has looked before the main one deletes anything
+        self.acc.wait_for_everyone()  # every process has looked before the main one locks or deletes anything
         if self.acc.is_main_process:
-            if overwrite:
-                clear_run(self.run_dir)
-            for stale in remove_stale_temp_files(self.run_dir):
-                log.warning("removed %s, left by a write that was killed", stale)
-            if resume:
-                self._record_resume(changes)
-            save_recipe(self.recipe, self.run_dir / RECIPE_FILE)  # recipe.yaml: what the run now runs
+            self._lock = RunLock.acquire(self.run_dir)
+            # Again under the lock: a run that started (or ended) since the first look must be seen.
+            _check_contents(self.run_dir, resume, overwrite)
+            with self.writing("the run folder"):
+                if overwrite:
+                    clear_run(self.run_dir)
+                for stale in remove_stale_temp_files(self.run_dir):
+                    log.warning("removed %s, left by a write that was killed", stale)
+        if resume:
+            with self.writing("the run folder"):
+                self._resume_from_loadable()  # waits for every process
+        if self.acc.is_main_process:
+            with self.writing("the run folder"):
+                if resume:
+                    self._record_resume(changes)
+                save_recipe(self.recipe, self.run_dir / RECIPE_FILE)  # recipe.yaml: what the run now runs
         self.acc.wait_for_everyone()
 
     def train(self, resume: bool = False, overwrite: bool = False) -> Any:
         """Run every phase, then `save_final`; returns what it returns.
 
         Args:
-            resume: continue from the run folder's latest checkpoint (a finished run rebuilds its final
-                adapters and returns).
+            resume: continue from the run folder's latest checkpoint that loads (damaged newer ones are
+                set aside as ``checkpoints/corrupt_step_*``); a finished run rebuilds its final adapters
+                and returns.
             overwrite: start again in a run folder that holds an earlier run, deleting its checkpoints,
                 phases/, adapter*/, samples and logs first. Without it (or ``resume``) such a folder is
                 refused (`check_run_folder`).
 
+        The main process holds the run-folder lock (``run_dir/.lock``) until this returns or raises.
+
         Raises:
             NonFiniteLossError: a loss became NaN/inf; the last good checkpoint is named.
             TrainingInterrupted: SIGINT/SIGTERM; a checkpoint of the last finished step was written.
+            RunFolderError: the disk filled up or the folder became unwritable; ``RunFolderInUse``: another
+                live run holds the folder.
         """
+        try:
+            return self._train(resume, overwrite)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def _train(self, resume: bool, overwrite: bool) -> Any:
         self._prepare_folder(resume, overwrite)
         if resume:
             self._resume()
         # Opened after _resume trimmed stats.jsonl (the logger appends through an open handle).
-        self.logger = RunLogger(self.run_dir, enabled=self.acc.is_main_process, use_tensorboard=self.tensorboard)
+        with self.writing("the run's logs"):
+            self.logger = RunLogger(self.run_dir, enabled=self.acc.is_main_process, use_tensorboard=self.tensorboard)
         self.on_start()
         bar = progress(self.progress_total(), desc=self.desc, disable=not self.acc.is_main_process)
         bar.update(self.global_step)
@@ -542,11 +560,12 @@ class PhasedTrainer:
             self.phase_step += 1
             self.global_step += 1
             bar.update(1)
-            if self.global_step % self.log_every == 0 or self.phase_step == steps:
-                self._log(bar)
-            if self.sample_every and self.global_step % self.sample_every == 0:
-                self.sample(f"step_{self.global_step:08d}")
-            self.after_step()
+            with self.writing(f"the outputs of step {self.global_step} (logs, samples, exports)"):
+                if self.global_step % self.log_every == 0 or self.phase_step == steps:
+                    self._log(bar)
+                if self.sample_every and self.global_step % self.sample_every == 0:
+                    self.sample(f"step_{self.global_step:08d}")
+                self.after_step()
             if self.phase_step == steps:
                 break  # the boundary checkpoint follows in _run_phases
             stop = self._stop_requested()
