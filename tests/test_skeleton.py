@@ -226,3 +226,28 @@ def test_a_full_disk_at_a_checkpoint_says_so_and_names_the_last_checkpoint(tmp_p
     monkeypatch.setattr(ck, "_torch_save", bug)
     with pytest.raises(RuntimeError, match="a bug"):
         LinearTrainer(tmp_path / "b").train()
+
+
+def test_a_failure_in_on_start_or_save_final_closes_the_logger_and_releases_the_folder(tmp_path):
+    closed = []
+
+    class Failing(LinearTrainer):
+        def __init__(self, run_dir, where):
+            super().__init__(run_dir)
+            self.where = where
+
+        def on_start(self):
+            real_close = self.logger.close
+            self.logger.close = lambda: (closed.append(self.where), real_close())
+            if self.where == "on_start":
+                raise ValueError("bad first batch")
+
+        def save_final(self):
+            raise ValueError("cannot export")
+
+    for where in ("on_start", "save_final"):
+        with pytest.raises(ValueError):
+            Failing(tmp_path / where, where).train()
+    assert closed == ["on_start", "save_final"]
+    # The lock went with the failed run: the folder can be resumed (save_final) or overwritten (on_start).
+    assert LinearTrainer(tmp_path / "on_start").train(overwrite=True)["weight"].shape == (4, 4)

@@ -514,20 +514,19 @@ class PhasedTrainer:
         # Opened after _resume trimmed stats.jsonl (the logger appends through an open handle).
         with self.writing("the run's logs"):
             self.logger = RunLogger(self.run_dir, enabled=self.acc.is_main_process, use_tensorboard=self.tensorboard)
-        self.on_start()
-        bar = progress(self.progress_total(), desc=self.desc, disable=not self.acc.is_main_process)
-        bar.update(self.global_step)
-        try:
-            with self._stop_on_signal():
-                self._run_phases(bar, resumed=resume)
-        except BaseException:
-            self.logger.close()  # keep every row logged so far; the checkpoint is the way back
-            raise
+        try:  # whatever stops the run (a bad first batch in on_start included), every row logged so far is kept
+            self.on_start()
+            bar = progress(self.progress_total(), desc=self.desc, disable=not self.acc.is_main_process)
+            bar.update(self.global_step)
+            try:
+                with self._stop_on_signal():
+                    self._run_phases(bar, resumed=resume)
+            finally:
+                bar.close()
+            with self.writing("the final adapters"):
+                result = self.save_final()
         finally:
-            bar.close()
-        with self.writing("the final adapters"):
-            result = self.save_final()
-        self.logger.close()
+            self.logger.close()  # the checkpoint, not the logger, is the way back after a failure
         self.acc.wait_for_everyone()
         return result
 
