@@ -114,7 +114,7 @@ def test_two_process_ddp_keeps_ranks_equal(tmp_path):
 
     assert r0["rng_restored"] and r1["rng_restored"]  # each rank got its own RNG state back
     assert r0["state"] == r1["state"] == {"phase": 0, "step": STEPS}
-    assert r0["files"] == ["model.safetensors", "optimizers.pt", "rng_state_0.pt", "rng_state_1.pt",
+    assert r0["files"] == ["manifest.json", "model.safetensors", "optimizers.pt", "rng_state_0.pt", "rng_state_1.pt",
                            "schedulers.pt", "trainer_state.json"]
 
 

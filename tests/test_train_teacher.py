@@ -53,7 +53,7 @@ def test_three_steps_write_a_whole_checkpoint(runs):
     root, first, _, _ = runs
     assert first["state"]["step"] == 3 and first["path"].name == "step_00000003"
     assert first["files"] == {"unet.safetensors", "text_encoder.safetensors", "ema.safetensors", "optimizers.pt",
-                              "schedulers.pt", "rng_state_0.pt", "trainer_state.json"}
+                              "schedulers.pt", "rng_state_0.pt", "manifest.json", "trainer_state.json"}
     assert "checkpoint.pt" not in {p.name for p in (root / "resumed").iterdir()}  # the old pickle is gone
     assert len(first["optim"]["opt"]["state"]) > 0  # AdamW moments are saved, not just weights
     assert not list((root / "resumed" / "checkpoints").glob(".tmp_*"))
