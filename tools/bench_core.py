@@ -58,22 +58,30 @@ TARGET_RATIO = {"stage1": 1.05, "stage2": 1.15, "merged": 1.03}
 
 
 # ---------------------------------------------------------------------------- timing
-def interleaved(cands: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, list[float]]:
-    """Time each candidate once per round, rotating the order each round; returns seconds per call."""
+def interleaved(cands: dict[str, Callable[[], object]], rounds: int, warmup: int,
+                cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Time each candidate once per round, rotating the order each round; returns seconds per call.
+
+    ``cpu``, when given, is filled with each call's CPU seconds of this process as well: on a machine
+    shared with other jobs, wall time counts the time the scheduler gave to them, CPU time does not."""
     names = list(cands)
     for _ in range(warmup):
         for n in names:
             cands[n]()
     times: dict[str, list[float]] = {n: [] for n in names}
+    if cpu is not None:
+        cpu.update({n: [] for n in names})
     gc.collect()
     gc.disable()  # a collection inside one candidate's call would bias that candidate
     try:
         for r in range(rounds):
             k = r % len(names)
             for n in names[k:] + names[:k]:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 cands[n]()
                 times[n].append(time.perf_counter() - t0)
+                if cpu is not None:
+                    cpu[n].append(time.process_time() - c0)
     finally:
         gc.enable()
     return times
@@ -462,10 +470,15 @@ def main(argv=None) -> dict:
     if args.only in (None, "projection"):
         result["sd15_projection"] = run_workload(ProjectionWork(), rounds, warmup, args.proto)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
+    return emit(result, args.json)
+
+
+def emit(result: dict, path: Path | None) -> dict:
+    """Print the result as JSON, and write it to ``path`` too when one is given."""
     text = json.dumps(result, indent=1)
     print(text)
-    if args.json is not None:
-        args.json.write_text(text + "\n")
+    if path is not None:
+        path.write_text(text + "\n")
     return result
 
 

@@ -20,6 +20,7 @@ from .config import TSMConfig
 from .context import TimestepContext
 from .intervals import TimestepIntervals
 from .layers import TARGET_TYPES, Mode, TSMLayer, expert_key, tsm_layer
+from .merged import MERGE_POLICIES, MergePolicy
 
 _MODES = ("off", "expert", "mixture", "symmetric")
 
@@ -95,6 +96,27 @@ class TSMAdapter:
             for layer in self.layers.values():
                 layer.mode, layer.active_scale, layer.core_scale, layer.gated_scales = "off", None, None, ()
         self.mode, self.mode_args = mode, args
+        return self
+
+    def set_merged_training(self, policy: MergePolicy = "auto") -> TSMAdapter:
+        """How layers run experts that the whole batch shares (``tsm_core.merged``).
+
+        * ``"auto"`` (the default): one matmul / convolution on ``W + s B A`` (built on the fly; the base
+          weight is never modified) with the experts' gradients computed in the backward, in every layer
+          where that costs fewer multiply-adds than the unmerged path (large activations, e.g. SD1.5's
+          64x64 and 32x32 levels); the other layers stay unmerged. In stage 2 the core merges, and a gated
+          context too when its gate is one number for the batch (``router_input="timestep"``).
+        * ``"always"``: merge wherever it is exact, whatever it costs (tests, measurements).
+        * ``"never"``: the unmerged path everywhere.
+
+        Outputs and gradients equal the unmerged path's within float rounding. Layers with dropout in
+        training mode, trainable base weights, or a base weight managed by hooks (ZeRO-3, per-layer FSDP2,
+        offloading) stay unmerged under every policy.
+        """
+        if policy not in MERGE_POLICIES:
+            raise ValueError(f"merged training policy must be one of {MERGE_POLICIES}, got {policy!r}")
+        for layer in self.layers.values():
+            layer.merge_policy = policy
         return self
 
     # ------------------------------------------------------------------ parameters

@@ -27,6 +27,7 @@ class RoutingState:
     index: dict[int, torch.Tensor]  # scale -> (B,) expert index per sample (eq. 3)
     shared: dict[int, int | None]  # scale -> the one expert every sample uses, else None
     router_rows: torch.Tensor  # (B,) row of the router embedding E per sample (eq. 6)
+    router_shared: bool = False  # every sample reads the same row of E (a timestep-only gate is one scalar)
 
     model_batch: int | None = None  # batch of the latest routed model's input in this block (attach's hook)
     _rows: dict[int, RoutingState] = field(default_factory=dict, repr=False)  # rows() cache, per step
@@ -62,7 +63,8 @@ class RoutingState:
             m = n // self.batch
             cached = RoutingState(t=self.t.repeat_interleave(m),
                                   index={s: i.repeat_interleave(m) for s, i in self.index.items()},
-                                  shared=self.shared, router_rows=self.router_rows.repeat_interleave(m))
+                                  shared=self.shared, router_rows=self.router_rows.repeat_interleave(m),
+                                  router_shared=self.router_shared)
             self._rows[n] = cached
         return cached
 
@@ -104,7 +106,9 @@ class TimestepContext:
             # One host sync per step (not per layer): lets layers take the plain-matmul fast path
             # when the whole batch shares one expert, as in DMD2 where k is shared per iteration.
             shared[n] = int(idx[0]) if bool((idx == idx[0]).all()) else None
-        state = RoutingState(t=t, index=index, shared=shared, router_rows=self.intervals.router_index(t))
+        rows = self.intervals.router_index(t)
+        state = RoutingState(t=t, index=index, shared=shared, router_rows=rows,
+                             router_shared=bool((rows == rows[0]).all()))
         self._stack.append(state)
         return state
 

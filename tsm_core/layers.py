@@ -6,7 +6,9 @@ its interval. Experts are separate parameters so an optimizer can own exactly th
 trains (AdamW would otherwise decay untouched rows of a stacked bank). For a batch with mixed
 timesteps they are stacked and gathered so that every sample is routed in one batched matmul
 (``bmm`` for Linear, a grouped convolution for convolutions), never a loop over samples. A batch that
-shares one expert (DMD2's case) takes a plain-matmul fast path.
+shares one expert (DMD2's case) takes a plain-matmul fast path, or, where it costs less, runs merged:
+one matmul / convolution on ``W + s B A`` with the experts' gradients computed in the backward
+(``tsm_core.merged``; ``TSMAdapter.set_merged_training`` chooses the policy).
 
 Video models fold frames (spatial layers, ``B*F`` rows) or pixels (temporal layers, ``B*H*W`` rows)
 into the batch; a layer routes each row by its video's timestep (``RoutingState.rows``).
@@ -23,6 +25,7 @@ from torch import nn
 
 from .config import TSMConfig
 from .context import RoutingState, TimestepContext
+from .merged import MergedFunction, MergedOp, MergePolicy, merge_blocker, merge_pays
 
 Mode = Literal["off", "expert", "mixture", "symmetric"]
 TARGET_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # the layers that can carry experts
@@ -89,6 +92,7 @@ class TSMLayer(nn.Module):
         self.core_scale: int | None = None
         self.gated_scales: tuple[int, ...] = ()
         self.merged = False
+        self.merge_policy: MergePolicy = "auto"  # merged-weight forward/backward for shared experts (set_merged_training)
         self._merged_backup: torch.Tensor | None = None
         self.gate_log: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (t, mean gate) when recording
 
@@ -200,24 +204,75 @@ class TSMLayer(nn.Module):
     def forward(self, x: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
         if x is None:  # called with torch's own keyword: AnimateDiff's motion modules do proj_in(input=...)
             x = kwargs.pop("input")
-        out = self.base_layer(x, *args, **kwargs)
         if self.mode == "off" or self.merged:
-            return out
+            return self.base_layer(x, *args, **kwargs)
         state = self.context.current(self.name) if self._needs_context() else self.context.peek()
         if state is not None and state.batch != 1:
             state.check_rows(x.shape[0], self.name)  # fails early, in words, when rows cannot be mapped to samples
-        xd = self.dropout(x)
+        # (scale, gate index or None): the expert (eq. 3), or the core and the gated contexts (eq. 5)
         if self.mode == "expert":
-            return self._up(out, [self._down(xd, self.active_scale, state)])
-        terms = [self._down(xd, self.core_scale, state)] if self.core_scale is not None else []
-        if self.gated_scales:
-            g = self._gate(x, state)
-            if self.gate_log is not None:
-                self._record_gate(g, state)
-            for j, s in enumerate(self.gated_scales):
-                z, B = self._down(xd, s, state)
-                terms.append((z * self._match_gate(g.narrow(self.channel_dim, j, 1), z, B.ndim == 3), B))
+            spec = [(self.active_scale, None)]
+        else:
+            spec = [(self.core_scale, None)] if self.core_scale is not None else []
+            spec += [(s, j) for j, s in enumerate(self.gated_scales)]
+        plan = self._merge_plan(x, state, spec, bool(args or kwargs))
+        if plan is None:
+            out, rest = self.base_layer(x, *args, **kwargs), spec
+        else:
+            out, rest = plan
+        if not rest:
+            return out
+        xd = self.dropout(x)
+        g = self._gate(x, state) if any(j is not None for _, j in rest) else None
+        if g is not None and self.gate_log is not None:
+            self._record_gate(g, state)
+        terms = []
+        for s, j in rest:
+            z, B = self._down(xd, s, state)
+            if j is not None:
+                z = z * self._match_gate(g.narrow(self.channel_dim, j, 1), z, B.ndim == 3)
+            terms.append((z, B))
         return self._up(out, terms)
+
+    def _merge_plan(self, x: torch.Tensor, state: RoutingState | None, spec: list[tuple[int, int | None]],
+                    extra_args: bool) -> tuple[torch.Tensor, list[tuple[int, int | None]]] | None:
+        """Run the experts that the whole batch shares as one op on merged weights, when that is exact and
+        (policy ``auto``) cheaper by `merge_pays`: returns ``(output, experts still to add unmerged)``, or
+        None for the unmerged path. A gated expert merges only when its gate is one number for the batch
+        (a timestep-only router and one timestep row); a gate of FC(x) varies per token, so it stays unmerged
+        while the core beside it merges."""
+        if self.merge_policy == "never" or extra_args or self.gate_log is not None:
+            return None
+        if merge_blocker(self.base_layer, self.dropout) is not None:
+            return None
+        gate = None
+        if any(j is not None for _, j in spec) and self.router_fc is None and state.router_shared:
+            row = state.router_rows[:1].to(self.router_emb.device)
+            gate = router_activation(self.router_emb[row], self.router_activation, dim=-1)[0]  # (k,)
+        merged, rest = [], []
+        for s, j in spec:
+            k = 0 if s == 1 else state.shared[s]
+            if k is not None and (j is None or gate is not None):
+                merged.append((self.lora_A[expert_key(s, k)], self.lora_B[expert_key(s, k)], None if j is None else gate[j]))
+            else:
+                rest.append((s, j))
+        if not merged:
+            return None
+        As, Bs, cs = (list(v) for v in zip(*merged))
+        bl = self.base_layer
+        op = MergedOp.of(bl)
+        trained = [A.requires_grad or B.requires_grad or (c is not None and c.requires_grad) for A, B, c in merged]
+        backward = torch.is_grad_enabled() and (x.requires_grad or any(trained))
+        pays, full = merge_pays(op, op.out_positions(x, tuple(bl.weight.shape[2:])), self.out_features,
+                                As[0][0].numel(), [A.shape[0] for A in As], trained, x.requires_grad, backward)
+        if self.merge_policy == "auto" and not pays:
+            return None
+        if full:
+            op = MergedOp.of(bl, full_weight_grad=True)
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype  # what base_layer would use
+        out = MergedFunction.apply(x, bl.weight, bl.bias, op, self.scaling, dtype, len(As), *As, *Bs, *cs)
+        return out, rest
 
     def _record_gate(self, g: torch.Tensor, state: RoutingState) -> None:
         # Mean gate per sample (over tokens/pixels, and over the rows of a video): feeds "gate vs

@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""Benchmark a full-size SD1.5 UNet training step: frozen base vs peft LoRA vs TSM (prints one JSON object).
+
+The SD1.5 UNet is built from the shipped config-only folder (``tsm_distill/assets/configs/sd15/unet``)
+with random weights, once; every candidate model is built on the meta device and takes *those* tensors
+(``load_state_dict(assign=True)``), so all candidates share one set of base weights in memory. The
+adapter is paper appendix A.3's: rank 64, alpha 8, the 14 target module types of the SD1.5 recipes.
+
+Candidates (each a forward + backward through the activations; the input latent requires grad, so the
+frozen base also runs its full backward):
+  * ``base``: the UNet with nothing attached;
+  * ``peft_lora``: one peft LoRA adapter (DMD2+LoRA's generator);
+  * ``tsm_s1_shared``: TSM stage 1 (``expert`` mode at scale 4), the batch sharing one expert (DMD2's
+    generator step): the merged-weight path when the library chooses it;
+  * ``tsm_s1_mixed``: the same with one timestep per interval (gathered experts);
+  * ``tsm_s2``: TSM stage 2 (``mixture``: core n = 4 + gated context n = 1, router trainable), shared t;
+  * ``*_unmerged``: the shared-expert candidates with the merged path turned off
+    (``set_merged_training("never")``), i.e. the library's path before merged training existed.
+
+Timing is bench_core's: warm-up calls, then interleaved rounds with the starting candidate rotating, and
+ratios of medians (plus the median and quartiles of per-round ratios), of wall time (``ratios``) and of
+this process's CPU time (``cpu_ratios``: on a machine shared with other jobs the wall time also counts
+the time slices given to them; with one thread, CPU time is the work of the step).
+
+    python tools/bench_sd15.py                      # 32x32 latents, batch 2, 4 rounds: a few minutes here
+    python tools/bench_sd15.py --size 64 --rounds 3 # the issue's 512 px setting (about 40 s per step here)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bench_core import compare, emit, interleaved, medians_ms  # noqa: E402
+
+from tsm_core import TSMConfig, attach  # noqa: E402
+
+UNET_CONFIG = ROOT / "tsm_distill" / "assets" / "configs" / "sd15" / "unet"
+RANK, ALPHA = 64, 8  # paper appendix A.3
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+           "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]  # recipes/sd15_*
+SHARED_T, MIXED_T = 600, [100, 300, 600, 900]
+TARGET_VS_BASE = {"tsm_s1_shared": 1.10, "tsm_s2": 1.15}  # issue 29's done-when targets
+
+
+class SD15Work:
+    """One set of random SD1.5 UNet weights and the inputs of a training step at ``size`` x ``size`` latents."""
+
+    def __init__(self, size: int, batch: int, seed: int = 0):
+        from diffusers import UNet2DConditionModel
+
+        self.cls = UNet2DConditionModel
+        self.config = UNet2DConditionModel.load_config(str(UNET_CONFIG))
+        torch.manual_seed(seed)
+        ref = UNet2DConditionModel.from_config(self.config)
+        ref.requires_grad_(False)
+        self.weights = ref.state_dict()  # shared by every candidate
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(batch, 4, size, size, generator=g).requires_grad_(True)
+        self.c = torch.randn(batch, 77, 768, generator=g)
+        self.target = torch.randn(batch, 4, size, size, generator=g)
+        self.t_shared = torch.full((batch,), SHARED_T)
+        self.t_mixed = torch.tensor([MIXED_T[i % 4] for i in range(batch)])
+
+    def base(self):
+        with torch.device("meta"):
+            m = self.cls.from_config(self.config)
+        m.load_state_dict(self.weights, assign=True)  # the shared tensors, not copies
+        m.requires_grad_(False)
+        return m
+
+    def peft(self):
+        from peft import LoraConfig
+
+        m = self.base()
+        m.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, init_lora_weights=True))
+        params = [p for n, p in m.named_parameters() if "lora_" in n]
+        for p in params:
+            p.requires_grad_(True)
+        return m, params
+
+    def tsm(self, mode: str):
+        m = self.base()
+        tsm = attach(m, TSMConfig(rank=RANK, alpha=ALPHA, scales=(1, 4), target_modules=TARGETS))
+        if mode == "expert":
+            tsm.set_mode("expert", scale=4)
+        else:
+            tsm.set_mode("mixture", core_scale=4, context_scales=(1,))
+        with torch.no_grad():  # non-zero B, so no path can skip work on zero experts
+            for p in tsm.adapter_parameters():
+                if p.ndim == 2 and p.shape[1] == RANK:
+                    p.normal_(std=1e-3)
+        return m, tsm
+
+    def step(self, m, params, t, tsm=None, merged: str | None = None):
+        def run():
+            for p in params:
+                p.grad = None
+            self.x.grad = None
+            if merged is not None:
+                tsm.set_merged_training(merged)
+            with tsm.timesteps(t) if tsm is not None else contextlib.nullcontext():
+                out = m(self.x, t, encoder_hidden_states=self.c).sample
+                F.mse_loss(out, self.target).backward()  # inside the block: routing must outlive backward
+        return run
+
+
+def ratio_table(times: dict[str, list[float]], cands) -> dict:
+    """Every TSM candidate against the frozen base and against peft; merged against unmerged."""
+    ratios = {}
+    for name in cands:
+        if name in ("base", "peft_lora"):
+            continue
+        ratios[f"{name}_vs_base"] = compare(times, name, "base", TARGET_VS_BASE.get(name))
+        ratios[f"{name}_vs_peft"] = compare(times, name, "peft_lora")
+        if name.endswith("_unmerged") and name[:-len("_unmerged")] in cands:
+            ratios[f"{name[:-len('_unmerged')]}_merged_vs_unmerged"] = compare(times, name[:-len("_unmerged")], name)
+    ratios["peft_lora_vs_base"] = compare(times, "peft_lora", "base")
+    return ratios
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", type=int, default=32, help="latent side (64 = 512 px, the issue's setting; default 32)")
+    p.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
+    p.add_argument("--rounds", type=int, default=4, help="timed interleaved rounds (default 4)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per candidate first (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)")
+    p.add_argument("--skip", nargs="*", default=[], help="candidates to leave out (e.g. tsm_s1_mixed)")
+    p.add_argument("--json", type=Path, default=None, help="also write the JSON to this file")
+    args = p.parse_args(argv)
+    if args.size < 8 or args.size % 8:
+        p.error(f"--size must be a multiple of 8 (three downsamplings), got {args.size}")
+    if args.rounds < 2 or args.batch < 1 or args.threads < 1 or args.warmup < 0:
+        p.error("--rounds >= 2, --batch >= 1, --threads >= 1, --warmup >= 0")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import diffusers
+    import peft
+
+    t0 = time.perf_counter()
+    w = SD15Work(args.size, args.batch)
+    peft_m, peft_p = w.peft()
+    s1_m, s1 = w.tsm("expert")
+    s2_m, s2 = w.tsm("mixture")
+    s1_p, s2_p = list(s1.trainable_parameters()), list(s2.trainable_parameters())
+    has_merged = hasattr(s1, "set_merged_training")  # absent before merged training existed
+    on = "auto" if has_merged else None
+    cands = {
+        "base": w.step(w.base(), [], w.t_shared),
+        "peft_lora": w.step(peft_m, peft_p, w.t_shared),
+        "tsm_s1_shared": w.step(s1_m, s1_p, w.t_shared, s1, on),
+        "tsm_s1_mixed": w.step(s1_m, s1_p, w.t_mixed, s1, on),
+        "tsm_s2": w.step(s2_m, s2_p, w.t_shared, s2, on),
+    }
+    if has_merged:
+        cands["tsm_s1_shared_unmerged"] = w.step(s1_m, s1_p, w.t_shared, s1, "never")
+        cands["tsm_s2_unmerged"] = w.step(s2_m, s2_p, w.t_shared, s2, "never")
+    for name in args.skip:
+        if name not in cands or name in ("base", "peft_lora"):
+            raise SystemExit(f"--skip: {name!r} is not one of the optional candidates {sorted(cands)[2:]}")
+        del cands[name]
+    setup_s = time.perf_counter() - t0
+    cpu: dict[str, list[float]] = {}
+    wall = interleaved(cands, args.rounds, args.warmup, cpu)
+    result = {
+        "ratios": ratio_table(wall, cands),
+        "cpu_ratios": ratio_table(cpu, cands),  # CPU seconds of this process: what other jobs' load leaves out
+        "medians_ms": medians_ms(wall),
+        "cpu_medians_ms": medians_ms(cpu),
+        "settings": {"size": args.size, "batch": args.batch, "rounds": args.rounds, "warmup": args.warmup,
+                     "threads": torch.get_num_threads(), "rank": RANK, "alpha": ALPHA, "target_modules": TARGETS,
+                     "scales": [1, 4], "timestep_shared": SHARED_T, "timesteps_mixed": w.t_mixed.tolist(),
+                     "stage2": {"core_scale": 4, "context_scales": [1], "router_input": s2.config.router_input},
+                     "merged_training": "auto" if has_merged else "absent"},
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__},
+        "load_average": list(os.getloadavg()),
+        "setup_s": round(setup_s, 1),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    return emit(result, args.json)
+
+
+if __name__ == "__main__":
+    main()
