@@ -28,7 +28,7 @@ import torch
 
 from tsm_core import attach, load_adapter
 from tsm_core.card import RunCard, write_run_card
-from tsm_core.models import cond_map
+from tsm_core.models import Backbone, cond_map
 from tsm_core.serialization import check_adapter_fits, read_adapter_file
 from tsm_core.train.accel import step_generator
 from tsm_core.train.ema import EMA
@@ -55,7 +55,8 @@ def _randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 class DMD2Trainer(PhasedTrainer):
-    """Runs a :class:`DistillRecipe` in ``run_dir``. Pass an ``accelerate.Accelerator`` to scale out.
+    """Runs a :class:`DistillRecipe` in ``run_dir``. Pass an ``accelerate.Accelerator`` to scale out, and
+    ``teacher`` (a built `Backbone` of ``model.kind``) to skip loading ``model.path``.
 
     Settings that would fail mid-run are checked here, before anything trains: the recipe's own
     (``DistillRecipe``), the teacher's timesteps, and, when a phase uses the GAN, that real samples
@@ -68,7 +69,7 @@ class DMD2Trainer(PhasedTrainer):
         "phases.*.type", "phases.*.scale", "phases.*.experts*", "phases.*.core_scale", "phases.*.context_scales*",
         "phases.*.gan")
 
-    def __init__(self, recipe: DistillRecipe, run_dir: str | Path, accelerator=None):
+    def __init__(self, recipe: DistillRecipe, run_dir: str | Path, accelerator=None, teacher: Backbone | None = None):
         tc = recipe.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
@@ -78,7 +79,12 @@ class DMD2Trainer(PhasedTrainer):
         ec = recipe.experts
         if ec.init_from:  # from the file's header alone, before any model loads: a wrong file fails in a second
             check_init_from(ec)
-        self.teacher = load_teacher(recipe.model.path, recipe.model.kind, recipe.model.max_sequence_length)
+        if teacher is None:
+            teacher = load_teacher(recipe.model.path, recipe.model.kind, recipe.model.max_sequence_length)
+        elif teacher.kind != recipe.model.kind:  # a built teacher (tools/gpu_check.py: random weights from config)
+            raise ValueError(f"the given teacher is a {teacher.kind!r} backbone but the recipe's model.kind is "
+                             f"{recipe.model.kind!r}; build the teacher of the recipe's family")
+        self.teacher = teacher
         T = self.teacher.num_timesteps
         uses_gan = any(ph.gan for ph in recipe.phases)
         # The fake score is copied from the clean teacher before the experts are attached.
