@@ -98,13 +98,18 @@ def test_a_phase_over_the_device_memory_is_skipped_with_its_reason(smoke, tmp_pa
 
 def test_an_exhausted_time_budget_skips_with_its_reason(tmp_path):
     out = tmp_path / "budget.json"
-    # --plan-workers 1: the plan comes from a worker process, as on a GPU machine
-    assert gpu_check.main(["--smoke", "--only", "sd15_dmd2_lora", "--budget-seconds", "0", "--plan-workers", "1",
-                           "--out", str(out)]) == 0
+    assert gpu_check.main(["--smoke", "--only", "sd15_dmd2_lora", "--budget-seconds", "0", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert list(doc["recipes"]) == ["sd15_dmd2_lora"]
     for ph in doc["recipes"]["sd15_dmd2_lora"]["phases"].values():
         assert ph["status"].startswith("skipped: time budget (") and ph["plan"]["total_bytes"] > 0
+
+
+def test_plans_from_a_worker_process_equal_the_smoke_runs(smoke):
+    # the GPU mode's path: plans in spawned worker processes, each recipe yielded once its plan is ready
+    entry = smoke["recipes"]["sd15_dmd2_lora"]
+    got = list(gpu_check._plans({"sd15": entry}, 1, gpu_check.Clock(math.inf)))
+    assert got == [("sd15", [ph["plan"] for ph in entry["phases"].values()])]
 
 
 def test_gpu_mode_without_a_gpu_says_how_to_run(tmp_path, capsys):

@@ -28,7 +28,7 @@ docs/backbones.md ("Checking the plan on a GPU").
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
+import contextlib
 import gc
 import json
 import math
@@ -251,20 +251,17 @@ def _timings(runs: list[dict], ratio: int) -> dict:
     return out
 
 
-def check_recipe(path: Path, entry: dict, plans, *, teacher_path: Path, device: torch.device, capacity: int | None,
+def check_recipe(path: Path, entry: dict, plans: list[dict] | Exception, *, teacher_path: Path, device: torch.device, capacity: int | None,
                  iterations: int, warm_up: bool, clock: Clock, work: Path, save) -> None:
-    """Build the recipe's teacher and trainer once, then measure each of its phase kinds into ``entry``."""
+    """Build the recipe's teacher and trainer once, then measure each of its phase kinds into ``entry``;
+    ``plans`` are `plan_figures` of its checked recipe, or the exception planning raised."""
     from tsm_core.train.recipe import load_recipe
     from tsm_distill import DistillRecipe, DMD2Trainer
 
     phases = entry["phases"]
-    try:
-        figures = plans.result() if hasattr(plans, "result") else plans
-        for kind, figure in zip(phases, figures):
-            phases[kind]["plan"] = figure
-    except Exception as e:  # the planner's own failure is a finding; the measurement still runs
-        for ph in phases.values():
-            ph["plan"] = f"error: {_why(e)}"
+    for kind, figure in zip(phases, plans if isinstance(plans, list) else [plans] * len(phases)):
+        # a failed plan is a finding too; the measurement still runs
+        phases[kind]["plan"] = f"error: {_why(figure)}" if isinstance(figure, Exception) else figure
     planned = {k: ph["plan"]["total_bytes"] for k, ph in phases.items() if isinstance(ph.get("plan"), dict)}
     if capacity is not None:
         for kind, total in planned.items():
@@ -393,46 +390,53 @@ def _run(args, recipes: list[Path], device: torch.device, clock: Clock, work: Pa
                                         "batch_per_process": ph["batch_size"]}
         entries[path] = entry
     save()
-    # The plans need only the CPU (meta tensors): on a GPU machine they run in worker processes while the
-    # GPU measures, and a recipe is measured as soon as its plan is ready (a 12B one takes longest); in smoke
-    # mode they run in this process, in recipe order.
-    pool, futures, order = None, {}, list(entries)
-    if args.plan_workers > 0 and entries:
-        pool = concurrent.futures.ProcessPoolExecutor(min(args.plan_workers, len(entries)),
-                                                      mp_context=multiprocessing.get_context("spawn"),
-                                                      initializer=torch.set_num_threads, initargs=(1,))
-        futures = {pool.submit(plan_figures, e["checked_recipe"]): p for p, e in entries.items()}
-        order = (futures[f] for f in concurrent.futures.as_completed(futures))
     capacity = doc["device_memory_bytes"]
-    try:
-        for path in order:
+    with contextlib.closing(_plans(entries, args.plan_workers, clock)) as plans:
+        for path, figures in plans:
             entry = entries[path]
-            figures = next((f for f, p in futures.items() if p == path), None)
-            if figures is None:
-                try:
-                    figures = plan_figures(entry["checked_recipe"])
-                except Exception as e:
-                    traceback.print_exc()
-                    figures = _Failed(e)
             check_recipe(path, entry, figures, teacher_path=teachers[entry["kind"]], device=device, capacity=capacity,
                          iterations=args.iterations, warm_up=not args.smoke, clock=clock, work=work, save=save)
             print(f"{entry['recipe']}: " + ", ".join(f"{k} {ph.get('status')}" for k, ph in entry["phases"].items()),
                   flush=True)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
     save()
     return doc
 
 
-class _Failed:
-    """A plan that raised, shaped like a future whose ``result()`` re-raises."""
+def _plans(entries: dict[Path, dict], workers: int, clock: Clock):
+    """Yield (recipe, its `plan_figures` or the exception planning raised), each recipe once.
 
-    def __init__(self, error: Exception):
-        self.error = error
-
-    def result(self):
-        raise self.error
+    The plans need only the CPU (meta tensors). With ``workers`` > 0 (a GPU machine) they run in worker
+    processes while the GPU measures, and each recipe comes as soon as its plan is ready (a 12B teacher's takes
+    longest); plans not ready when the budget is spent come as a TimeoutError, and the workers are killed
+    when this closes (a plan still running must not hold the exit). With 0, in this process, in order."""
+    if workers <= 0:
+        for path, entry in entries.items():
+            try:
+                yield path, plan_figures(entry["checked_recipe"])
+            except Exception as e:
+                traceback.print_exc()
+                yield path, e
+        return
+    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(entries)), initializer=torch.set_num_threads,
+                                                     initargs=(1,))
+    try:
+        pending = {p: pool.apply_async(plan_figures, (e["checked_recipe"],)) for p, e in entries.items()}
+        while pending:
+            ready = [p for p, r in pending.items() if r.ready()]
+            if not ready and clock.left() <= 0:
+                for path in list(pending):
+                    yield path, TimeoutError("its plan was not ready within the time budget")
+                return
+            if not ready:
+                time.sleep(0.2)
+                continue
+            result = pending.pop(ready[0])
+            try:
+                yield ready[0], result.get()
+            except Exception as e:
+                yield ready[0], e
+    finally:
+        pool.terminate()
 
 
 def _why(e: BaseException) -> str:
