@@ -15,13 +15,13 @@ cannot shard). Per recipe x phase kind it writes to one JSON file:
   cycle;
 * ``plan``: `tsm_distill.plan.plan_recipe` of exactly the recipe that ran (``checked_recipe``), one process.
 
-What does not fit is skipped with its reason: a phase whose plan exceeds the device's memory, a recipe when
-the time budget (``--budget-seconds``, default 500 s, inside the 9 minutes a lent GPU allows) runs out. An
-out-of-memory error is recorded as a result, with the peak reached. The JSON is rewritten after every phase,
-so a run cut short keeps what it measured. How to run it on a lent GPU and where its JSON goes:
+What does not fit is skipped with its reason: a phase whose plan exceeds the device's memory, and what the
+time budget (``--budget-seconds``, default 480 s: with start-up and one iteration past it, inside the 9 minutes
+a lent GPU allows) leaves no room for. An out-of-memory error is recorded as a result, with the peak reached.
+The JSON is rewritten after every phase, so a run cut short keeps what it measured. How to run it on a lent GPU and where its JSON goes:
 docs/backbones.md ("Checking the plan on a GPU").
 
-    python tools/gpu_check.py [--out gpu_check.json] [--budget-seconds 500] [--only sdxl]
+    python tools/gpu_check.py [--out gpu_check.json] [--budget-seconds 480] [--only sdxl]
     python tools/gpu_check.py --smoke --out smoke.json   # CPU: tiny configs, float32, the same code path
 """
 
@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="gpu_check.json", help="the JSON file to write (rewritten after every phase)")
     p.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny configs, float32, no warm-up")
     p.add_argument("--budget-seconds", type=float, default=None,
-                   help="stop starting work after this many seconds (default 500 on a GPU, unlimited with --smoke)")
+                   help="stop starting work after this many seconds (default 480 on a GPU, unlimited with --smoke)")
     p.add_argument("--iterations", type=int, default=None,
                    help="measured iterations per phase: one with the generator update, the rest critic-only "
                         "(default 3 on a GPU, 2 with --smoke)")
@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
                         "0 = in this process with --smoke)")
     args = p.parse_args(argv)
     if args.budget_seconds is None:
-        args.budget_seconds = math.inf if args.smoke else 500.0
+        args.budget_seconds = math.inf if args.smoke else 480.0
     args.iterations = args.iterations or (2 if args.smoke else 3)
     if args.batch_cap is None and args.smoke:
         args.batch_cap = 2
