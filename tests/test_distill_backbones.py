@@ -193,6 +193,16 @@ def test_recipes_for_sdxl_and_sd3_load(tmp_path):
     # one foster phase per student step, then the router; every scale-4 expert is trained
     fostered = {e for ph in tsm.phases if ph.type == "foster" for e in ph.experts}
     assert fostered == {0, 1, 2, 3} and tsm.phases[-1].type == "assemble"
+    # A.3's relation of each LoRA baseline to its TSM run: 4x the experts' batch without and with the GAN,
+    # A.3's 40K + 5K split (SDXL: scaled by 16/45 like every SDXL expert phase), the TSM run's other settings.
+    sd3_lora = load_recipe(repo / "sd3_dmd2_lora.yaml", DistillRecipe)
+    for base, tsm_run in ((lora, tsm), (sd3_lora, sd3)):
+        experts = {ph.gan: ph.batch_size for ph in tsm_run.phases if ph.type == "foster" and ph.scale == 4}
+        assert [(ph.scale, ph.gan, ph.batch_size) for ph in base.phases] == [(1, False, 4 * experts[False]),
+                                                                             (1, True, 4 * experts[True])]
+        assert base.experts.scales == [1] and base.experts.target_modules == tsm_run.experts.target_modules
+        assert base.model == tsm_run.model and base.timesteps(1000) == tsm_run.timesteps(1000)
+    assert [ph.steps for ph in lora.phases] == [14200, 1800] and [ph.steps for ph in sd3_lora.phases] == [40000, 5000]
 
 
 def test_gan_head_has_dmd2s_sd15_and_sdxl_shapes_and_fits_any_bottleneck():
@@ -298,9 +308,14 @@ def test_plan_cli_prints_the_shipped_sdxl_recipe_from_the_shipped_configs(capsys
     repo = Path(__file__).resolve().parents[1]
     assert main([str(repo / "recipes" / "sdxl_dmd2_lora.yaml"), "--plan", "--processes", "8",
                  "--set", f"model.path={repo / 'tsm_distill' / 'assets' / 'configs' / 'sdxl'}"]) == 0
-    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| lora_gan |")]
+    out = capsys.readouterr().out
+    (row,) = [line for line in out.splitlines() if line.startswith("| lora_gan |")]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1] == "16" and cells[2] == "yes"  # global batch 128 over 8 processes; the GAN phase
+    # The reals' encoding is counted in the critic step: 1024 px images, 4 per VAE call (data.encode_batch),
+    # near 2.5 GB each in fp32 (the whole 8 at once would be 20 GB, more than the critic's own passes).
+    encoding = float(out.split("and their captions first: at most ")[1].split(" GB")[0])
+    assert 7 < encoding < 13 and encoding < float(cells[8])
+    assert cells[1] == "8" and cells[2] == "yes"  # global batch 64 over 8 processes; the GAN phase
     weights, optimizer, total = float(cells[5]), float(cells[6]), float(cells[9].strip("*"))
     # fp32 weights of the 2.57B UNet twice (generator base, fake score) plus both CLIPs and the VAE
     assert 2 * 2_567_463_684 * 4 / 2**30 < weights < 25 and total > weights + optimizer

@@ -63,11 +63,17 @@ class DataConfig:
     """Real images for the GAN: a .pt/.safetensors latent cache, an image folder with metadata.jsonl,
     webdataset shards (.tar pattern), or 'builtin:fmnist'. Needed only by GAN phases."""
     resolution: int = 512
+    encode_batch: int = 4
+    """Real images per VAE encode call (folders and shards; a latent cache is not encoded). The critic update
+    encodes its reals in chunks of this many, before its forward: the encoder's fp32 activations peak near
+    2.5 GB per 1024 px image, so a GPU's whole share at once (16 on SDXL: 40 GB) would cost twice the
+    update itself. Chunks change nothing but rounding: the posterior noise comes from the same CPU generator in
+    the same order; ``--plan`` counts the chunk."""
 
     renamed_keys: ClassVar[dict[str, str]] = {"sample_prompts": "train.sample_prompts"}
 
     def __post_init__(self):
-        require_at_least(1, resolution=self.resolution)
+        require_at_least(1, resolution=self.resolution, encode_batch=self.encode_batch)
 
 
 @dataclass

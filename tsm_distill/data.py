@@ -62,7 +62,8 @@ class RealSource:
     ``spec`` is a latent cache (``.pt`` tensor or ``.safetensors`` with key ``latents``), ``builtin:fmnist``,
     an image folder with ``metadata.jsonl``, or webdataset shards (``*.tar`` pattern). Folders and
     shards are VAE-encoded on the fly by ``encode(pixels, generator)`` (the teacher's ``encode_images``),
-    which draws a sample of the VAE posterior, as DMD2 does, not its mean.
+    which draws a sample of the VAE posterior, as DMD2 does, not its mean; ``encode_batch`` images per call
+    (the recipe's ``data.encode_batch``: the encoder's activations grow with the batch, its output does not).
 
     D is text-conditional (DMD2 scores each real image with its own caption), so :meth:`sample` returns
     the captions too: the folder's ``metadata.jsonl`` text, the shards' ``txt``/``json`` caption, the
@@ -70,11 +71,14 @@ class RealSource:
     the empty prompt ``""``, and a warning says so once, when the source is built.
     """
 
-    def __init__(self, spec: str, resolution: int, encode=None):
+    def __init__(self, spec: str, resolution: int, encode=None, encode_batch: int = 4):
+        if encode_batch < 1:
+            raise ValueError(f"encode_batch must be >= 1 (real images per VAE encode call), got {encode_batch}")
         self.cache: torch.Tensor | None = None
         self.captions: list[str] | None = None
         self._iter = None
         self.encode = encode
+        self.encode_batch = encode_batch
         if spec == BUILTIN_FMNIST:
             from tsm_core.data.fmnist import load_fashion_mnist, prompt_for, to_model_space
 
@@ -155,4 +159,7 @@ class RealSource:
                 loader = torch.utils.data.DataLoader(self.dataset, batch_size=None)
                 self._iter = infinite(loader, lambda: describe_shards(self.dataset))
             batch = collate_image_text([next(self._iter) for _ in range(n)])
-        return self.encode(batch["pixel_values"].to(device), generator), list(batch["text"])
+        # In chunks, one after the other from the same generator: a resumed run draws the same posterior samples.
+        pixels = batch["pixel_values"].to(device)
+        latents = torch.cat([self.encode(chunk, generator) for chunk in pixels.split(self.encode_batch)])
+        return latents, list(batch["text"])

@@ -12,7 +12,11 @@ phase it reports, for one process:
 * **step peak**: the most bytes the generator update or the critic update allocates on top (activations
   kept for backward, transient outputs, the gradients, then AdamW's foreach temporaries while the
   gradients are held), measured by running both updates' passes on
-  meta tensors under `LiveBytes` at the phase's per-process batch and the teacher's sample size;
+  meta tensors under `LiveBytes` at the phase's per-process batch and the teacher's sample size. In GAN
+  phases the critic update begins, as in the trainer, by encoding its real images (the VAE in fp32, in
+  chunks of ``data.encode_batch``, for image folders and shards; a latent cache is not encoded) and their
+  captions (the text encoders in fp32); the generator's prompts are encoded the same way at the start of
+  each iteration, with less held, so this figure covers them too;
 * **total** = weights + optimizer + step peak.
 
 With ``train.fsdp`` each module of ``train.fsdp_modules`` counts 1/N per process (`_sharded`): the critic's
@@ -21,7 +25,8 @@ updates; the generator's frozen base (not its experts), plus two of its units ga
 update; the text encoders' weights (their units are gathered while prompts are encoded, before either update).
 
 What it leaves out: the CUDA context and allocator fragmentation (add 1-2 GB on a GPU), the EMA copy
-(``train.ema_decay``: one more fp32 copy of the adapter), data loading. Under bf16/fp16 autocast the
+(``train.ema_decay``: one more fp32 copy of the adapter), the no-grad rollout before the updates (a
+forward without grad at the same batch: less than the generator update). Under bf16/fp16 autocast the
 passes run with weights cast to that dtype, which counts the ops autocast keeps in fp32 (norms, softmax)
 at half size: the activation figure is then a slight underestimate.
 """
@@ -36,6 +41,8 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from .data import BUILTIN_FMNIST
 
 GB = 1024 ** 3
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -88,6 +95,9 @@ class PhasePlan:
     optimizer: int
     generator_step: int
     critic_step: int
+    real_encoding: int = 0
+    """The peak of encoding the reals and their captions, the first part of the critic update (included in
+    ``critic_step``; 0 outside GAN phases)."""
 
     @property
     def total(self) -> int:
@@ -104,6 +114,23 @@ def _meta_teacher(path: Path, kind: str = "unet", max_sequence_length: int | Non
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e} (--plan; tsm_distill/assets/configs/ ships the config folders of SD1.5, "
                                 "SDXL base 1.0, SD3 medium and FLUX.1-dev)") from None
+
+
+class _MetaTokenizer:
+    """A text encoder's tokenizer for a meta build (a config-only folder may hold no vocabulary): token ids of
+    the length the real one pads to (its ``model_max_length``, the encoder's positions, unless the caller
+    gives ``max_length``: T5's ``max_sequence_length``). Zeros: the values change no byte count."""
+
+    def __init__(self, encoder):
+        config = encoder.config
+        self.model_max_length = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 512)
+
+    def __call__(self, prompts, padding=None, max_length=None, truncation=None, return_tensors=None):
+        from types import SimpleNamespace
+
+        shape = (len(prompts), max_length or self.model_max_length)
+        return SimpleNamespace(input_ids=torch.zeros(shape, dtype=torch.long),
+                               attention_mask=torch.ones(shape, dtype=torch.long))
 
 
 def _bytes(params) -> int:
@@ -146,10 +173,28 @@ def _fused_attention():
         F.scaled_dot_product_attention = original
 
 
+@contextlib.contextmanager
+def _no_meta_autocast():
+    """Answer "off" when asked whether autocast is on for the meta device, which has no autocast state:
+    ``torch.is_autocast_enabled("meta")`` raises, and the experts' merged path (`tsm_core.layers`) asks it.
+    The planner's stand-in for autocast is `_Passes.cast`."""
+    original = torch.is_autocast_enabled
+
+    def enabled(*args, **kwargs):
+        device = args[0] if args else kwargs.get("device_type")
+        return False if device == "meta" else original(*args, **kwargs)
+
+    torch.is_autocast_enabled = enabled
+    try:
+        yield
+    finally:
+        torch.is_autocast_enabled = original
+
+
 def _step_peak(passes, update, autocast_module) -> int:
     """Peak bytes ``update`` (one of the passes' updates) allocates; ``autocast_module``'s weights are cast
     to the compute dtype before, outside the count."""
-    with passes.cast(autocast_module), _fused_attention(), LiveBytes() as counter:
+    with passes.cast(autocast_module), _fused_attention(), _no_meta_autocast(), LiveBytes() as counter:
         update()
     return counter.peak
 
@@ -164,6 +209,8 @@ def plan_recipe(recipe, num_processes: int = 1) -> list[PhasePlan]:
     from .trainer import per_process_batch, phase_student_steps, set_phase_mode
 
     teacher = _meta_teacher(Path(recipe.model.path), recipe.model.kind, recipe.model.max_sequence_length)
+    # The family's own encode_prompts runs on meta encoders (the real captions' encoding, `_Passes.encode_reals`).
+    teacher.tokenizers = [_MetaTokenizer(encoder) for encoder in teacher.text_encoders]
     denoiser = teacher.denoiser
     dtype = DTYPES[recipe.train.mixed_precision]
     uses_gan = any(ph.gan for ph in recipe.phases)
@@ -177,6 +224,10 @@ def plan_recipe(recipe, num_processes: int = 1) -> list[PhasePlan]:
         denoiser.enable_gradient_checkpointing()
         critic.fake.enable_gradient_checkpointing()
     frozen = [p for m in (*teacher.text_encoders, teacher.vae) if m is not None for p in m.parameters()]
+    # Image folders and shards are VAE-encoded in the critic update (RealSource); caches are latents already.
+    source = recipe.data.real_images or ""
+    encoded = teacher.vae is not None and not (source == BUILTIN_FMNIST or source.endswith((".pt", ".safetensors")))
+    encode_batch = recipe.data.encode_batch if encoded else None
     sharded = set(recipe.train.fsdp_modules) if recipe.train.fsdp and num_processes > 1 else set()
     plans = []
     for i, ph in enumerate(recipe.phases):
@@ -185,7 +236,8 @@ def plan_recipe(recipe, num_processes: int = 1) -> list[PhasePlan]:
             set_phase_mode(tsm, ph)
         # A timestep the phase trains (its expert's), so the generator pass has the phase's gradients.
         t = timesteps[phase_student_steps(ph, timesteps, tsm.intervals)[0]]
-        passes = _Passes(teacher, tsm, critic, B, dtype, ph.gan, t, recipe.train.real_guidance_scale)
+        passes = _Passes(teacher, tsm, critic, B, dtype, ph.gan, t, recipe.train.real_guidance_scale,
+                         encode_batch)
         gen = sum(p.numel() for p in tsm.trainable_parameters())
         crit = sum(p.numel() for p in passes.critic_trainable)
         weights = _bytes([*denoiser.parameters(), *critic.parameters(), *frozen])  # the denoiser holds the experts
@@ -193,11 +245,12 @@ def plan_recipe(recipe, num_processes: int = 1) -> list[PhasePlan]:
         # The GAN head stays fp32 in the critic update (DMD2 runs it outside autocast).
         gen_step = _step_peak(passes, passes.generator_update, denoiser)
         critic_step = _step_peak(passes, passes.critic_update, critic.fake)
+        encoding = _step_peak(passes, passes.encode_reals, critic.fake) if ph.gan else 0
         if sharded:
             weights, optimizer, gen_step, critic_step = _sharded(
                 sharded, teacher, tsm, critic, crit, num_processes, dtype, weights, optimizer, gen_step, critic_step,
-                ph.gan)
-        plans.append(PhasePlan(ph.name, B, ph.gan, gen, crit, weights, optimizer, gen_step, critic_step))
+                ph.gan, encoding)
+        plans.append(PhasePlan(ph.name, B, ph.gan, gen, crit, weights, optimizer, gen_step, critic_step, encoding))
     return plans
 
 
@@ -214,12 +267,13 @@ def _largest_unit(units, skip=()) -> int:
 
 
 def _sharded(modules: set[str], teacher, tsm, critic, trainable: int, n: int, dtype, weights: int, optimizer: int,
-             gen_step: int, critic_step: int, gan: bool = True):
+             gen_step: int, critic_step: int, gan: bool = True, encoding: int = 0):
     """The same figures with ``modules`` sharded N ways (``train.fsdp``). Each keeps 1/N of its weights; the
     critic also 1/N of its AdamW moments, gradients and AdamW temporaries. Every pass through a sharded
     module all-gathers one unit at a time while prefetching the next: two of its largest units on top of
-    the step peaks of the updates that run it (D's head only in GAN phases: outside them it never runs)."""
-    from tsm_core.train.fsdp import denoiser_units
+    the step peaks of the updates that run it (D's head only in GAN phases: outside them it never runs; the
+    text encoders' on top of the real captions' ``encoding``, before the critic's passes)."""
+    from tsm_core.train.fsdp import denoiser_units, encoder_units
 
     kept = (n - 1) / n
     if "critic" in modules:
@@ -237,6 +291,9 @@ def _sharded(modules: set[str], teacher, tsm, critic, trainable: int, n: int, dt
         gen_step += 2 * _largest_unit(denoiser_units(teacher.denoiser), experts)
     if "text_encoders" in modules:
         weights -= int(kept * _bytes([p for te in teacher.text_encoders for p in te.parameters()]))
+        if encoding:
+            gathered = 2 * max(_largest_unit(encoder_units(te)) for te in teacher.text_encoders)
+            critic_step = max(critic_step, encoding + gathered)
     return weights, optimizer, gen_step, critic_step
 
 
@@ -261,7 +318,7 @@ class _Passes:
     guidance: CFG's 2B rows, Flux's one pass), D on the generator's output in GAN phases, backward; then the
     fake score's denoising forward with grad and D on fakes and reals, backward."""
 
-    def __init__(self, teacher, tsm, critic, batch, dtype, gan, t, guidance_scale):
+    def __init__(self, teacher, tsm, critic, batch, dtype, gan, t, guidance_scale, encode_batch=None):
         self.teacher, self.tsm, self.critic, self.gan = teacher, tsm, critic, gan
         self.critic_trainable = [p for p in critic.parameters() if p.requires_grad]
         self.dtype = dtype
@@ -272,6 +329,7 @@ class _Passes:
         self.cond = teacher.meta_cond(batch, dtype)
         self.uncond = teacher.meta_cond(1, dtype)
         self.guidance_scale = guidance_scale
+        self.encode_batch = encode_batch
 
     @contextlib.contextmanager
     def cast(self, *modules):
@@ -320,13 +378,32 @@ class _Passes:
             for p in self.tsm.trainable_parameters():
                 p.grad = None
 
+    @torch.no_grad()
+    def encode_reals(self) -> tuple[torch.Tensor, dict]:
+        """The reals of a GAN critic update and their captions' conditioning, as `RealSource` and the trainer
+        make them: the stacked pixels through the VAE (fp32, no autocast) ``encode_batch`` at a time, when the
+        source is encoded; then the captions through the family's own ``encode_prompts`` (fp32)."""
+        B, teacher = self.x.shape[0], self.teacher
+        if self.encode_batch is None:  # a latent cache: its latents are copied in
+            real = torch.empty_like(self.x, dtype=torch.float32)
+        else:
+            side = teacher.latent_size * teacher.vae_scale  # the trainer checks data.resolution gives this size
+            pixels = torch.empty(B, 3, side, side, device=torch.device("meta"))
+            # A CPU generator, as the trainer's: the posterior noise is drawn on the CPU and moved.
+            real = torch.cat([teacher.vae_encode(chunk, torch.Generator()) for chunk in pixels.split(self.encode_batch)])
+            del pixels  # RealSource.sample returns the latents only
+        return real.to(self.x.dtype), teacher.encode_prompts([""] * B)
+
     def critic_update(self) -> None:
         x0 = self.x.detach()
         cond = self.cond
+        if self.gan:  # first, as in the trainer: the reals and their captions
+            real, real_cond = self.encode_reals()
         loss = (self.critic.predict(x0, self.t, cond) - x0).pow(2).mean()
         if self.gan:  # D on the fakes and on as many reals
             zero = torch.zeros_like(self.t)
-            loss = loss + self.critic.discriminate(x0, zero, cond).mean() + self.critic.discriminate(x0, zero, cond).mean()
+            loss = (loss + self.critic.discriminate(x0, zero, cond).mean()
+                    + self.critic.discriminate(real, zero, real_cond).mean())
         loss.backward()
         _optimizer_temporaries(self.critic_trainable)
         for p in self.critic_trainable:
@@ -354,6 +431,10 @@ def format_plan(plans: list[PhasePlan], recipe_path: str, model_path: str, num_p
                      f"{p.trainable_generator / 1e6:.2f} | {p.trainable_critic / 1e6:.2f} | {p.weights / GB:.2f} | "
                      f"{p.optimizer / GB:.2f} | {p.generator_step / GB:.2f} | {p.critic_step / GB:.2f} | "
                      f"**{p.total / GB:.2f}** |")
+    encoding = max(p.real_encoding for p in plans)
+    if encoding:
+        lines += ["", f"The critic step of GAN phases includes encoding the real images (VAE in fp32, "
+                  f"data.encode_batch at a time) and their captions first: at most {encoding / GB:.2f} GB."]
     lines += ["", "Not counted: CUDA context and allocator fragmentation (add 1-2 GB), train.ema_decay's copy of "
-              "the adapter, data loading. Step peaks are measured on meta tensors (no compute)."]
+              "the adapter, the no-grad rollout. Step peaks are measured on meta tensors (no compute)."]
     return "\n".join(lines)

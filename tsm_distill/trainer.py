@@ -107,8 +107,8 @@ class DMD2Trainer(PhasedTrainer):
         self.prompts = PromptSource(recipe.data.prompts)
         if uses_gan and not recipe.data.real_images:
             raise ValueError("a GAN phase needs data.real_images (latent cache, image folder, shards or builtin:fmnist)")
-        self.real = (RealSource(recipe.data.real_images, recipe.data.resolution, self.teacher.vae_encode)
-                     if uses_gan else None)
+        self.real = (RealSource(recipe.data.real_images, recipe.data.resolution, self.teacher.vae_encode,
+                                recipe.data.encode_batch) if uses_gan else None)
         if uses_gan:
             self._check_gan_fits()  # may rebuild the head: before sharding
         if tc.fsdp:
@@ -308,6 +308,15 @@ class DMD2Trainer(PhasedTrainer):
         B = x0.shape[0]
         x0 = x0.detach()
         logs = {}
+        if ph.gan:
+            # The reals and their captions are encoded first, outside autocast: in fp32, the precision
+            # train_step encodes the generator's prompts in (the frozen text encoders and VAE are never cast),
+            # and while none of the critic's activations is held, so the VAE's (in chunks of
+            # data.encode_batch) add to nothing; --plan counts them here. D is text-conditional (DMD2): fakes
+            # are scored with their prompts, reals with their own captions.
+            real, captions = self.real.sample(B, generator, x0.device)
+            real = real.to(x0.dtype)
+            real_cond = cond_map(encode(self.teacher, captions), lambda v: v.to(cond["encoder_hidden_states"].dtype))
         with self.acc.autocast():
             t = self._draw_t(0, sched.num_timesteps, B, noise_generator, x0.device)
             noise = _randn_like(x0, noise_generator)
@@ -315,11 +324,6 @@ class DMD2Trainer(PhasedTrainer):
             loss = losses.fake_score_loss(pred, sched.target(x0, noise, t))
             logs["loss_fake"] = loss.detach()
             if ph.gan:
-                real, captions = self.real.sample(B, generator, x0.device)
-                real = real.to(x0.dtype)
-                # D is text-conditional (DMD2): fakes with their prompts, reals with their own captions.
-                dtype = cond["encoder_hidden_states"].dtype
-                real_cond = cond_map(encode(self.teacher, captions), lambda v: v.to(dtype))
                 fake_logits = self.critic.discriminate(*self._d_input(x0, noise_generator), cond)
                 real_logits = self.critic.discriminate(*self._d_input(real, noise_generator), real_cond)
                 d_loss = losses.gan_discriminator_loss(fake_logits, real_logits)
