@@ -246,7 +246,10 @@ def test_unet_merged_equals_unmerged(unet):
 # ---------------------------------------------------------------------------- the automatic choice
 def test_auto_merges_exactly_when_the_batch_shares_an_expert(monkeypatch):
     """With large activations (cheap merges) ``auto`` merges every layer for a shared expert and none for
-    a mixed batch; in stage 2 with a per-token gate only the core merges."""
+    a mixed batch; in stage 2 with a per-token gate only the core merges. (This net is tiny: its layers
+    would stay unmerged for the merged call's fixed overhead, which is set aside here.)"""
+    monkeypatch.setattr(merged_mod, "CALL_OVERHEAD", 0)
+    monkeypatch.setattr(layers_mod, "CALL_OVERHEAD", 0)
     spy = Spy(monkeypatch)
     net, tsm = build()
     tsm.set_merged_training("auto")
@@ -307,3 +310,18 @@ def test_policy_is_checked():
     _, tsm = build()
     with pytest.raises(ValueError, match="auto"):
         tsm.set_merged_training("sometimes")
+
+
+@pytest.mark.parametrize("router_input", ["both", "timestep"])
+def test_gate_logging_under_checkpointing(router_input):
+    """Trainers log gates in the forward only; the checkpoint's recompute (logging off by then) must save
+    the same tensors, so logging never steers the merge, and merged gates are logged without a graph."""
+    net, tsm = build(mode="mixture", router_input=router_input)
+    tsm.set_merged_training("always")
+    x = x_for(2).requires_grad_(True)
+    with tsm.timesteps(SHARED):
+        with tsm.record_gates() as logs:
+            y = checkpoint(net, x, use_reentrant=False)
+        y.square().mean().backward()
+    assert all(len(v) == 1 for v in logs.values())
+    assert net.proj.router_emb.grad is not None

@@ -25,7 +25,7 @@ from torch import nn
 
 from .config import TSMConfig
 from .context import RoutingState, TimestepContext
-from .merged import MergedFunction, MergedOp, MergePolicy, merge_blocker, merge_pays
+from .merged import CALL_OVERHEAD, MergedFunction, MergedOp, MergePolicy, merge_blocker, merge_pays
 
 Mode = Literal["off", "expert", "mixture", "symmetric"]
 TARGET_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # the layers that can carry experts
@@ -92,6 +92,7 @@ class TSMLayer(nn.Module):
         self.core_scale: int | None = None
         self.gated_scales: tuple[int, ...] = ()
         self.merged = False
+        self._lowrank_macs_per_row = config.rank * (math.prod(a_shape[1:]) + out_f)  # one expert, one position
         self.merge_policy: MergePolicy = "auto"  # merged-weight forward/backward for shared experts (set_merged_training)
         self._merged_backup: torch.Tensor | None = None
         self.gate_log: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (t, mean gate) when recording
@@ -220,12 +221,16 @@ class TSMLayer(nn.Module):
             out, rest = self.base_layer(x, *args, **kwargs), spec
         else:
             out, rest = plan
+        g = self._gate(x, state) if any(j is not None for _, j in rest) else None
+        if self.gate_log is not None and self.gated_scales:
+            if g is None:  # every gate ran merged: log them without a graph (a recompute must save what the forward did)
+                with torch.no_grad():
+                    self._record_gate(self._gate(x, state), state)
+            else:
+                self._record_gate(g, state)
         if not rest:
             return out
         xd = self.dropout(x)
-        g = self._gate(x, state) if any(j is not None for _, j in rest) else None
-        if g is not None and self.gate_log is not None:
-            self._record_gate(g, state)
         terms = []
         for s, j in rest:
             z, B = self._down(xd, s, state)
@@ -241,8 +246,12 @@ class TSMLayer(nn.Module):
         None for the unmerged path. A gated expert merges only when its gate is one number for the batch
         (a timestep-only router and one timestep row); a gate of FC(x) varies per token, so it stays unmerged
         while the core beside it merges."""
-        if self.merge_policy == "never" or extra_args or self.gate_log is not None:
+        # Nothing that changes between a checkpoint's forward and its recompute may steer this choice (the
+        # recompute's saved tensors are checked against the forward's): so not gate logging, not x.requires_grad.
+        if self.merge_policy == "never" or extra_args:
             return None
+        if self.merge_policy == "auto" and 3 * len(spec) * self._lowrank_macs_per_row * (x.numel() // x.shape[self.channel_dim]) < CALL_OVERHEAD:
+            return None  # cheap exit first: at this size every unmerged pass together costs less than one merged call
         if merge_blocker(self.base_layer, self.dropout) is not None:
             return None
         gate = None
@@ -262,9 +271,9 @@ class TSMLayer(nn.Module):
         bl = self.base_layer
         op = MergedOp.of(bl)
         trained = [A.requires_grad or B.requires_grad or (c is not None and c.requires_grad) for A, B, c in merged]
-        backward = torch.is_grad_enabled() and (x.requires_grad or any(trained))
+        backward = torch.is_grad_enabled()
         pays, full = merge_pays(op, op.out_positions(x, tuple(bl.weight.shape[2:])), self.out_features,
-                                As[0][0].numel(), [A.shape[0] for A in As], trained, x.requires_grad, backward)
+                                As[0][0].numel(), [A.shape[0] for A in As], trained, backward, backward)
         if self.merge_policy == "auto" and not pays:
             return None
         if full:

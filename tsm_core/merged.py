@@ -131,6 +131,12 @@ class MergedOp:
         return torch.einsum("bo...,br...->or", gy, z)
 
 
+# Fixed cost of one merged call in multiply-adds (the Python and dispatch work of the autograd Function,
+# the concatenations, the merge's own launch): about 50-100 us on one CPU thread. It keeps tiny layers
+# (test-sized UNets, 32 channels at rank 4) on the unmerged path, where it measured faster.
+CALL_OVERHEAD = 4_000_000
+
+
 def merge_pays(op: MergedOp, n: int, out: int, in_k: int, ranks: list[int], trained: list[bool],
                grad_x: bool, backward: bool) -> tuple[bool, bool]:
     """(merge?, full weight grad?) by multiply-add count for N = ``n`` output positions.
@@ -141,7 +147,7 @@ def merge_pays(op: MergedOp, n: int, out: int, in_k: int, ranks: list[int], trai
     through the activations (2P: z recomputed, B^T grad_y, then the two products) or through the full
     weight gradient (``out * in*k * N`` once, then 2M per expert). Memory-bound passes are not counted.
     """
-    unmerged = merged = 0
+    unmerged, merged = 0, CALL_OVERHEAD
     lowrank = full = 0
     for r, t in zip(ranks, trained):
         p, m = r * n * (in_k + out), out * in_k * r
