@@ -25,7 +25,15 @@ from torch import nn
 
 from .config import TSMConfig
 from .context import RoutingState, TimestepContext
-from .merged import CALL_OVERHEAD, MergedFunction, MergedOp, MergePolicy, merge_blocker, merge_pays
+from .merged import (
+    CALL_OVERHEAD,
+    MergedFunction,
+    MergedOp,
+    MergePolicy,
+    autocast_enabled,
+    merge_blocker,
+    merge_pays,
+)
 
 Mode = Literal["off", "expert", "mixture", "symmetric"]
 TARGET_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # the layers that can carry experts
@@ -279,7 +287,7 @@ class TSMLayer(nn.Module):
         if full:
             op = MergedOp.of(bl, full_weight_grad=True)
         dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype  # what base_layer would use
+        dtype = torch.get_autocast_dtype(dev) if autocast_enabled(dev) else x.dtype  # what base_layer would use
         out = MergedFunction.apply(x, bl.weight, bl.bias, op, self.scaling, dtype, len(As), *As, *Bs, *cs)
         return out, rest
 

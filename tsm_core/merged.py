@@ -172,9 +172,18 @@ def merged_weight(weight: torch.Tensor, As, Bs, coefs, scaling: float, dtype: to
     return torch.addmm(weight.to(acc).reshape(out, -1), Bc, Ac).view(weight.shape).to(dtype)
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, False for a device without autocast (``"meta"``, on which
+    the planner runs the experts, raises there)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def _autocast_off(device_type: str):
     # Both passes cast explicitly: autocast would run the merge's addmm itself in bf16.
-    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False) if autocast_enabled(device_type) else contextlib.nullcontext()
 
 
 class MergedFunction(torch.autograd.Function):

@@ -173,28 +173,10 @@ def _fused_attention():
         F.scaled_dot_product_attention = original
 
 
-@contextlib.contextmanager
-def _no_meta_autocast():
-    """Answer "off" when asked whether autocast is on for the meta device, which has no autocast state:
-    ``torch.is_autocast_enabled("meta")`` raises, and the experts' merged path (`tsm_core.layers`) asks it.
-    The planner's stand-in for autocast is `_Passes.cast`."""
-    original = torch.is_autocast_enabled
-
-    def enabled(*args, **kwargs):
-        device = args[0] if args else kwargs.get("device_type")
-        return False if device == "meta" else original(*args, **kwargs)
-
-    torch.is_autocast_enabled = enabled
-    try:
-        yield
-    finally:
-        torch.is_autocast_enabled = original
-
-
 def _step_peak(passes, update, autocast_module) -> int:
     """Peak bytes ``update`` (one of the passes' updates) allocates; ``autocast_module``'s weights are cast
     to the compute dtype before, outside the count."""
-    with passes.cast(autocast_module), _fused_attention(), _no_meta_autocast(), LiveBytes() as counter:
+    with passes.cast(autocast_module), _fused_attention(), LiveBytes() as counter:
         update()
     return counter.peak
 
