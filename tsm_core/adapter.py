@@ -95,10 +95,12 @@ class TSMAdapter:
         else:
             for layer in self.layers.values():
                 layer.mode, layer.active_scale, layer.core_scale, layer.gated_scales = "off", None, None, ()
+        for layer in self.layers.values():
+            layer._core_cache = {}  # a cached core merge belongs to the mode it was built in
         self.mode, self.mode_args = mode, args
         return self
 
-    def set_merged_training(self, policy: MergePolicy = "auto") -> TSMAdapter:
+    def set_merged_training(self, policy: MergePolicy = "auto", cache_core: bool = False) -> TSMAdapter:
         """How layers run experts that the whole batch shares (``tsm_core.merged``).
 
         * ``"auto"`` (the default): one matmul / convolution on ``W + s B A`` (built on the fly; the base
@@ -109,6 +111,14 @@ class TSMAdapter:
         * ``"always"``: merge wherever it is exact, whatever it costs (tests, measurements).
         * ``"never"``: the unmerged path everywhere.
 
+        ``cache_core=True`` (stage 2, eq. 5 and 7: the core is frozen while the router trains) keeps each
+        layer's ``W + s B_core A_core`` from one step to the next instead of building it in every forward and
+        backward: the core then costs what the base layer costs, in every layer (the low-resolution ones
+        too, where an on-the-fly merge does not pay). The price is memory: one more copy of every targeted
+        layer's weight, in the compute dtype (bf16 under autocast), per core expert the batches have used
+        (a 4-step student's router phase uses all four), held until the mode or this setting changes. Not with ``policy="never"``, nor where a layer cannot merge (above), nor while the batch
+        spans several core intervals.
+
         Outputs and gradients equal the unmerged path's within float rounding. Layers with dropout in
         training mode, trainable base weights, or a base weight managed by hooks (ZeRO-3, per-layer FSDP2,
         offloading) stay unmerged under every policy.
@@ -117,6 +127,8 @@ class TSMAdapter:
             raise ValueError(f"merged training policy must be one of {MERGE_POLICIES}, got {policy!r}")
         for layer in self.layers.values():
             layer.merge_policy = policy
+            layer.cache_core = bool(cache_core)
+            layer._core_cache = {}
         return self
 
     # ------------------------------------------------------------------ parameters

@@ -33,6 +33,7 @@ from .merged import (
     autocast_enabled,
     merge_blocker,
     merge_pays,
+    merged_weight,
 )
 
 Mode = Literal["off", "expert", "mixture", "symmetric"]
@@ -102,6 +103,8 @@ class TSMLayer(nn.Module):
         self.merged = False
         self._lowrank_macs_per_row = config.rank * (math.prod(a_shape[1:]) + out_f)  # one expert, one position
         self.merge_policy: MergePolicy = "auto"  # merged-weight forward/backward for shared experts (set_merged_training)
+        self.cache_core = False  # keep W + s B_core A_core of a frozen core across steps (set_merged_training)
+        self._core_cache: dict[str, tuple[tuple, torch.Tensor]] = {}  # core expert -> (built from, merged weight)
         self._merged_backup: torch.Tensor | None = None
         self.gate_log: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (t, mean gate) when recording
 
@@ -224,11 +227,17 @@ class TSMLayer(nn.Module):
         else:
             spec = [(self.core_scale, None)] if self.core_scale is not None else []
             spec += [(s, j) for j, s in enumerate(self.gated_scales)]
-        plan = self._merge_plan(x, state, spec, bool(args or kwargs))
-        if plan is None:
-            out, rest = self.base_layer(x, *args, **kwargs), spec
-        else:
+        weight = None  # the base weight, or the frozen core's cached merge standing in for it
+        cached = self._frozen_core(x, state, spec, bool(args or kwargs))
+        if cached is not None:
+            weight, spec = cached
+        plan = self._merge_plan(x, state, spec, bool(args or kwargs), weight)
+        if plan is not None:
             out, rest = plan
+        elif weight is not None:
+            out, rest = MergedOp.of(self.base_layer).apply(x, weight, self.base_layer.bias), spec
+        else:
+            out, rest = self.base_layer(x, *args, **kwargs), spec
         g = self._gate(x, state) if any(j is not None for _, j in rest) else None
         if self.gate_log is not None and self.gated_scales:
             if g is None:  # every gate ran merged: log them without a graph (a recompute must save what the forward did)
@@ -247,13 +256,51 @@ class TSMLayer(nn.Module):
             terms.append((z, B))
         return self._up(out, terms)
 
+    def _frozen_core(self, x: torch.Tensor, state: RoutingState | None, spec: list[tuple[int, int | None]],
+                     extra_args: bool) -> tuple[torch.Tensor, list[tuple[int, int | None]]] | None:
+        """``(W + s B_core A_core, the spec without the core)`` when the cached merge of a frozen core
+        can stand in for the base weight (``set_merged_training(cache_core=True)``), else None.
+
+        Stage 2 trains only the router (eq. 7), so the core's update is the same on every step: merged once,
+        it costs the forward nothing and the backward only grad_x through the merged weight, which the base
+        layer pays anyway. The merge is rebuilt when the weight or the core's A/B change in place (their
+        version counters), or the dtype, device or core expert change. The choice depends on nothing that
+        differs between a checkpoint's forward and its recompute (not on whether the cache exists yet).
+
+        One merge is kept per core expert the batches have used: a 4-step student's router phase visits its
+        four core experts in turn, and one slot would be rebuilt on nearly every step."""
+        if not self.cache_core or self.merge_policy == "never" or extra_args or self.mode != "mixture" or not spec:
+            return None
+        s, j = spec[0]
+        if j is not None or s != self.core_scale:
+            return None
+        k = 0 if s == 1 else state.shared[s]
+        if k is None:  # samples in different core intervals: no one weight serves the batch
+            return None
+        A, B = self.lora_A[expert_key(s, k)], self.lora_B[expert_key(s, k)]
+        if A.requires_grad or B.requires_grad or merge_blocker(self.base_layer, self.dropout) is not None:
+            return None
+        w = self.base_layer.weight
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if autocast_enabled(dev) else x.dtype  # what base_layer would use
+        name = expert_key(s, k)
+        key = (dtype, w.device, w.data_ptr(), w._version, A.data_ptr(), A._version, B.data_ptr(), B._version)
+        hit = self._core_cache.get(name)
+        if hit is None or hit[0] != key:
+            self._core_cache.pop(name, None)  # free the stale merge before building the new one
+            with torch.no_grad():
+                hit = self._core_cache[name] = (key, merged_weight(w, [A], [B], [None], self.scaling, dtype))
+        return hit[1], spec[1:]
+
     def _merge_plan(self, x: torch.Tensor, state: RoutingState | None, spec: list[tuple[int, int | None]],
-                    extra_args: bool) -> tuple[torch.Tensor, list[tuple[int, int | None]]] | None:
+                    extra_args: bool, weight: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, list[tuple[int, int | None]]] | None:
         """Run the experts that the whole batch shares as one op on merged weights, when that is exact and
         (policy ``auto``) cheaper by `merge_pays`: returns ``(output, experts still to add unmerged)``, or
         None for the unmerged path. A gated expert merges only when its gate is one number for the batch
         (a timestep-only router and one timestep row); a gate of FC(x) varies per token, so it stays unmerged
-        while the core beside it merges."""
+        while the core beside it merges. ``weight``: what the merge starts from instead of the base weight
+        (the frozen core's cached merge, `_frozen_core`)."""
         # Nothing that changes between a checkpoint's forward and its recompute may steer this choice (the
         # recompute's saved tensors are checked against the forward's): so not gate logging, not x.requires_grad.
         if self.merge_policy == "never" or extra_args:
@@ -288,7 +335,8 @@ class TSMLayer(nn.Module):
             op = MergedOp.of(bl, full_weight_grad=True)
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if autocast_enabled(dev) else x.dtype  # what base_layer would use
-        out = MergedFunction.apply(x, bl.weight, bl.bias, op, self.scaling, dtype, len(As), *As, *Bs, *cs)
+        out = MergedFunction.apply(x, bl.weight if weight is None else weight, bl.bias, op, self.scaling, dtype,
+                                   len(As), *As, *Bs, *cs)
         return out, rest
 
     def _record_gate(self, g: torch.Tensor, state: RoutingState) -> None:
