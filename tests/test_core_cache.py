@@ -65,7 +65,7 @@ def test_cached_core_equals_routed_path(router_input, policy, monkeypatch):
     net, tsm, twin, twin_tsm = pair(router_input, policy)
     before = base_weights(net)
     x = x_for(2)
-    for i in range(3):
+    for _ in range(3):
         got, want = run(net, tsm, x, SHARED), run(twin, twin_tsm, x, SHARED)
         compare(got, want, 1e-9)
         assert any("router" in k for k in got[2]) and not any("lora" in k for k in got[2])
