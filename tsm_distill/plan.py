@@ -17,7 +17,9 @@ phase it reports, for one process:
   chunks of ``data.encode_batch``, for image folders and shards; a latent cache is not encoded) and their
   captions (the text encoders in fp32); the generator's prompts are encoded the same way at the start of
   each iteration, with less held, so this figure covers them too;
-* **total** = weights + optimizer + step peak.
+* **core cache** (``train.cache_core_merge``, assembling phases): the frozen core merged into one copy of the
+  targeted weights per core expert used, in the compute dtype; shown within the weights column;
+* **total** = weights + core cache + optimizer + step peak.
 
 With ``train.fsdp`` each module of ``train.fsdp_modules`` counts 1/N per process (`_sharded`): the critic's
 weights, moments, gradients and AdamW temporaries, plus two of its FSDP units gathered at a time in both
@@ -98,10 +100,13 @@ class PhasePlan:
     real_encoding: int = 0
     """The peak of encoding the reals and their captions, the first part of the critic update (included in
     ``critic_step``; 0 outside GAN phases)."""
+    core_cache: int = 0
+    """``train.cache_core_merge`` in an assembling phase: one merged copy of the targeted weights, in the
+    compute dtype, per core expert the phase's student steps use (held for the whole phase)."""
 
     @property
     def total(self) -> int:
-        return self.weights + self.optimizer + max(self.generator_step, self.critic_step)
+        return self.weights + self.core_cache + self.optimizer + max(self.generator_step, self.critic_step)
 
 
 def _meta_teacher(path: Path, kind: str = "unet", max_sequence_length: int | None = None):
@@ -232,8 +237,25 @@ def plan_recipe(recipe, num_processes: int = 1) -> list[PhasePlan]:
             weights, optimizer, gen_step, critic_step = _sharded(
                 sharded, teacher, tsm, critic, crit, num_processes, dtype, weights, optimizer, gen_step, critic_step,
                 ph.gan, encoding)
-        plans.append(PhasePlan(ph.name, B, ph.gan, gen, crit, weights, optimizer, gen_step, critic_step, encoding))
+        cache = (_core_cache_bytes(tsm, [timesteps[k] for k in phase_student_steps(ph, timesteps, tsm.intervals)], dtype)
+                 if recipe.train.cache_core_merge and ph.type == "assemble" and "generator" not in sharded else 0)
+        plans.append(PhasePlan(ph.name, B, ph.gan, gen, crit, weights, optimizer, gen_step, critic_step, encoding,
+                               cache))
     return plans
+
+
+def _core_cache_bytes(tsm, timesteps: list[int], dtype: torch.dtype) -> int:
+    """Bytes of the frozen core's cached merges (`TSMAdapter.set_merged_training` ``cache_core``): one copy of
+    every layer's weight that can merge, per core interval among ``timesteps``. The planner's own passes run
+    without the cache (each measures one timestep), so it is counted here, for the whole phase."""
+    from tsm_core.merged import merge_blocker
+
+    layers = list(tsm.layers.values())
+    core = layers[0].core_scale
+    cores = len(set(tsm.intervals.index(torch.tensor(timesteps), core).tolist())) if core > 1 else 1
+    size = torch.empty((), dtype=dtype).element_size()
+    return cores * size * sum(layer.base_layer.weight.numel() for layer in layers
+                              if merge_blocker(layer.base_layer, layer.dropout) is None)
 
 
 def _largest_unit(units, skip=()) -> int:
@@ -410,9 +432,14 @@ def format_plan(plans: list[PhasePlan], recipe_path: str, model_path: str, num_p
              "|---|---|---|---|---|---|---|---|---|---|"]
     for p in plans:
         lines.append(f"| {p.name} | {p.batch_per_process} | {'yes' if p.gan else 'no'} | "
-                     f"{p.trainable_generator / 1e6:.2f} | {p.trainable_critic / 1e6:.2f} | {p.weights / GB:.2f} | "
+                     f"{p.trainable_generator / 1e6:.2f} | {p.trainable_critic / 1e6:.2f} | "
+                     f"{(p.weights + p.core_cache) / GB:.2f} | "
                      f"{p.optimizer / GB:.2f} | {p.generator_step / GB:.2f} | {p.critic_step / GB:.2f} | "
                      f"**{p.total / GB:.2f}** |")
+    cache = max(p.core_cache for p in plans)
+    if cache:
+        lines += ["", f"Weights of assembling phases include train.cache_core_merge's merged copies of the frozen "
+                  f"core: at most {cache / GB:.2f} GB."]
     encoding = max(p.real_encoding for p in plans)
     if encoding:
         lines += ["", f"The critic step of GAN phases includes encoding the real images (VAE in fp32, "

@@ -90,6 +90,8 @@ class DMD2Trainer(PhasedTrainer):
         # The fake score is copied from the clean teacher before the experts are attached.
         self.critic = Critic(self.teacher, recipe.critic.lora_rank, tuple(recipe.critic.lora_targets), uses_gan)
         self.tsm = attach(self.teacher.denoiser, ec.tsm_config(ec.scales, T))
+        if tc.cache_core_merge:  # acts in the assembling phases only, where the core is frozen
+            self.tsm.set_merged_training("auto", cache_core=True)
         if ec.init_from:
             self._init_experts(ec.init_from, ec.init_scales)
         self.teacher.to(self.device)

@@ -76,6 +76,8 @@ class FinetuneTrainer(PhasedTrainer):
             bb.resolution = recipe.data.resolution
         ex = recipe.experts
         self.tsm = attach(bb.denoiser, ex.tsm_config(recipe.scales, bb.num_timesteps))
+        if recipe.train.cache_core_merge:  # assembling phases, for batches inside one core interval
+            self.tsm.set_merged_training("auto", cache_core=True)
         self.text_adapters = []
         self.text_encoder_index: list[int] = []  # which encoder each text adapter sits on
         if ex.text_encoder_targets:

@@ -132,6 +132,11 @@ class RunSection:
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    cache_core_merge: bool = False
+    """Assembling phases (stage 2): keep each layer's frozen core merged into a copy of its weight across
+    steps (`TSMAdapter.set_merged_training` with ``cache_core=True``), so the core costs no more than the
+    base layer. Costs one copy of the targeted weights in the compute dtype per core expert the phase uses
+    (a 4-step student: four); ``tsm-distill --plan`` counts it. Not with a sharded generator (FSDP)."""
     max_grad_norm: float | None = 1.0
     """Clip the trained parameters' gradient norm (null: no clipping). diffusers' training scripts use 1.0;
     DMD2 uses 10, which the distillation recipes state."""
