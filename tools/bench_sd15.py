@@ -158,34 +158,44 @@ def main(argv=None) -> dict:
 
     t0 = time.perf_counter()
     w = SD15Work(args.size, args.batch)
+    optional = ["tsm_s1_shared", "tsm_s1_mixed", "tsm_s2", "tsm_s2_cached", "tsm_s1_shared_unmerged", "tsm_s2_unmerged"]
+    bad = sorted(set(args.skip) - set(optional))
+    if bad:
+        raise SystemExit(f"--skip: {bad} not among the optional candidates {optional}")
+    want = [name for name in optional if name not in args.skip]
+    # Models are built only for the candidates kept: at 64x64 each adapted copy, the cached core and one
+    # step's activations add up (all seven candidates need about 19 GB).
     peft_m, peft_p = w.peft()
-    s1_m, s1 = w.tsm("expert")
-    s2_m, s2 = w.tsm("mixture")
-    s1_p, s2_p = list(s1.trainable_parameters()), list(s2.trainable_parameters())
-    has_merged = hasattr(s1, "set_merged_training")  # absent before merged training existed
+    cands = {"base": w.step(w.base(), [], w.t_shared), "peft_lora": w.step(peft_m, peft_p, w.t_shared)}
+    s1 = s2 = None
+    if any(name.startswith("tsm_s1") for name in want):
+        s1_m, s1 = w.tsm("expert")
+        s1_p = list(s1.trainable_parameters())
+    if any(name in ("tsm_s2", "tsm_s2_unmerged") for name in want):
+        s2_m, s2 = w.tsm("mixture")
+        s2_p = list(s2.trainable_parameters())
+    probe = s1 or s2
+    has_merged = probe is None or hasattr(probe, "set_merged_training")  # absent before merged training existed
     on = "auto" if has_merged else None
-    cands = {
-        "base": w.step(w.base(), [], w.t_shared),
-        "peft_lora": w.step(peft_m, peft_p, w.t_shared),
-        "tsm_s1_shared": w.step(s1_m, s1_p, w.t_shared, s1, on),
-        "tsm_s1_mixed": w.step(s1_m, s1_p, w.t_mixed, s1, on),
-        "tsm_s2": w.step(s2_m, s2_p, w.t_shared, s2, on),
-    }
-    if hasattr(next(iter(s2.layers.values())), "cache_core") and "tsm_s2_cached" not in args.skip:
-        # Its own adapter (on the shared base weights), set once: switching the setting drops the cache,
-        # and the candidate is the warm cache of a run's later steps (the warm-up call builds it).
-        s2c_m, s2c = w.tsm("mixture")
-        s2c.set_merged_training("auto", cache_core=True)
-        cands["tsm_s2_cached"] = w.step(s2c_m, list(s2c.trainable_parameters()), w.t_shared, s2c)
-    if has_merged:
-        cands["tsm_s1_shared_unmerged"] = w.step(s1_m, s1_p, w.t_shared, s1, "never")
-        cands["tsm_s2_unmerged"] = w.step(s2_m, s2_p, w.t_shared, s2, "never")
-    for name in args.skip:
-        if name == "tsm_s2_cached" and name not in cands:
-            continue  # left out above, before its model was built
-        if name not in cands or name in ("base", "peft_lora"):
-            raise SystemExit(f"--skip: {name!r} is not one of the optional candidates {sorted(cands)[2:]}")
-        del cands[name]
+    for name in want:
+        if name == "tsm_s1_shared":
+            cands[name] = w.step(s1_m, s1_p, w.t_shared, s1, on)
+        elif name == "tsm_s1_mixed":
+            cands[name] = w.step(s1_m, s1_p, w.t_mixed, s1, on)
+        elif name == "tsm_s2":
+            cands[name] = w.step(s2_m, s2_p, w.t_shared, s2, on)
+        elif name == "tsm_s2_cached":
+            # Its own adapter (on the shared base weights), set once: switching the setting drops the cache,
+            # and the candidate is the warm cache of a run's later steps (the warm-up call builds it).
+            s2c_m, s2c = w.tsm("mixture")
+            if hasattr(next(iter(s2c.layers.values())), "cache_core"):  # absent before the cached core existed
+                s2c.set_merged_training("auto", cache_core=True)
+                cands[name] = w.step(s2c_m, list(s2c.trainable_parameters()), w.t_shared, s2c)
+            s2 = s2 or s2c
+        elif has_merged and name == "tsm_s1_shared_unmerged":
+            cands[name] = w.step(s1_m, s1_p, w.t_shared, s1, "never")
+        elif has_merged and name == "tsm_s2_unmerged":
+            cands[name] = w.step(s2_m, s2_p, w.t_shared, s2, "never")
     setup_s = time.perf_counter() - t0
     cpu: dict[str, list[float]] = {}
     wall = interleaved(cands, args.rounds, args.warmup, cpu)
@@ -197,7 +207,8 @@ def main(argv=None) -> dict:
         "settings": {"size": args.size, "batch": args.batch, "rounds": args.rounds, "warmup": args.warmup,
                      "threads": torch.get_num_threads(), "rank": RANK, "alpha": ALPHA, "target_modules": TARGETS,
                      "scales": [1, 4], "timestep_shared": SHARED_T, "timesteps_mixed": w.t_mixed.tolist(),
-                     "stage2": {"core_scale": 4, "context_scales": [1], "router_input": s2.config.router_input},
+                     "stage2": {"core_scale": 4, "context_scales": [1],
+                                "router_input": None if s2 is None else s2.config.router_input},
                      "merged_training": "auto" if has_merged else "absent"},
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__},
         "load_average": list(os.getloadavg()),
