@@ -10,9 +10,18 @@ import copy
 
 import pytest
 import torch
-from torch.utils.checkpoint import checkpoint
 
-from tests.test_merged_path import MIXED, SHARED, attach_twin, base_weights, build, compare, x_for
+from tests.test_merged_path import (
+    MIXED,
+    SHARED,
+    _flat,
+    attach_twin,
+    base_weights,
+    build,
+    compare,
+    step,
+    x_for,
+)
 from tsm_core import layers as layers_mod
 
 
@@ -29,17 +38,9 @@ class MergeCount:
         monkeypatch.setattr(layers_mod, "merged_weight", counted)
 
 
-def run(net, tsm, x, t, ckpt=False, autocast=False):
-    """One stage-2 step (the policy is set by the caller and kept across steps, so the cache survives)."""
-    for p in tsm.adapter_parameters():
-        p.grad = None
-    x = x.clone().requires_grad_(True)
-    with tsm.timesteps(t), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        y = checkpoint(net, x, use_reentrant=False) if ckpt else net(x)
-        target = torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-        (y.double() - target).square().mean().backward()
-    grads = {k: p.grad.clone() for k, p in tsm.named_adapter_parameters() if p.grad is not None}
-    return y.detach(), x.grad, grads
+def run(net, tsm, x, t, **kw):
+    """One stage-2 step; the policy is set by the caller and kept across steps, so the cache survives."""
+    return step(net, tsm, x, t, None, **kw)
 
 
 def pair(router_input="both", policy="auto"):
@@ -134,8 +135,7 @@ def test_cache_under_bf16_autocast():
     for _ in range(2):
         got, other = run(net, tsm, x, SHARED, autocast=True), run(routed, routed_tsm, x, SHARED, autocast=True)
         assert got[0].dtype == torch.bfloat16
-        flat = lambda r: [r[0].double(), r[1], *[r[2][k] for k in sorted(r[2])]]  # noqa: E731
-        for a, b, r in zip(flat(got), flat(other), flat(want)):
+        for a, b, r in zip(_flat(got), _flat(other), _flat(want)):
             assert rel_error(a, r) <= max(2 * rel_error(b, r), 2e-2)
     assert all(w.dtype == torch.bfloat16 for m in cached(net) for _, w in m._core_cache.values())
 

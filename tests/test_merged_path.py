@@ -63,8 +63,12 @@ def build(conv=None, dims=2, mode="expert", router_input="both", activation="non
 
 
 def step(net, tsm, x, t, policy, ckpt=False, autocast=False):
-    """One forward + backward; returns (output, dL/dx, {param: grad}, base weights after)."""
-    tsm.set_merged_training(policy)
+    """One forward + backward from cleared grads; returns (output, dL/dx, {param: grad}). ``policy`` None keeps
+    the model's merged-training setting (and so a cached core, tests/test_core_cache.py) across steps."""
+    if policy is not None:
+        tsm.set_merged_training(policy)
+    for p in tsm.adapter_parameters():
+        p.grad = None
     x = x.clone().requires_grad_(True)
     with tsm.timesteps(t), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         y = checkpoint(net, x, use_reentrant=False) if ckpt else net(x)

@@ -116,8 +116,9 @@ class TSMAdapter:
         backward: the core then costs what the base layer costs, in every layer (the low-resolution ones
         too, where an on-the-fly merge does not pay). The price is memory: one more copy of every targeted
         layer's weight, in the compute dtype (bf16 under autocast), per core expert the batches have used
-        (a 4-step student's router phase uses all four), held until the mode or this setting changes. Not with ``policy="never"``, nor where a layer cannot merge (above), nor while the batch
-        spans several core intervals.
+        (a 4-step student's router phase uses all four), held until the mode or this setting changes. Not
+        with ``policy="never"``, nor where a layer cannot merge (above), nor while the batch spans several
+        core intervals.
 
         Outputs and gradients equal the unmerged path's within float rounding. Layers with dropout in
         training mode, trainable base weights, or a base weight managed by hooks (ZeRO-3, per-layer FSDP2,

@@ -30,7 +30,7 @@ from .merged import (
     MergedFunction,
     MergedOp,
     MergePolicy,
-    autocast_enabled,
+    compute_dtype,
     merge_blocker,
     merge_pays,
     merged_weight,
@@ -227,11 +227,12 @@ class TSMLayer(nn.Module):
         else:
             spec = [(self.core_scale, None)] if self.core_scale is not None else []
             spec += [(s, j) for j, s in enumerate(self.gated_scales)]
+        extra_args = bool(args or kwargs)
         weight = None  # the base weight, or the frozen core's cached merge standing in for it
-        cached = self._frozen_core(x, state, spec, bool(args or kwargs))
+        cached = self._frozen_core(x, state, spec, extra_args)
         if cached is not None:
             weight, spec = cached
-        plan = self._merge_plan(x, state, spec, bool(args or kwargs), weight)
+        plan = self._merge_plan(x, state, spec, extra_args, weight)
         if plan is not None:
             out, rest = plan
         elif weight is not None:
@@ -277,13 +278,12 @@ class TSMLayer(nn.Module):
         k = 0 if s == 1 else state.shared[s]
         if k is None:  # samples in different core intervals: no one weight serves the batch
             return None
-        A, B = self.lora_A[expert_key(s, k)], self.lora_B[expert_key(s, k)]
+        name = expert_key(s, k)
+        A, B = self.lora_A[name], self.lora_B[name]
         if A.requires_grad or B.requires_grad or merge_blocker(self.base_layer, self.dropout) is not None:
             return None
         w = self.base_layer.weight
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if autocast_enabled(dev) else x.dtype  # what base_layer would use
-        name = expert_key(s, k)
+        dtype = compute_dtype(x)
         key = (dtype, w.device, w.data_ptr(), w._version, A.data_ptr(), A._version, B.data_ptr(), B._version)
         hit = self._core_cache.get(name)
         if hit is None or hit[0] != key:
@@ -333,9 +333,7 @@ class TSMLayer(nn.Module):
             return None
         if full:
             op = MergedOp.of(bl, full_weight_grad=True)
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if autocast_enabled(dev) else x.dtype  # what base_layer would use
-        out = MergedFunction.apply(x, bl.weight if weight is None else weight, bl.bias, op, self.scaling, dtype,
+        out = MergedFunction.apply(x, bl.weight if weight is None else weight, bl.bias, op, self.scaling, compute_dtype(x),
                                    len(As), *As, *Bs, *cs)
         return out, rest
 

@@ -181,6 +181,12 @@ def autocast_enabled(device_type: str) -> bool:
         return False
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a base layer's op would run in on ``x``: autocast's when it is on for x's device, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if autocast_enabled(dev) else x.dtype
+
+
 def _autocast_off(device_type: str):
     # Both passes cast explicitly: autocast would run the merge's addmm itself in bf16.
     return torch.autocast(device_type, enabled=False) if autocast_enabled(device_type) else contextlib.nullcontext()

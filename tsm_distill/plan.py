@@ -222,7 +222,8 @@ def plan_recipe(recipe, num_processes: int = 1) -> list[PhasePlan]:
         with init_empty_weights():  # the router's parameters appear with the first mixture phase
             set_phase_mode(tsm, ph)
         # A timestep the phase trains (its expert's), so the generator pass has the phase's gradients.
-        t = timesteps[phase_student_steps(ph, timesteps, tsm.intervals)[0]]
+        trained = [timesteps[k] for k in phase_student_steps(ph, timesteps, tsm.intervals)]
+        t = trained[0]
         passes = _Passes(teacher, tsm, critic, B, dtype, ph.gan, t, recipe.train.real_guidance_scale,
                          encode_batch)
         gen = sum(p.numel() for p in tsm.trainable_parameters())
@@ -237,7 +238,7 @@ def plan_recipe(recipe, num_processes: int = 1) -> list[PhasePlan]:
             weights, optimizer, gen_step, critic_step = _sharded(
                 sharded, teacher, tsm, critic, crit, num_processes, dtype, weights, optimizer, gen_step, critic_step,
                 ph.gan, encoding)
-        cache = (_core_cache_bytes(tsm, [timesteps[k] for k in phase_student_steps(ph, timesteps, tsm.intervals)], dtype)
+        cache = (_core_cache_bytes(tsm, trained, dtype)
                  if recipe.train.cache_core_merge and ph.type == "assemble" and "generator" not in sharded else 0)
         plans.append(PhasePlan(ph.name, B, ph.gan, gen, crit, weights, optimizer, gen_step, critic_step, encoding,
                                cache))
