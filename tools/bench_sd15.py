@@ -17,7 +17,11 @@ frozen base also runs its full backward):
   * ``tsm_s2_cached``: the same with the frozen core's merge kept across steps
     (``set_merged_training(cache_core=True)``; one more copy of the targeted weights per core expert used);
   * ``*_unmerged``: the shared-expert candidates with the merged path turned off
-    (``set_merged_training("never")``), i.e. the library's path before merged training existed.
+    (``set_merged_training("never")``), i.e. the library's path before merged training existed;
+  * ``floor_s1``: a lower bound for any exact stage-1 step, not an implementation: the frozen base's step
+    plus only the work no exact method can skip, the gradients of one rank-64 expert per targeted layer
+    from that step's own activations (`LoraGradFloor`). It runs no adapter forward and no grad_x term,
+    so the forward is the base's (as if merged for free) and nothing is merged or unmerged.
 
 Timing is bench_core's: warm-up calls, then interleaved rounds with the starting candidate rotating, and
 ratios of medians (plus the median and quartiles of per-round ratios), of wall time (``ratios``) and of
@@ -54,7 +58,65 @@ RANK, ALPHA = 64, 8  # paper appendix A.3
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
            "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]  # recipes/sd15_*
 SHARED_T, MIXED_T = 600, [100, 300, 600, 900]
-TARGET_VS_BASE = {"tsm_s1_shared": 1.10, "tsm_s2": 1.15, "tsm_s2_cached": 1.15}  # issue 29's done-when targets
+TARGET_VS_BASE = {"tsm_s1_shared": 1.10, "floor_s1": 1.10, "tsm_s2": 1.15, "tsm_s2_cached": 1.15}  # issue 29's done-when targets
+
+
+class LoraGradFloor:
+    """The frozen base's step plus the gradients of one rank-r expert on every targeted layer, and nothing
+    else: the least work an exact LoRA step does whatever its forward (merged or not).
+
+    For y = W x + s B A x, with x and dL/dy given by the base step, the expert's gradients need
+    z = A x and dL/dA = s (B^T dL/dy) x^T, dL/dB = s dL/dy z^T: 2 r (in k + out) multiply-adds per
+    output position (k: kernel size). The other order, through the full dL/dW (out x in k per position),
+    costs more at every SD1.5 layer at rank 64. A forward hook keeps each targeted layer's input, and a
+    hook on its output does the gradient work in the backward, when dL/dy exists."""
+
+    def __init__(self, model: torch.nn.Module, targets: list[str], rank: int, scaling: float, std: float = 1e-3,
+                 dtype: torch.dtype = torch.float32):
+        self.scaling, self.handles = scaling, []
+        self.experts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # layer name -> (A, B)
+        self.grads: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # layer name -> (dL/dA, dL/dB), as a step keeps them
+        # Outputs that do not depend on the latent (cross-attention's to_k/to_v, time_emb_proj) have no
+        # dL/dy in the base step; an expert there would give them one. Adding this zero scalar does, at
+        # the cost of one pass over those small outputs.
+        self.anchor = torch.zeros((), requires_grad=True)
+        for name, mod in model.named_modules():
+            if not any(name == t or name.endswith("." + t) for t in targets):
+                continue
+            if isinstance(mod, torch.nn.Conv2d):
+                shape_a, shape_b = (rank, *mod.weight.shape[1:]), (mod.out_channels, rank)  # B: a 1x1 conv
+            elif isinstance(mod, torch.nn.Linear):
+                shape_a, shape_b = (rank, mod.in_features), (mod.out_features, rank)
+            else:
+                continue
+            A, B = (torch.randn(shape, dtype=dtype) * std for shape in (shape_a, shape_b))  # non-zero: no skipped work
+            self.experts[name] = (A, B)
+            self.handles.append(mod.register_forward_hook(self._hook(name, mod, A, B)))
+
+    def _hook(self, name, mod, A, B):
+        def forward_hook(_mod, inputs, out):
+            x = inputs[0].detach()
+            if not out.requires_grad:
+                out = out + self.anchor
+            out.register_hook(lambda gy: self._grads(name, mod, x, gy, A, B))
+            return out
+        return forward_hook
+
+    def _grads(self, name, mod, x, gy, A, B):
+        s = self.scaling
+        with torch.no_grad():
+            if isinstance(mod, torch.nn.Conv2d):
+                kw = {"stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation}
+                z = F.conv2d(x, A, **kw)  # (b, r, h, w)
+                gB = s * torch.einsum("bohw,brhw->or", gy, z)
+                gz = s * torch.einsum("bohw,or->brhw", gy, B)
+                gA = torch.nn.grad.conv2d_weight(x, A.shape, gz, **kw)
+            else:
+                xf, gf = x.reshape(-1, x.shape[-1]), gy.reshape(-1, gy.shape[-1])
+                gB = (gf.t() @ (xf @ A.t())).mul_(s)  # scale the rank-r products, never a full-size tensor
+                gA = (gf @ B).mul_(s).t() @ xf
+        self.grads[name] = (gA, gB)
+        return None
 
 
 class SD15Work:
@@ -129,6 +191,8 @@ def ratio_table(times: dict[str, list[float]], cands) -> dict:
         ratios[f"{name}_vs_peft"] = compare(times, name, "peft_lora")
         if name.endswith("_unmerged") and name[:-len("_unmerged")] in cands:
             ratios[f"{name[:-len('_unmerged')]}_merged_vs_unmerged"] = compare(times, name[:-len("_unmerged")], name)
+    if "floor_s1" in cands and "tsm_s1_shared" in cands:  # how far stage 1 is from what exactness allows
+        ratios["tsm_s1_shared_vs_floor_s1"] = compare(times, "tsm_s1_shared", "floor_s1")
     ratios["peft_lora_vs_base"] = compare(times, "peft_lora", "base")
     return ratios
 
@@ -158,7 +222,8 @@ def main(argv=None) -> dict:
 
     t0 = time.perf_counter()
     w = SD15Work(args.size, args.batch)
-    optional = ["tsm_s1_shared", "tsm_s1_mixed", "tsm_s2", "tsm_s2_cached", "tsm_s1_shared_unmerged", "tsm_s2_unmerged"]
+    optional = ["tsm_s1_shared", "tsm_s1_mixed", "tsm_s2", "tsm_s2_cached", "tsm_s1_shared_unmerged", "tsm_s2_unmerged",
+                "floor_s1"]
     bad = sorted(set(args.skip) - set(optional))
     if bad:
         raise SystemExit(f"--skip: {bad} not among the optional candidates {optional}")
@@ -192,6 +257,10 @@ def main(argv=None) -> dict:
                 s2c.set_merged_training("auto", cache_core=True)
                 cands[name] = w.step(s2c_m, list(s2c.trainable_parameters()), w.t_shared, s2c)
             s2 = s2 or s2c
+        elif name == "floor_s1":
+            floor_m = w.base()
+            LoraGradFloor(floor_m, TARGETS, RANK, ALPHA / RANK)
+            cands[name] = w.step(floor_m, [], w.t_shared)
         elif has_merged and name == "tsm_s1_shared_unmerged":
             cands[name] = w.step(s1_m, s1_p, w.t_shared, s1, "never")
         elif has_merged and name == "tsm_s2_unmerged":
