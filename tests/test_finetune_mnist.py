@@ -95,6 +95,44 @@ def test_aggregate_refuses_mixed_settings_duplicate_seeds_and_unfinished_seeds()
         ms.aggregate([unfinished], "equal")
 
 
+SETTINGS = {"steps": 200, "batch": 32, "lr": 1e-3, "rank": 4, "alpha": 4.0, "sample_steps": 10, "guidance_scale": 1.0}
+ON, OFF = dict(SETTINGS, text_experts=True), dict(SETTINGS, text_experts=False)
+
+
+def test_setting_effect_pairs_the_same_seeds_of_two_runs_per_student():
+    def fids(lora, s1):
+        return {"lora": lora, "tsm_stage1": s1, "tsm_stage2": 1.0, "lora_matched": 1.0}
+
+    on = [fake_results(0, fids(170.0, 160.0), ON), fake_results(1, fids(175.0, 171.0), ON),
+          fake_results(3, fids(1.0, 1.0), ON)]  # seed 3 has no partner: left out
+    off = [fake_results(1, fids(172.0, 170.0), OFF), fake_results(0, fids(171.0, 166.0), OFF),
+           fake_results(2, fids(1.0, 1.0), OFF)]
+    eff = ms.setting_effect(on, off, "a1")
+    assert eff["differs"] == {"text_experts": [True, False]} and eff["seeds"] == [0, 1] and eff["n_seeds"] == 2
+    lora, s1 = eff["students"]["lora"], eff["students"]["tsm_stage1"]
+    assert [d["fid_diff"] for d in lora["per_seed"]] == [-1.0, 3.0]  # on - off, seed by seed
+    assert lora["mean"] == pytest.approx(1.0) and lora["tsm_wins"] == 1
+    assert [d["fid_diff"] for d in s1["per_seed"]] == [-6.0, 1.0] and s1["tsm_wins"] == 1
+    assert lora["kid_mean_diff"] == pytest.approx(0.001)
+    md = ms.format_effect(eff)
+    assert "text_experts: True here, False in the other run" in md and "| vanilla LoRA | 1.00 +- 2.83 |" in md
+    json.dumps(eff)
+
+
+def test_setting_effect_refuses_runs_it_cannot_pair():
+    fids = {"lora": 1.0, "tsm_stage1": 1.0, "tsm_stage2": 1.0, "lora_matched": 1.0}
+    with pytest.raises(ValueError, match="nothing to pair"):
+        ms.setting_effect([fake_results(0, fids, ON)], [fake_results(1, fids, OFF)], "a1")
+    with pytest.raises(ValueError, match="same settings"):
+        ms.setting_effect([fake_results(0, fids, OFF)], [fake_results(0, fids, OFF)], "a1")
+    other_ref = dict(fake_results(0, fids, OFF), reference_features_sha256="def")
+    with pytest.raises(ValueError, match="differ in reference_features_sha256"):
+        ms.setting_effect([fake_results(0, fids, ON)], [other_ref], "a1")
+    with pytest.raises(ValueError, match="differ in settings"):  # one run's own seeds must agree
+        ms.setting_effect([fake_results(0, fids, ON), fake_results(1, fids, {"steps": 300})],
+                          [fake_results(0, fids, OFF)], "a1")
+
+
 # ---------------------------------------------------------------------------- one tiny seed, end to end
 @pytest.fixture(scope="module")
 def tiny_seed(tmp_path_factory):
@@ -166,3 +204,26 @@ def test_cli_aggregates_finished_seed_folders_per_protocol(tiny_seed, tmp_path, 
         assert {"lora", "tsm_stage1", "tsm_stage2", "lora_matched", "lora_kid"} <= set(agg["seeds"][0])
     assert main(["--out", str(out), "--seed", "-1"]) == 2
     assert "error:" in capsys.readouterr().err
+    # --compare-with: the same seed folder cannot measure a setting (nothing differs), and needs --aggregate.
+    assert main(["--out", str(out), "--aggregate", "--to", str(tmp_path), "--compare-with", str(out)]) == 2
+    assert "same settings" in capsys.readouterr().err
+    assert main(["--out", str(out), "--seeds", "0", "--compare-with", str(out)]) == 2
+    assert "use it with --aggregate" in capsys.readouterr().err
+
+
+def test_cli_writes_the_effect_of_a_setting_against_another_run(tmp_path, capsys):
+    from tsm_core.finetune.mnist.cli import main
+
+    fids = {"lora": 170.0, "tsm_stage1": 165.0, "tsm_stage2": 168.0, "lora_matched": 169.0}
+    for run, settings in (("on", ON), ("off", OFF)):
+        for seed in (0, 1):
+            folder = tmp_path / run / f"seed{seed}"
+            folder.mkdir(parents=True)
+            shifted = {k: v + (2.0 if run == "on" else 0.0) + seed for k, v in fids.items()}
+            (folder / "results.json").write_text(json.dumps(fake_results(seed, shifted, settings)))
+    assert main(["--out", str(tmp_path / "on"), "--aggregate", "--protocols", "a1",
+                 "--compare-with", str(tmp_path / "off")]) == 0
+    eff = json.loads((tmp_path / "on" / "a1" / "effect.json").read_text())
+    assert eff["students"]["tsm_stage1"]["mean"] == pytest.approx(2.0) and eff["students"]["lora"]["tsm_wins"] == 0
+    assert (tmp_path / "on" / "a1" / "effect.md").is_file() and (tmp_path / "on" / "a1" / "seeds.json").is_file()
+    assert not (tmp_path / "on" / "equal").exists()

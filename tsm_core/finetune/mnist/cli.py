@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--seeds", type=int, nargs="+", help="run these seeds, each as a subprocess, then aggregate")
     which.add_argument("--aggregate", action="store_true", help="only aggregate the finished seed folders of --out")
     p.add_argument("--to", type=Path, help="where the aggregates go (default: --out)")
+    p.add_argument("--compare-with", type=Path, metavar="OUT",
+                   help="with --aggregate: pair these seeds with the same seeds of another run's --out that "
+                        "differs in one setting (e.g. --text-experts) and write <to>/<protocol>/effect.{json,md}")
     p.add_argument("--jobs", type=int, default=1, help="seeds at a time (--seeds)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per seed")
     p.add_argument("--protocols", nargs="+", choices=mp.PROTOCOLS, default=list(mp.PROTOCOLS))
@@ -92,10 +95,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads < 1 or args.jobs < 1:
             raise ValueError(f"--threads and --jobs must be >= 1, got {args.threads} and {args.jobs}")
         settings = settings_of(args)
+        if args.compare_with is not None and not args.aggregate:
+            raise ValueError("--compare-with pairs finished seeds: use it with --aggregate")
         if args.aggregate:
             from .seeds import seed_folders
 
             write(args, seed_folders(args.out))
+            if args.compare_with is not None:
+                from .seeds import write_effect
+
+                if not args.compare_with.is_dir():
+                    raise FileNotFoundError(f"--compare-with {args.compare_with}: no such run folder")
+                paths = write_effect(args.to or args.out, seed_folders(args.out), seed_folders(args.compare_with),
+                                     args.protocols)
+                print("\n".join(map(str, paths)), flush=True)
             return 0
         if args.seeds is not None:
             return sweep(args)

@@ -82,6 +82,59 @@ def aggregate(results_list: Sequence[dict], protocol: str, sources: Sequence[str
                           "unit": "seed (every student of a seed resampled together: paired)"}}
 
 
+def setting_effect(this: Sequence[dict], other: Sequence[dict], protocol: str, resamples: int = RESAMPLES,
+                   boot_seed: int = BOOT_SEED) -> dict:
+    """What one setting changes (issue 25, item 4: the text-encoder experts on vs off): for every student,
+    the paired FID/KID difference ``this - other`` over the seeds both runs finished.
+
+    The two runs must share N, the reference set and the sampling seed, and their settings may differ only
+    in what is being measured (recorded under ``differs``); each run's own seeds must be comparable."""
+    for name, run in (("this run", this), ("the other run", other)):
+        if run:
+            check_comparable(run, [f"{name}, seed {r.get('seed')}" for r in run])
+    theirs = {int(r["seed"]): r for r in other if is_complete(r, [protocol])}
+    pairs = [(r, theirs[int(r["seed"])]) for r in this if is_complete(r, [protocol]) and int(r["seed"]) in theirs]
+    if not pairs:
+        raise ValueError(f"no seed finished {protocol} in both runs (this: {sorted(r.get('seed') for r in this)}, "
+                         f"other: {sorted(theirs)}): nothing to pair")
+    a, b = pairs[0]
+    for field in ("n", "n_reference", "reference_features_sha256", "sample_seed"):
+        if a.get(field) != b.get(field):
+            raise ValueError(f"the runs differ in {field} ({a.get(field)} vs {b.get(field)}): their FIDs are not "
+                             "comparable; rerun one with the other's")
+    differs = {k: [a["settings"].get(k), b["settings"].get(k)]
+               for k in sorted(set(a["settings"]) | set(b["settings"])) if a["settings"].get(k) != b["settings"].get(k)}
+    if not differs:
+        raise ValueError("the two runs have the same settings: there is no setting whose effect to measure")
+    records = []
+    for mine, yours in pairs:
+        rec, rec_other = seed_record(mine, protocol), seed_record(yours, protocol)
+        records.append({"seed": rec["seed"], **{k: rec[k] for k in rec if k != "seed" and k != "n"},
+                        **{f"{k}@other": rec_other[k] for k in mp.STUDENTS},
+                        **{f"{k}@other_kid": rec_other[f"{k}_kid"] for k in mp.STUDENTS}})
+    return {"protocol": {"name": protocol, "label": mp.LABELS[protocol]}, "differs": differs,
+            "n": a["n"], "n_seeds": len(records), "seeds": sorted(r["seed"] for r in records),
+            "students": {k: dict(paired(records, k, f"{k}@other", resamples, boot_seed), name=ROW_NAMES[k])
+                         for k in mp.STUDENTS},
+            "bootstrap": {"method": "percentile", "resamples": resamples, "seed": boot_seed, "level": LEVEL,
+                          "unit": "seed (both runs of a seed resampled together: paired)"}}
+
+
+def format_effect(effect: dict) -> str:
+    """effect.md: per student, this run - the other, paired over seeds."""
+    what = "; ".join(f"{k}: {v[0]} here, {v[1]} in the other run" for k, v in effect["differs"].items())
+    lines = [f"# What one setting changes: {what}", "",
+             f"Protocol: **{effect['protocol']['label']}**. Seeds {', '.join(map(str, effect['seeds']))} "
+             f"(N = {effect['n']} digits each), paired by seed.", "",
+             "| student | this - other, FID mean +- std | 95% CI bootstrap | 95% CI t | this run better (FID) "
+             "| KID x1e3 mean diff | this run better (KID) |", "|---|---|---|---|---|---|---|"]
+    for st in effect["students"].values():
+        lines.append(f"| {st['name']} | {format_pm(st['mean'], st['std'])} | {format_interval(st['ci95_bootstrap'])} "
+                     f"| {format_interval(st['ci95_t'])} | {st['tsm_wins']} / {st['n_seeds']} "
+                     f"| {1e3 * st['kid_mean_diff']:+.2f} | {st['kid_tsm_wins']} / {st['n_seeds']} |")
+    return "\n".join(lines + ["", "Negative = the setting of this run gives the lower (better) score.", ""])
+
+
 def format_markdown(agg: dict) -> str:
     """seeds.md: per-seed FIDs, every row's mean +- std, the paired differences."""
     s = agg["settings"]
@@ -144,4 +197,22 @@ def write_aggregates(out_dir: str | Path, folders: Sequence[str | Path],
             md += f"\n**Missing (not finished, not counted):** {', '.join(missing)}\n"
         (target / "seeds.md").write_text(md)
         written += [target / "seeds.json", target / "seeds.md"]
+    return written
+
+
+def write_effect(out_dir: str | Path, folders: Sequence[str | Path], other_folders: Sequence[str | Path],
+                 protocols: Sequence[str] = mp.PROTOCOLS) -> list[Path]:
+    """``out_dir/<protocol>/effect.json`` and ``effect.md``: `setting_effect` of these seed folders against
+    the other run's. Returns the files written."""
+    this = [r for f in folders if (r := read_results(f))]
+    other = [r for f in other_folders if (r := read_results(f))]
+    written = []
+    for proto in protocols:
+        effect = setting_effect(this, other, proto)
+        effect["sources"] = {"this": [str(f) for f in folders], "other": [str(f) for f in other_folders]}
+        target = Path(out_dir) / proto
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "effect.json").write_text(json.dumps(effect, indent=2))
+        (target / "effect.md").write_text(format_effect(effect))
+        written += [target / "effect.json", target / "effect.md"]
     return written
