@@ -86,3 +86,24 @@ def test_floor_leaves_the_base_step_unchanged():
     (g1,) = torch.autograd.grad(y1.square().sum(), x)
     assert torch.equal(y0, y1)
     torch.testing.assert_close(g1, g0, rtol=1e-6, atol=1e-7 * g0.abs().max().item())
+
+
+def test_floor_flops_are_the_expert_gradients_multiply_adds():
+    """``--flops`` reports the floor's excess over the base as exactly 2 r (in + out) multiply-adds per row
+    of a Linear (z = A x, B^T dL/dy and the two weight gradients): the count the issue's target is set against."""
+    from bench_sd15 import count_flops, flop_ratios
+
+    torch.manual_seed(2)
+    rows, d_in, d_out, r = 10, 6, 5, 2
+    base, floor_m = nn.Linear(d_in, d_out).requires_grad_(False), nn.Sequential()
+    floor_m.proj = nn.Linear(d_in, d_out).requires_grad_(False)
+    LoraGradFloor(floor_m, ["proj"], rank=r, scaling=1.0)
+    x = torch.randn(rows, d_in, requires_grad=True)
+
+    def step(m):
+        return lambda: m(x).square().sum().backward()
+
+    flops = count_flops({"base": step(base), "peft_lora": step(base), "floor_s1": step(floor_m)})
+    assert flops["base"] == 2 * (2 * rows * d_in * d_out)  # forward and grad_x, 2 FLOPs per multiply-add
+    assert flops["floor_s1"] - flops["base"] == 2 * (2 * r * rows * (d_in + d_out))
+    assert flop_ratios(flops)["floor_s1_vs_base"] == round(flops["floor_s1"] / flops["base"], 4)

@@ -18,10 +18,15 @@ frozen base also runs its full backward):
     (``set_merged_training(cache_core=True)``; one more copy of the targeted weights per core expert used);
   * ``*_unmerged``: the shared-expert candidates with the merged path turned off
     (``set_merged_training("never")``), i.e. the library's path before merged training existed;
-  * ``floor_s1``: a lower bound for any exact stage-1 step, not an implementation: the frozen base's step
-    plus only the work no exact method can skip, the gradients of one rank-64 expert per targeted layer
-    from that step's own activations (`LoraGradFloor`). It runs no adapter forward and no grad_x term,
-    so the forward is the base's (as if merged for free) and nothing is merged or unmerged.
+  * ``floor_s1``: the frozen base's step plus only the work no exact stage-1 step can skip, the gradients
+    of one rank-64 expert per targeted layer from that step's own activations (`LoraGradFloor`): no adapter
+    forward, no grad_x term, nothing merged. Its **multiply-add count** (``--flops``) is the least any exact
+    implementation does; its time is not a floor, because its skinny rank-64 products run as separate ops,
+    below a GEMM's speed, where the library's merged path rides them in the base's GEMMs.
+
+``--flops`` also counts each candidate's floating-point operations once (``torch.utils.flop_counter``:
+matmuls, convolutions and attention, forward and backward; elementwise work is not counted) and reports
+their ratios (``flop_ratios``), which do not depend on the machine or its load.
 
 Timing is bench_core's: warm-up calls, then interleaved rounds with the starting candidate rotating, and
 ratios of medians (plus the median and quartiles of per-round ratios), of wall time (``ratios``) and of
@@ -197,6 +202,29 @@ def ratio_table(times: dict[str, list[float]], cands) -> dict:
     return ratios
 
 
+def count_flops(cands) -> dict[str, int]:
+    """Each candidate's floating-point operations in one call (matmuls, convolutions, attention; forward and
+    backward), counted by torch's FlopCounterMode: what a machine must do at the least, whatever its speed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    out = {}
+    for name, run in cands.items():
+        with FlopCounterMode(display=False) as counter:
+            run()
+        out[name] = int(counter.get_total_flops())
+    return out
+
+
+def flop_ratios(flops: dict[str, int]) -> dict[str, float]:
+    """Every candidate's FLOPs against the frozen base's and peft's; stage 1 against the floor."""
+    out = {f"{n}_vs_base": round(f / flops["base"], 4) for n, f in flops.items() if n != "base"}
+    out.update({f"{n}_vs_peft": round(f / flops["peft_lora"], 4) for n, f in flops.items()
+                if n not in ("base", "peft_lora")})
+    if "floor_s1" in flops and "tsm_s1_shared" in flops:
+        out["tsm_s1_shared_vs_floor_s1"] = round(flops["tsm_s1_shared"] / flops["floor_s1"], 4)
+    return out
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=32, help="latent side (64 = 512 px, the issue's setting; default 32)")
@@ -206,6 +234,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)")
     p.add_argument("--skip", nargs="*", default=[], help="candidates to leave out (e.g. tsm_s1_mixed)")
     p.add_argument("--json", type=Path, default=None, help="also write the JSON to this file")
+    p.add_argument("--flops", action="store_true", help="also count each candidate's FLOPs once (flop_ratios)")
     args = p.parse_args(argv)
     if args.size < 8 or args.size % 8:
         p.error(f"--size must be a multiple of 8 (three downsamplings), got {args.size}")
@@ -266,11 +295,13 @@ def main(argv=None) -> dict:
         elif has_merged and name == "tsm_s2_unmerged":
             cands[name] = w.step(s2_m, s2_p, w.t_shared, s2, "never")
     setup_s = time.perf_counter() - t0
+    flops = count_flops(cands) if args.flops else None
     cpu: dict[str, list[float]] = {}
     wall = interleaved(cands, args.rounds, args.warmup, cpu)
     result = {
         "ratios": ratio_table(wall, cands),
         "cpu_ratios": ratio_table(cpu, cands),  # CPU seconds of this process: what other jobs' load leaves out
+        **({"flops": flops, "flop_ratios": flop_ratios(flops)} if flops else {}),
         "medians_ms": medians_ms(wall),
         "cpu_medians_ms": medians_ms(cpu),
         "settings": {"size": args.size, "batch": args.batch, "rounds": args.rounds, "warmup": args.warmup,
