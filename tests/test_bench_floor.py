@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tests.numerics import assert_close
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from bench_sd15 import LoraGradFloor  # noqa: E402
 
@@ -69,8 +71,7 @@ def test_floor_gradients_match_autograd():
     want = lora_grads(model, floor, x.detach(), c, gout)
     for n in want:
         for g, w in zip(got[n], want[n]):
-            assert g.shape == w.shape
-            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12 * w.abs().max().item())
+            assert_close(g, w, rel=1e-10, msg=n)  # float64, two orders of the same products
 
 
 def test_floor_leaves_the_base_step_unchanged():
@@ -85,7 +86,7 @@ def test_floor_leaves_the_base_step_unchanged():
     y1 = model(x, c)
     (g1,) = torch.autograd.grad(y1.square().sum(), x)
     assert torch.equal(y0, y1)
-    torch.testing.assert_close(g1, g0, rtol=1e-6, atol=1e-7 * g0.abs().max().item())
+    assert_close(g1, g0, rel=1e-5)  # the very same arithmetic: the hooks only add a zero to outputs that need no grad
 
 
 def test_floor_flops_are_the_expert_gradients_multiply_adds():

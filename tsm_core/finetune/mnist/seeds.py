@@ -98,7 +98,7 @@ def setting_effect(this: Sequence[dict], other: Sequence[dict], protocol: str, r
         raise ValueError(f"no seed finished {protocol} in both runs (this: {sorted(r.get('seed') for r in this)}, "
                          f"other: {sorted(theirs)}): nothing to pair")
     a, b = pairs[0]
-    for field in ("n", "n_reference", "reference_features_sha256", "sample_seed"):
+    for field in (f for f in SAME if f != "settings"):  # the settings are what may differ
         if a.get(field) != b.get(field):
             raise ValueError(f"the runs differ in {field} ({a.get(field)} vs {b.get(field)}): their FIDs are not "
                              "comparable; rerun one with the other's")
