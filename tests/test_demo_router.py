@@ -11,7 +11,8 @@ from tsm_distill.demo import router as rt
 from tsm_distill.demo import scores as sc
 
 
-def test_router_arms_train_only_the_router_from_the_stage1_state_and_resume(quick_demo, tmp_path):
+def test_router_arms_train_only_the_router_from_the_stage1_state_and_resume(quick_demo, tmp_path, monkeypatch,
+                                                                            capsys):
     seed = tmp_path / "seed0"
     shutil.copytree(quick_demo, seed)
     report = rt.run(tmp_path / "out", [seed], lrs=[1e-3], updates=[2], contexts=[(1,), (1, 2)])
@@ -37,11 +38,53 @@ def test_router_arms_train_only_the_router_from_the_stage1_state_and_resume(quic
     assert summary["stage2_minus_stage1"]["per_seed"] == [pytest.approx(report["arms"]["lr1e-03_g2_ctx1"][0]["fid"]
                                                                          - stage1_fid)]
     assert "lr1e-03_g2_ctx1-2" in (tmp_path / "out" / "results.md").read_text()
-    # A second run reuses the finished arms (nothing retrained) and reports the same scores.
+    # A second run reuses the finished arms (nothing retrained) and their saved scores (nothing sampled).
     done = {p: p.stat().st_mtime_ns for p in (seed / "router").glob("*/done.json")}
+
+    def no_scoring(*a, **kw):
+        raise AssertionError("a finished arm was scored again")
+
+    monkeypatch.setattr(rt, "score_arm", no_scoring)
     again = rt.run(tmp_path / "out", [seed], lrs=[1e-3], updates=[2], contexts=[(1,), (1, 2)])
     assert {p: p.stat().st_mtime_ns for p in (seed / "router").glob("*/done.json")} == done
-    assert [a[0]["fid"] for a in again["arms"].values()] == [a[0]["fid"] for a in report["arms"].values()]
+    assert again["arms"] == json.loads(json.dumps(report["arms"], default=float))
+
+    # A stopped arm (no done.json, no final adapter) resumes from its checkpoint instead of starting over, and
+    # ends with the same router; an arm whose adapter changed is scored again.
+    arm = seed / "router" / "lr1e-03_g2_ctx1"
+    before, _ = read_adapter_file(arm / "adapter")
+    (arm / "done.json").unlink()
+    shutil.rmtree(arm / "adapter")
+    capsys.readouterr()
+    adapter = rt.train_arm(rt.arm_recipe(seed, 1e-3, 2, (1,), None), arm, rt.stage1_checkpoint(
+        seed / "tsm", rt._seed_recipe(seed)))
+    assert f"resuming {arm}" in capsys.readouterr().out
+    after, _ = read_adapter_file(adapter)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    saved = json.loads((arm / "scores.json").read_text())
+    saved["key"]["adapter_sha256"] = "0" * 64
+    (arm / "scores.json").write_text(json.dumps(saved))
+    with pytest.raises(AssertionError, match="scored again"):
+        rt.run(tmp_path / "out", [seed], lrs=[1e-3], updates=[2], contexts=[(1,)])
+
+
+def test_the_router_report_is_written_after_every_arm(quick_demo, tmp_path, monkeypatch):
+    seed = tmp_path / "seed0"
+    shutil.copytree(quick_demo, seed)
+    real, calls = rt.train_arm, []
+
+    def stop_at_the_second_arm(*a, **kw):
+        calls.append(a)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(rt, "train_arm", stop_at_the_second_arm)
+    with pytest.raises(KeyboardInterrupt):
+        rt.run(tmp_path / "out", [seed], lrs=[1e-3, 3e-4], updates=[2], contexts=[(1,)])
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(report["arms"]) == ["lr1e-03_g2_ctx1"] and report["summary"]["lr1e-03_g2_ctx1"]["n_seeds"] == 1
+    assert "lr1e-03_g2_ctx1" in (tmp_path / "out" / "results.md").read_text()
 
 
 def test_the_router_test_refuses_what_it_cannot_start_from(quick_demo, tmp_path):

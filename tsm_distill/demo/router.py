@@ -18,13 +18,16 @@ gates are summarised per layer (mean over timesteps, tokens and test images at t
 
     python -m tsm_distill.demo.router OUT_DIR --from SEED_DIR [SEED_DIR ...] [--lrs ...] [--updates ...]
 
-writes ``OUT_DIR/results.json`` and ``results.md``; each arm trains in ``SEED_DIR/router/<arm>/`` and a
-finished arm is not trained again (the sweep resumes).
+writes ``OUT_DIR/results.json`` and ``results.md`` after every arm; each arm trains in ``SEED_DIR/router/<arm>/``.
+The sweep resumes at every level: a finished arm is not trained again, a stopped one continues from its last
+checkpoint, and an arm's scores and gates are kept in its ``scores.json`` (keyed by the adapter's hash and the
+sample counts), so a rerun scores only what changed.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import time
@@ -127,8 +130,10 @@ def train_arm(recipe, run: Path, critic_from: Path | None) -> Path:
         return run / "adapter"
     trainer = DMD2Trainer(recipe, run)
     if critic_from is not None:
+        # On a resume the checkpoint's own critic replaces this one (the skeleton restores it), so loading first
+        # is right in both cases.
         load_critic(trainer, critic_from)
-    adapter, _ = train_student(trainer, recipe, run, may_resume=False)
+    adapter, _ = train_student(trainer, recipe, run)
     (run / "done.json").write_text(json.dumps({"finished": time.time()}))
     return adapter
 
@@ -153,6 +158,26 @@ def score_arm(seed_dir: Path, adapter: Path, extractor, ref_feats, teacher_feats
                           device=device)
     feats = ev.image_features(extractor, ev.to_uint8(imgs))
     return dict(ev.score_row(feats, ref_feats), **fidelity(feats, teacher_feats))
+
+
+def scored_arm(seed_dir: Path, arm_dir: Path, adapter: Path, extractor, ref_feats, teacher_feats, n: int,
+               n_reference: int, device="cpu") -> dict:
+    """An arm's scores (``score_arm``) and gates (``gate_summary``), read from ``arm_dir/scores.json`` when that
+    was written for this very adapter and these sample counts; else computed (minutes on a CPU) and written."""
+    key = {"adapter_sha256": hashlib.sha256((adapter / "tsm_adapter.safetensors").read_bytes()).hexdigest(),
+           "n": n, "n_reference": n_reference}
+    cache = arm_dir / "scores.json"
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return saved["scores"]
+    scores = score_arm(seed_dir, adapter, extractor, ref_feats, teacher_feats, n, device)
+    scores["gates"] = gate_summary(seed_dir / "teacher", adapter, list(_seed_recipe(seed_dir).student_timesteps),
+                                   device)
+    tmp = cache.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"key": key, "scores": scores}, indent=2, default=float) + "\n")
+    tmp.replace(cache)  # atomic: a killed sweep leaves the old file or the new one, never half of one
+    return scores
 
 
 def sign_consistency(per_seed: list[dict[str, list[float]]]) -> dict[str, float]:
@@ -184,7 +209,8 @@ def summarise(arms: dict[str, list[dict]]) -> dict:
 
 
 def run(out_dir: Path, seed_dirs: list[Path], lrs=LRS, updates=UPDATES, contexts=CONTEXTS, device="cpu") -> dict:
-    """Every arm on every seed (finished arms are reused); writes and returns the report."""
+    """Every arm on every seed (finished arms and their scores are reused, stopped ones resume); writes the
+    report after every arm and returns it."""
     from .scores import stage1_adapter, teacher_features
 
     extractor = ev.make_extractor(device=device)
@@ -194,8 +220,8 @@ def run(out_dir: Path, seed_dirs: list[Path], lrs=LRS, updates=UPDATES, contexts
         rows = keyed_rows(results or {})
         if "tsm_stage1" not in rows:
             raise FileNotFoundError(f"{seed_dir} holds no finished tsm-demo seed (results.json with TSM stage 1)")
-        n = int(results["n"])
-        ref_feats, _ = ev.reference_features(extractor, int(results.get("n_reference", 1000)))
+        n, n_reference = int(results["n"]), int(results.get("n_reference", 1000))
+        ref_feats, _ = ev.reference_features(extractor, n_reference)
         teacher_feats, _ = teacher_features(extractor, seed_dir / "teacher", n, device=device)
         recipe = _seed_recipe(seed_dir)
         critic_from = stage1_checkpoint(seed_dir / "tsm", recipe)
@@ -210,16 +236,26 @@ def run(out_dir: Path, seed_dirs: list[Path], lrs=LRS, updates=UPDATES, contexts
                     name = arm_name(lr, g, tuple(context))
                     arm_dir = seed_dir / "router" / name
                     adapter = train_arm(arm_recipe(seed_dir, lr, g, tuple(context), n2), arm_dir, critic_from)
-                    scores = score_arm(seed_dir, adapter, extractor, ref_feats, teacher_feats, n, device)
+                    scores = scored_arm(seed_dir, arm_dir, adapter, extractor, ref_feats, teacher_feats, n,
+                                        n_reference, device)
                     arms.setdefault(name, []).append(dict(
                         scores, seed=seed_of(results), lr=lr, generator_updates=g, context=list(context),
-                        stage1_fid=rows["tsm_stage1"]["fid"], stage1_source=str(stage1_dir),
-                        gates=gate_summary(seed_dir / "teacher", adapter, list(recipe.student_timesteps), device)))
+                        stage1_fid=rows["tsm_stage1"]["fid"], stage1_source=str(stage1_dir)))
+                    # Written after every arm, so a sweep stopped part-way leaves what it has finished.
+                    write_report(out_dir, arms, seed_dirs)
+    return write_report(out_dir, arms, seed_dirs)
+
+
+def write_report(out_dir: Path, arms: dict[str, list[dict]], seed_dirs: list[Path]) -> dict:
+    """Summarise the arms so far and write ``results.json`` / ``results.md`` (atomically); returns the report."""
     report = {"arms": arms, "summary": summarise(arms), "seeds": [str(s) for s in seed_dirs],
               "definition": __doc__.split("\n\n")[1].strip()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
-    (out_dir / "results.md").write_text(format_report(report))
+    for name, text in (("results.json", json.dumps(report, indent=2, default=float) + "\n"),
+                       ("results.md", format_report(report))):
+        tmp = out_dir / f"{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out_dir / name)
     return report
 
 
