@@ -94,5 +94,9 @@ def test_the_router_test_refuses_what_it_cannot_start_from(quick_demo, tmp_path)
         rt.stage1_checkpoint(seed / "tsm", rt._seed_recipe(seed))
     with pytest.raises(FileNotFoundError, match="no finished tsm-demo seed"):
         rt.run(tmp_path / "out", [tmp_path])
-    assert rt.sign_consistency([{"a": [0.1, -0.2]}, {"a": [0.3, 0.1]}, {"a": [-0.1, 0.4]}]) == {
-        "a[0]": pytest.approx(2 / 3), "a[1]": pytest.approx(2 / 3)}
+    gates = [{"a": [0.1, -0.2]}, {"a": [0.3, 0.1]}, {"a": [-0.1, 0.4]}]
+    assert rt.sign_consistency(gates) == {"a[0]": pytest.approx(2 / 3), "a[1]": pytest.approx(2 / 3)}
+    per_layer = rt.layer_gates(gates)
+    assert per_layer["a[1]"]["mean"] == pytest.approx(0.1) and per_layer["a[1]"]["std"] == pytest.approx(0.3)
+    assert per_layer["a[0]"]["sign_consistency"] == pytest.approx(2 / 3)
+    assert rt.layer_gates(gates[:1])["a[0]"] == {"mean": pytest.approx(0.1), "std": None, "sign_consistency": None}

@@ -190,8 +190,21 @@ def sign_consistency(per_seed: list[dict[str, list[float]]]) -> dict[str, float]
     return out
 
 
+def layer_gates(per_seed: list[dict[str, list[float]]]) -> dict[str, dict]:
+    """Per layer (and context expert), over seeds: the mean gate, its spread (std; None for one seed) and the
+    share of seeds with the majority's sign (None for one seed)."""
+    consistency = sign_consistency(per_seed) if len(per_seed) > 1 else {}
+    out = {}
+    for layer in per_seed[0]:
+        for j in range(len(per_seed[0][layer])):
+            mean, std = mean_std([g[layer][j] for g in per_seed if layer in g])
+            out[f"{layer}[{j}]"] = {"mean": mean, "std": std, "sign_consistency": consistency.get(f"{layer}[{j}]")}
+    return out
+
+
 def summarise(arms: dict[str, list[dict]]) -> dict:
-    """Per arm over seeds: FID, the paired difference to each seed's stage 1, gate mean/spread/consistency."""
+    """Per arm over seeds: FID, the paired difference to each seed's stage 1, gate mean/spread/consistency
+    (averaged over layers, and per layer in ``gates_per_layer``)."""
     out = {}
     for name, runs in arms.items():
         diffs = [r["fid"] - r["stage1_fid"] for r in runs]
@@ -204,7 +217,8 @@ def summarise(arms: dict[str, list[dict]]) -> dict:
                                              "per_seed": diffs, "wins": sum(d < 0 for d in diffs)},
                      "fid_teacher_mean": mean_std([r["fid_teacher"] for r in runs])[0],
                      "gate_mean": float(np.mean(layer_means)), "gate_spread_over_layers": float(np.mean(spread)),
-                     "gate_sign_consistency": (float(np.mean(list(consistency.values()))) if consistency else None)}
+                     "gate_sign_consistency": (float(np.mean(list(consistency.values()))) if consistency else None),
+                     "gates_per_layer": layer_gates([r["gates"] for r in runs])}
     return out
 
 
