@@ -48,6 +48,14 @@ def test_router_arms_train_only_the_router_from_the_stage1_state_and_resume(quic
     again = rt.run(tmp_path / "out", [seed], lrs=[1e-3], updates=[2], contexts=[(1,), (1, 2)])
     assert {p: p.stat().st_mtime_ns for p in (seed / "router").glob("*/done.json")} == done
     assert again["arms"] == json.loads(json.dumps(report["arms"], default=float))
+    # --report-only trains and scores nothing: it reports the scored arms and lists the others as not finished.
+    with monkeypatch.context() as m:
+        m.setattr(rt, "train_arm", no_scoring)
+        only = rt.run(tmp_path / "only", [seed], lrs=[1e-3, 3e-4], updates=[2], contexts=[(1,), (1, 2)],
+                      report_only=True)
+    assert only["arms"] == again["arms"]
+    assert only["not_finished"] == ["seed0/lr3e-04_g2_ctx1", "seed0/lr3e-04_g2_ctx1-2"]
+    assert "Not finished (not in the table): seed0/lr3e-04_g2_ctx1" in (tmp_path / "only" / "results.md").read_text()
 
     # A stopped arm (no done.json, no final adapter) resumes from its checkpoint instead of starting over, and
     # ends with the same router; an arm whose adapter changed is scored again.

@@ -160,22 +160,36 @@ def score_arm(seed_dir: Path, adapter: Path, extractor, ref_feats, teacher_feats
     return dict(ev.score_row(feats, ref_feats), **fidelity(feats, teacher_feats))
 
 
+def _score_key(adapter: Path, n: int, n_reference: int) -> dict:
+    return {"adapter_sha256": hashlib.sha256((adapter / "tsm_adapter.safetensors").read_bytes()).hexdigest(),
+            "n": n, "n_reference": n_reference}
+
+
+def saved_scores(arm_dir: Path, n: int, n_reference: int, adapter: Path | None = None) -> dict | None:
+    """The scores and gates kept in ``arm_dir/scores.json``, if they were written for the arm's adapter as it
+    is now and for these sample counts; else None (the arm is unfinished, or changed since it was scored)."""
+    adapter = adapter if adapter is not None else arm_dir / "adapter"
+    cache = arm_dir / "scores.json"
+    if not (cache.is_file() and (adapter / "tsm_adapter.safetensors").is_file()):
+        return None
+    saved = json.loads(cache.read_text())
+    return saved["scores"] if saved.get("key") == _score_key(adapter, n, n_reference) else None
+
+
 def scored_arm(seed_dir: Path, arm_dir: Path, adapter: Path, extractor, ref_feats, teacher_feats, n: int,
                n_reference: int, device="cpu") -> dict:
-    """An arm's scores (``score_arm``) and gates (``gate_summary``), read from ``arm_dir/scores.json`` when that
-    was written for this very adapter and these sample counts; else computed (minutes on a CPU) and written."""
-    key = {"adapter_sha256": hashlib.sha256((adapter / "tsm_adapter.safetensors").read_bytes()).hexdigest(),
-           "n": n, "n_reference": n_reference}
-    cache = arm_dir / "scores.json"
-    if cache.is_file():
-        saved = json.loads(cache.read_text())
-        if saved.get("key") == key:
-            return saved["scores"]
+    """An arm's scores (``score_arm``) and gates (``gate_summary``): ``saved_scores`` when they are current,
+    else computed (minutes on a CPU) and written to ``arm_dir/scores.json``."""
+    saved = saved_scores(arm_dir, n, n_reference, adapter)
+    if saved is not None:
+        return saved
     scores = score_arm(seed_dir, adapter, extractor, ref_feats, teacher_feats, n, device)
     scores["gates"] = gate_summary(seed_dir / "teacher", adapter, list(_seed_recipe(seed_dir).student_timesteps),
                                    device)
+    cache = arm_dir / "scores.json"
     tmp = cache.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"key": key, "scores": scores}, indent=2, default=float) + "\n")
+    tmp.write_text(json.dumps({"key": _score_key(adapter, n, n_reference), "scores": scores}, indent=2,
+                              default=float) + "\n")
     tmp.replace(cache)  # atomic: a killed sweep leaves the old file or the new one, never half of one
     return scores
 
@@ -222,48 +236,63 @@ def summarise(arms: dict[str, list[dict]]) -> dict:
     return out
 
 
-def run(out_dir: Path, seed_dirs: list[Path], lrs=LRS, updates=UPDATES, contexts=CONTEXTS, device="cpu") -> dict:
+def run(out_dir: Path, seed_dirs: list[Path], lrs=LRS, updates=UPDATES, contexts=CONTEXTS, device="cpu",
+        report_only: bool = False) -> dict:
     """Every arm on every seed (finished arms and their scores are reused, stopped ones resume); writes the
-    report after every arm and returns it."""
+    report after every arm and returns it.
+
+    With ``report_only`` nothing is trained or scored: the report holds the arms whose scores are saved and
+    current, and lists the others under ``not_finished`` (to publish a sweep that is still running).
+    """
     from .scores import stage1_adapter, teacher_features
 
-    extractor = ev.make_extractor(device=device)
+    extractor = None if report_only else ev.make_extractor(device=device)
     arms: dict[str, list[dict]] = {}
+    not_finished: list[str] = []
     for seed_dir in map(Path, seed_dirs):
         results = read_results(seed_dir)
         rows = keyed_rows(results or {})
         if "tsm_stage1" not in rows:
             raise FileNotFoundError(f"{seed_dir} holds no finished tsm-demo seed (results.json with TSM stage 1)")
         n, n_reference = int(results["n"]), int(results.get("n_reference", 1000))
-        ref_feats, _ = ev.reference_features(extractor, n_reference)
-        teacher_feats, _ = teacher_features(extractor, seed_dir / "teacher", n, device=device)
-        recipe = _seed_recipe(seed_dir)
-        critic_from = stage1_checkpoint(seed_dir / "tsm", recipe)
-        n2 = None
-        if any(2 in c for c in contexts):
-            # A fresh fake score, as any DMD2 run starts: the n = 2 experts start at zero, i.e. from the teacher.
-            n2 = train_arm(n2_recipe(seed_dir), seed_dir / "router" / "n2", None)
+        if not report_only:
+            ref_feats, _ = ev.reference_features(extractor, n_reference)
+            teacher_feats, _ = teacher_features(extractor, seed_dir / "teacher", n, device=device)
+            recipe = _seed_recipe(seed_dir)
+            critic_from = stage1_checkpoint(seed_dir / "tsm", recipe)
+            n2 = None
+            if any(2 in c for c in contexts):
+                # A fresh fake score, as any DMD2 run starts: the n = 2 experts start at zero, i.e. from the teacher.
+                n2 = train_arm(n2_recipe(seed_dir), seed_dir / "router" / "n2", None)
         stage1_dir = stage1_adapter(seed_dir / "tsm")
         for lr in lrs:
             for g in updates:
                 for context in contexts:
                     name = arm_name(lr, g, tuple(context))
                     arm_dir = seed_dir / "router" / name
-                    adapter = train_arm(arm_recipe(seed_dir, lr, g, tuple(context), n2), arm_dir, critic_from)
-                    scores = scored_arm(seed_dir, arm_dir, adapter, extractor, ref_feats, teacher_feats, n,
-                                        n_reference, device)
+                    if report_only:
+                        scores = saved_scores(arm_dir, n, n_reference)
+                        if scores is None:
+                            not_finished.append(f"{seed_dir.name}/{name}")
+                            continue
+                    else:
+                        adapter = train_arm(arm_recipe(seed_dir, lr, g, tuple(context), n2), arm_dir, critic_from)
+                        scores = scored_arm(seed_dir, arm_dir, adapter, extractor, ref_feats, teacher_feats, n,
+                                            n_reference, device)
                     arms.setdefault(name, []).append(dict(
                         scores, seed=seed_of(results), lr=lr, generator_updates=g, context=list(context),
                         stage1_fid=rows["tsm_stage1"]["fid"], stage1_source=str(stage1_dir)))
-                    # Written after every arm, so a sweep stopped part-way leaves what it has finished.
-                    write_report(out_dir, arms, seed_dirs)
-    return write_report(out_dir, arms, seed_dirs)
+                    if not report_only:
+                        # Written after every arm, so a sweep stopped part-way leaves what it has finished.
+                        write_report(out_dir, arms, seed_dirs)
+    return write_report(out_dir, arms, seed_dirs, not_finished)
 
 
-def write_report(out_dir: Path, arms: dict[str, list[dict]], seed_dirs: list[Path]) -> dict:
+def write_report(out_dir: Path, arms: dict[str, list[dict]], seed_dirs: list[Path],
+                 not_finished: list[str] = ()) -> dict:
     """Summarise the arms so far and write ``results.json`` / ``results.md`` (atomically); returns the report."""
     report = {"arms": arms, "summary": summarise(arms), "seeds": [str(s) for s in seed_dirs],
-              "definition": __doc__.split("\n\n")[1].strip()}
+              "not_finished": list(not_finished), "definition": __doc__.split("\n\n")[1].strip()}
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in (("results.json", json.dumps(report, indent=2, default=float) + "\n"),
                        ("results.md", format_report(report))):
@@ -284,6 +313,8 @@ def format_report(report: dict) -> str:
         lines.append(f"| {name} | {s['n_seeds']} | {s['fid_mean']:.2f} | {d['mean']:+.2f} | {ci} | {d['wins']} / "
                      f"{s['n_seeds']} | {s['fid_teacher_mean']:.2f} | {s['gate_mean']:+.4f} | "
                      f"{s['gate_spread_over_layers']:.4f} | {cons} |")
+    if report.get("not_finished"):
+        lines += ["", f"Not finished (not in the table): {', '.join(report['not_finished'])}."]
     return "\n".join(lines + ["", report["definition"], ""])
 
 
@@ -296,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contexts", nargs="+", default=["1", "1,2"], help="context scales per arm, e.g. 1 1,2")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--report-only", action="store_true",
+                   help="train and score nothing: report the arms already scored, list the others as not finished")
     args = p.parse_args(argv)
     contexts = [tuple(int(x) for x in c.split(",")) for c in args.contexts]
     bad = [c for c in contexts if not set(c) <= {1, 2}]
@@ -303,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--contexts: the demo has n = 1 (LoRA) and can foster n = 2; got {bad}")
     restore = ev.limit_threads(args.threads) if args.threads else (lambda: None)
     try:
-        report = run(Path(args.out_dir), args.seed_dirs, args.lrs, args.updates, contexts, ev.resolve_device(args.device))
+        report = run(Path(args.out_dir), args.seed_dirs, args.lrs, args.updates, contexts, ev.resolve_device(args.device),
+                     report_only=args.report_only)
     finally:
         restore()
     print(format_report(report))
