@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from tsm_core.eval.seeds import mean_std, t_interval
+from tsm_core.serialization import atomic_write_text
 
 from . import eval as ev
 from .results import keyed_rows, read_results, seed_of
@@ -165,32 +166,33 @@ def _score_key(adapter: Path, n: int, n_reference: int) -> dict:
             "n": n, "n_reference": n_reference}
 
 
-def saved_scores(arm_dir: Path, n: int, n_reference: int, adapter: Path | None = None) -> dict | None:
+def saved_scores(arm_dir: Path, n: int, n_reference: int, adapter: Path | None = None,
+                 key: dict | None = None) -> dict | None:
     """The scores and gates kept in ``arm_dir/scores.json``, if they were written for the arm's adapter as it
-    is now and for these sample counts; else None (the arm is unfinished, or changed since it was scored)."""
+    is now and for these sample counts (``key``, when the caller has it); else None (the arm is unfinished, or
+    changed since it was scored)."""
     adapter = adapter if adapter is not None else arm_dir / "adapter"
     cache = arm_dir / "scores.json"
     if not (cache.is_file() and (adapter / "tsm_adapter.safetensors").is_file()):
         return None
     saved = json.loads(cache.read_text())
-    return saved["scores"] if saved.get("key") == _score_key(adapter, n, n_reference) else None
+    return saved["scores"] if saved.get("key") == (key or _score_key(adapter, n, n_reference)) else None
 
 
 def scored_arm(seed_dir: Path, arm_dir: Path, adapter: Path, extractor, ref_feats, teacher_feats, n: int,
                n_reference: int, device="cpu") -> dict:
     """An arm's scores (``score_arm``) and gates (``gate_summary``): ``saved_scores`` when they are current,
     else computed (minutes on a CPU) and written to ``arm_dir/scores.json``."""
-    saved = saved_scores(arm_dir, n, n_reference, adapter)
+    key = _score_key(adapter, n, n_reference)
+    saved = saved_scores(arm_dir, n, n_reference, adapter, key)
     if saved is not None:
         return saved
     scores = score_arm(seed_dir, adapter, extractor, ref_feats, teacher_feats, n, device)
     scores["gates"] = gate_summary(seed_dir / "teacher", adapter, list(_seed_recipe(seed_dir).student_timesteps),
                                    device)
-    cache = arm_dir / "scores.json"
-    tmp = cache.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"key": _score_key(adapter, n, n_reference), "scores": scores}, indent=2,
-                              default=float) + "\n")
-    tmp.replace(cache)  # atomic: a killed sweep leaves the old file or the new one, never half of one
+    # Atomic: a killed sweep leaves the old file or the new one, never half of one.
+    atomic_write_text(arm_dir / "scores.json", json.dumps({"key": key, "scores": scores}, indent=2, default=float)
+                      + "\n")
     return scores
 
 
@@ -225,14 +227,15 @@ def summarise(arms: dict[str, list[dict]]) -> dict:
         mean, std = mean_std(diffs)
         layer_means = [np.mean([v for vals in r["gates"].values() for v in vals]) for r in runs]
         spread = [np.std([np.mean(vals) for vals in r["gates"].values()]) for r in runs]
-        consistency = sign_consistency([r["gates"] for r in runs]) if len(runs) > 1 else {}
+        per_layer = layer_gates([r["gates"] for r in runs])
+        consistency = [g["sign_consistency"] for g in per_layer.values() if g["sign_consistency"] is not None]
         out[name] = {"n_seeds": len(runs), "fid_mean": mean_std([r["fid"] for r in runs])[0],
                      "stage2_minus_stage1": {"mean": mean, "std": std, "ci95_t": t_interval(diffs),
                                              "per_seed": diffs, "wins": sum(d < 0 for d in diffs)},
                      "fid_teacher_mean": mean_std([r["fid_teacher"] for r in runs])[0],
                      "gate_mean": float(np.mean(layer_means)), "gate_spread_over_layers": float(np.mean(spread)),
-                     "gate_sign_consistency": (float(np.mean(list(consistency.values()))) if consistency else None),
-                     "gates_per_layer": layer_gates([r["gates"] for r in runs])}
+                     "gate_sign_consistency": float(np.mean(consistency)) if consistency else None,
+                     "gates_per_layer": per_layer}
     return out
 
 
@@ -294,11 +297,8 @@ def write_report(out_dir: Path, arms: dict[str, list[dict]], seed_dirs: list[Pat
     report = {"arms": arms, "summary": summarise(arms), "seeds": [str(s) for s in seed_dirs],
               "not_finished": list(not_finished), "definition": __doc__.split("\n\n")[1].strip()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in (("results.json", json.dumps(report, indent=2, default=float) + "\n"),
-                       ("results.md", format_report(report))):
-        tmp = out_dir / f"{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out_dir / name)
+    atomic_write_text(out_dir / "results.json", json.dumps(report, indent=2, default=float) + "\n")
+    atomic_write_text(out_dir / "results.md", format_report(report))
     return report
 
 
